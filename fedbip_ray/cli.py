@@ -1,0 +1,133 @@
+"""The ``fedbip`` command: run, tune, bench.
+
+Exit codes: 0 success; 2 config or input error (one line on stderr); 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedbip_ray.config import Config, ConfigError, load_config
+
+EXAMPLES = """examples:
+  fedbip run jobs/configs/quickstart.yaml
+  fedbip run jobs/configs/quickstart.yaml --set strategy.name=fedavg --set federation.rounds=5
+  fedbip run --resume runs/quickstart            # continue an interrupted run
+  fedbip tune jobs/configs/tune.yaml
+  fedbip bench aggregation --quick
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set strategy.params.threshold=0.1 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedbip", description="Personalized federated fine-tuning with FedBip on Ray.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federation", description=(
+        "Run a federation. Without RAY_ADDRESS an embedded local Ray is started; with it (or "
+        "inside `ray job submit`) the run joins that cluster. Writes config.yaml, metrics.jsonl, "
+        "summary.json and per-round checkpoints into the output directory."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(run, optional=True)
+    run.add_argument("--output", help="output directory (default runs/<name>)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its latest checkpoint (config from DIR/config.yaml "
+                          "unless CONFIG is given)")
+    run.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    tune = sub.add_parser("tune", help="Ray Tune search over strategy and training parameters")
+    _add_config_args(tune)
+    tune.add_argument("--output", help="output directory (default runs/<name>-tune)")
+
+    bench = sub.add_parser("bench", help="run a benchmark (writes benchmarks/results/*.md)")
+    bench.add_argument("name", choices=["aggregation", "accuracy", "performance"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    return parser
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=os.environ.get("FEDBIP_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedbip_ray.runtime.federation import format_client_table, run_federation
+
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None and not resume.is_dir():
+        raise ConfigError(f"--resume {resume}: directory not found")
+    config_path = args.config or (str(resume / "config.yaml") if resume else None)
+    if config_path is None:
+        raise ConfigError("run: give a CONFIG file (or --resume DIR)")
+    cfg: Config = load_config(config_path, args.overrides)
+    output = Path(args.output) if args.output else (resume or Path("runs") / cfg.name)
+    callbacks = []
+    if cfg.tracking.mlflow:
+        from fedbip_ray.tracking.mlflow_logger import MlflowCallback
+
+        callbacks.append(MlflowCallback(cfg))
+    echo = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    summary = run_federation(cfg, output, resume=resume is not None, callbacks=callbacks, echo=echo)
+    groups = [int(g) for g in _groups(output)]
+    print(format_client_table(summary, groups), flush=True)
+    print(f"results in {output}/ (summary.json, metrics.jsonl)", flush=True)
+    return 0
+
+
+def _groups(output: Path) -> list[int]:
+    import json
+
+    meta = json.loads((output / "shards" / "clients.json").read_text())
+    return [c["group"] for c in meta["clients"]]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fedbip_ray.tuning.search import run_tune
+
+    cfg_path = args.config
+    run_tune(cfg_path, args.overrides, args.output)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
+    if not root.is_file():
+        raise ConfigError(f"bench {args.name}: {root} not found (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location(f"fedbip_bench_{args.name}", root)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(args.args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _configure_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"run": cmd_run, "tune": cmd_tune, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as err:
+        print(f"fedbip: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedbip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""One typed, validated configuration: YAML in, frozen objects out.
+
+``load_config(path, overrides)`` is the only entry point; it raises :class:`ConfigError` with a
+single line naming the offending field and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedbip_ray.core.strategies import STRATEGIES, strategy_param_names
+
+
+class ConfigError(ValueError):
+    """A configuration or input error; ``str(err)`` is one line for the user."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PeftConfig(_Frozen):
+    """Adapter (peft) settings. ``target_modules=None`` picks the model family's attention
+    projections (query/value for BERT-like models, q_proj/v_proj otherwise)."""
+
+    method: Literal["lora", "ia3"] = "lora"
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+
+class TinyModelConfig(_Frozen):
+    """A random-init model built from a config (tests, benchmarks); no download."""
+
+    hidden_size: int = Field(32, ge=4)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(64, ge=4)
+    vocab_size: int = Field(1000, ge=16)
+
+
+class ModelConfig(_Frozen):
+    """``name`` is an alias (``minilm``, ``tiny-bert``), a local directory or a model id
+    already in the local Hugging Face cache."""
+
+    name: str = "minilm"
+    task: Literal["sequence-classification"] = "sequence-classification"
+    max_length: int = Field(64, ge=4, le=8192)
+    peft: PeftConfig = PeftConfig()
+    tiny: TinyModelConfig = TinyModelConfig()
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class PartitionConfig(_Frozen):
+    """How examples are split across clients.
+
+    kind: ``iid``; ``dirichlet`` (label skew, ``alpha``); ``groups`` (clients in ``num_groups``
+    groups; group g > 0 sees labels permuted by ``shift``, i.e. conflicting interests);
+    ``column`` (one client per value of ``data.client_column``).
+    """
+
+    kind: Literal["iid", "dirichlet", "groups", "column"] = "groups"
+    num_groups: int = Field(2, ge=1)
+    shift: Literal["label-flip", "none"] = "label-flip"
+    alpha: float = Field(0.5, gt=0)
+
+
+class DataConfig(_Frozen):
+    dataset: str = "rotten-tomatoes"
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    client_column: str | None = None
+    num_clients: int = Field(4, ge=1, le=100_000)
+    examples_per_client: int | None = Field(None, ge=4)
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    partition: PartitionConfig = PartitionConfig()
+    shard_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be < 0.9")
+        return self
+
+
+class TrainConfig(_Frozen):
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    max_steps_per_round: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class StrategyConfig(_Frozen):
+    """``name`` is a registered strategy; ``params`` its options (validated against it)."""
+
+    name: str = "fedbip"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r} (known: {', '.join(sorted(STRATEGIES))})")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> StrategyConfig:
+        allowed = set(strategy_param_names(self.name))
+        for key in self.params:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown parameter {key!r} for strategy {self.name!r} "
+                    f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
+                )
+        threshold = self.params.get("threshold")
+        if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
+            raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+        return self
+
+
+class UpdateCheckConfig(_Frozen):
+    max_norm: float | None = Field(None, gt=0)
+    on_excess_norm: Literal["reject", "clip"] = "reject"
+
+
+class FederationConfig(_Frozen):
+    rounds: int = Field(3, ge=1, le=100_000)
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    round_deadline_s: float = Field(3600.0, gt=0)
+    min_report_fraction: float = Field(0.5, gt=0, le=1)
+    eval_every: int = Field(1, ge=1)
+    updates: UpdateCheckConfig = UpdateCheckConfig()
+
+
+class ResourcesConfig(_Frozen):
+    num_cpus_per_client: float = Field(1.0, ge=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+    max_actors: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(_Frozen):
+    mlflow: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "fedbip"
+
+
+class Config(_Frozen):
+    name: str = "fedbip"
+    seed: int = Field(0, ge=0)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    federation: FederationConfig = FederationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        if self.federation.clients_per_round and self.federation.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
+                f"data.num_clients ({self.data.num_clients})"
+            )
+        return self
+
+    def clients_per_round(self) -> int:
+        """Number of clients sampled each round."""
+        if self.federation.clients_per_round:
+            return self.federation.clients_per_round
+        return max(1, math.ceil(self.federation.fraction * self.data.num_clients))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config field '{loc}': {msg}{extra}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=VALUE"`` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` applied."""
+    out: dict[str, Any] = _deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{p}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Validate a mapping (plus overrides) into a frozen :class:`Config`."""
+    merged = apply_overrides(dict(data), overrides)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML from ``path`` (None: all defaults) and validate it."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}': not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{p}'{where}: invalid YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}': top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

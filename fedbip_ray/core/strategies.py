@@ -1,0 +1,573 @@
+"""Aggregation strategies: small frozen dataclasses, a registry, and composable wrappers.
+
+A strategy maps one round's :class:`AggregationInput` (the participants' received states and
+their task vectors, stacked as ``(N, D)`` float32 matrices) to an :class:`AggregationResult`
+(their next personalized states). ``client_options`` tells the runtime how clients should train
+(proximal term, fine-tuning before evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from numbers import Real
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from .aggregate import aggregate_layerwise, aggregate_task_vectors, clip_rows, mix_models
+from .similarity import (
+    SCOPES,
+    cosine_similarity,
+    per_module_similarity,
+    similarity_matrix,
+    smooth_similarity,
+)
+from .taskvector import Layout, module_groups
+from .weights import (
+    fedamp_weights,
+    fedavg_weights,
+    local_weights,
+    oracle_weights,
+    personalized_weights,
+    validate_weight_options,
+)
+
+__all__ = [
+    "REFERENCES",
+    "STRATEGIES",
+    "AggregationInput",
+    "AggregationResult",
+    "ClientOptions",
+    "ClippedStrategy",
+    "FedAMPStrategy",
+    "FedAvgFTStrategy",
+    "FedAvgStrategy",
+    "FedBipLayerStrategy",
+    "FedBipPaperStrategy",
+    "FedBipStrategy",
+    "FedProxStrategy",
+    "GaussianNoiseStrategy",
+    "LocalStrategy",
+    "OracleStrategy",
+    "Strategy",
+    "make_strategy",
+    "strategy_param_names",
+]
+
+REFERENCES: tuple[str, ...] = ("round", "pretrained")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class AggregationInput:
+    """One round's inputs for ``N`` participants.
+
+    Attributes:
+        states: ``(N, D)`` float32 personalized states the participants received this round.
+        deltas: ``(N, D)`` float32 task vectors ``τᵢ = θᵢ - statesᵢ``.
+        counts: ``(N,)`` int training example counts.
+        layout: layout of ``D``.
+        init: ``(D,)`` float32 initial adapter (needed for ``reference="pretrained"``).
+        groups: ``(N,)`` int true client groups (needed by ``oracle``; used for diagnostics).
+        prev_similarity: ``(N, N)`` (or, for ``fedbip-layer``, ``(G, N, N)``) similarity of
+            the previous round for these participants, for smoothing.
+    """
+
+    states: np.ndarray
+    deltas: np.ndarray
+    counts: np.ndarray
+    layout: Layout
+    init: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    prev_similarity: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        states = np.asarray(self.states, dtype=np.float32)
+        deltas = np.asarray(self.deltas, dtype=np.float32)
+        if states.ndim != 2 or states.shape != deltas.shape:
+            raise ValueError(
+                f"states and deltas must be (N, D) of one shape, got {states.shape} "
+                f"and {deltas.shape}"
+            )
+        n, d = states.shape
+        if d != self.layout.size:
+            raise ValueError(f"vectors have D={d}, layout has D={self.layout.size}")
+        counts = np.asarray(self.counts)
+        if counts.shape != (n,):
+            raise ValueError(f"counts must have shape ({n},), got {counts.shape}")
+        object.__setattr__(self, "states", states)
+        object.__setattr__(self, "deltas", deltas)
+        object.__setattr__(self, "counts", counts)
+        if self.init is not None:
+            init = np.asarray(self.init, dtype=np.float32)
+            if init.shape != (d,):
+                raise ValueError(f"init must have shape ({d},), got {init.shape}")
+            object.__setattr__(self, "init", init)
+        if self.groups is not None:
+            groups = np.asarray(self.groups)
+            if groups.shape != (n,):
+                raise ValueError(f"groups must have shape ({n},), got {groups.shape}")
+            object.__setattr__(self, "groups", groups)
+        if self.prev_similarity is not None:
+            prev = np.asarray(self.prev_similarity, dtype=np.float64)
+            if prev.ndim not in (2, 3) or prev.shape[-2:] != (n, n):
+                raise ValueError(
+                    f"prev_similarity must have shape ({n}, {n}) or (G, {n}, {n}), got {prev.shape}"
+                )
+            object.__setattr__(self, "prev_similarity", prev)
+
+    @property
+    def n(self) -> int:
+        """Number of participants ``N``."""
+        return int(self.states.shape[0])
+
+    def theta(self) -> np.ndarray:
+        """Fine-tuned parameters ``θ = states + deltas``: a new ``(N, D)`` float32 array."""
+        return self.states + self.deltas
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """Outcome of one aggregation.
+
+    Attributes:
+        states: ``(N, D)`` float32 next personalized states.
+        weights: ``(N, N)`` float64 aggregation weights (for layer-wise: mean over groups).
+        similarity: ``(N, N)`` float64 similarity used, if any (layer-wise: mean over groups).
+        layer_weights: ``(G, N, N)`` per-group weights (layer-wise only).
+        layer_similarity: ``(G, N, N)`` per-group similarity (layer-wise only).
+        layer_names: the ``G`` module keys (layer-wise only).
+    """
+
+    states: np.ndarray
+    weights: np.ndarray
+    similarity: np.ndarray | None = None
+    layer_weights: np.ndarray | None = None
+    layer_similarity: np.ndarray | None = None
+    layer_names: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How clients train under a strategy.
+
+    Attributes:
+        prox_mu: coefficient of the proximal term ``mu/2 ||θ - θ̄||²`` (0 = off).
+        finetune_epochs_before_eval: local epochs on the received model before evaluation.
+    """
+
+    prox_mu: float = 0.0
+    finetune_epochs_before_eval: int = 0
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the server needs from a strategy."""
+
+    name: ClassVar[str]
+
+    @property
+    def client_options(self) -> ClientOptions: ...
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult: ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _fedavg_states(inp: AggregationInput) -> tuple[np.ndarray, np.ndarray]:
+    """FedAvg of ``θ``: the same ``(D,)`` average for every client, computed once."""
+    w = fedavg_weights(inp.counts)
+    row = w[0].astype(np.float32)
+    avg = row @ inp.states
+    avg += row @ inp.deltas
+    return np.repeat(avg[None, :], inp.n, axis=0), w
+
+
+def _compared(inp: AggregationInput, reference: str, lora_product: bool) -> tuple[np.ndarray, Any]:
+    """``(vectors, base)`` handed to the similarity functions for a reference choice."""
+    if reference == "pretrained":
+        if inp.init is None:
+            raise ValueError("reference 'pretrained' needs AggregationInput.init")
+        return inp.theta(), inp.init
+    if lora_product:
+        return inp.theta(), inp.states
+    return inp.deltas, None
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass(frozen=True)
+class _Base:
+    name: ClassVar[str] = ""
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return ClientOptions()
+
+
+@dataclass(frozen=True)
+class LocalStrategy(_Base):
+    """No federation: each client keeps its own fine-tuned model."""
+
+    name: ClassVar[str] = "local"
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return AggregationResult(states=inp.theta(), weights=local_weights(inp.n))
+
+
+@dataclass(frozen=True)
+class FedAvgStrategy(_Base):
+    """FedAvg: every client gets the example-weighted average of all ``θ``."""
+
+    name: ClassVar[str] = "fedavg"
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        states, w = _fedavg_states(inp)
+        return AggregationResult(states=states, weights=w)
+
+
+@dataclass(frozen=True)
+class FedAvgFTStrategy(FedAvgStrategy):
+    """FedAvg, then ``finetune_epochs`` local epochs on the global model before evaluation."""
+
+    name: ClassVar[str] = "fedavg-ft"
+    finetune_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.finetune_epochs, bool)
+            or not isinstance(self.finetune_epochs, (int, np.integer))
+            or self.finetune_epochs < 0
+        ):
+            raise ValueError(
+                f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}"
+            )
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return ClientOptions(finetune_epochs_before_eval=int(self.finetune_epochs))
+
+
+@dataclass(frozen=True)
+class FedProxStrategy(FedAvgStrategy):
+    """FedAvg aggregation with a proximal term ``prox_mu/2 ||θ - θ̄||²`` on the clients."""
+
+    name: ClassVar[str] = "fedprox"
+    prox_mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_nonneg("prox_mu", self.prox_mu)
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return ClientOptions(prox_mu=float(self.prox_mu))
+
+
+@dataclass(frozen=True)
+class FedAMPStrategy(_Base):
+    """FedAMP (PFLlib): attention-weighted personalized cloud models ``u_i = Σ_j ξ_ij θ_j``.
+
+    Defaults: ``sigma=1.0`` (PFLlib's default), ``alpha_k=0.1`` (so up to ten near-identical
+    peers fit before a row saturates, see :func:`fedamp_weights`), ``prox_mu=0.1``: clients
+    train with ``prox_mu/2 ||θ - u_i||²`` toward their cloud model (PFLlib's ``lamda/alphaK``).
+    """
+
+    name: ClassVar[str] = "fedamp"
+    sigma: float = 1.0
+    alpha_k: float = 0.1
+    prox_mu: float = 0.1
+
+    def __post_init__(self) -> None:
+        for arg in ("sigma", "alpha_k", "prox_mu"):
+            _check_nonneg(arg, getattr(self, arg))
+        if self.sigma == 0:
+            raise ValueError("sigma must be > 0")
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return ClientOptions(prox_mu=float(self.prox_mu))
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        theta = inp.theta()
+        w = fedamp_weights(theta, sigma=float(self.sigma), alpha_k=float(self.alpha_k))
+        return AggregationResult(states=mix_models(theta, w), weights=w)
+
+
+@dataclass(frozen=True)
+class FedBipPaperStrategy(_Base):
+    """The published FedBip rule: flat per-round task vectors, ``p_ik = S_ik / Σ_j S_ij``."""
+
+    name: ClassVar[str] = "fedbip-paper"
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        s = cosine_similarity(inp.deltas)
+        w = personalized_weights(s)
+        states = aggregate_task_vectors(inp.states, inp.deltas, w)
+        return AggregationResult(states=states, weights=w, similarity=s)
+
+
+@dataclass(frozen=True)
+class _FedBipOptions(_Base):
+    """Options shared by ``fedbip`` and ``fedbip-layer``.
+
+    Attributes:
+        threshold, clip_negative, temperature, top_k: see :func:`personalized_weights`.
+        reference: ``"round"`` compares per-round task vectors (the paper);
+            ``"pretrained"`` compares cumulative vectors ``θ - init``. The per-round deltas
+            are aggregated either way.
+        center: subtract the mean task vector before the cosine.
+        lora_product: compare LoRA modules by ``ΔW = B @ A`` (per-round change of ``ΔW`` for
+            ``"round"``, ``ΔW`` itself for ``"pretrained"`` since LoRA's ``B`` starts at 0).
+        smoothing: EMA weight ``beta`` on ``prev_similarity`` (0 = off).
+    """
+
+    threshold: float | None = None
+    clip_negative: bool = True
+    temperature: float | None = None
+    top_k: int | None = None
+    reference: str = "round"
+    center: bool = False
+    lora_product: bool = False
+    smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, float) and self.top_k.is_integer():
+            object.__setattr__(self, "top_k", int(self.top_k))
+        validate_weight_options(
+            threshold=self.threshold, temperature=self.temperature, top_k=self.top_k
+        )
+        for arg in ("clip_negative", "center", "lora_product"):
+            _check_bool(arg, getattr(self, arg))
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}"
+            )
+        _check_nonneg("smoothing", self.smoothing)
+        if self.smoothing >= 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
+
+    def _weights(self, s: np.ndarray) -> np.ndarray:
+        return personalized_weights(
+            s,
+            threshold=self.threshold,
+            clip_negative=bool(self.clip_negative),
+            temperature=self.temperature,
+            top_k=self.top_k,
+        )
+
+    def _smooth(self, prev: np.ndarray | None, s: np.ndarray) -> np.ndarray:
+        if prev is None or self.smoothing == 0:
+            return s
+        if prev.shape != s.shape:
+            prev = np.broadcast_to(prev, s.shape)
+        return smooth_similarity(prev, s, float(self.smoothing))
+
+
+@dataclass(frozen=True)
+class FedBipStrategy(_FedBipOptions):
+    """FedBip with our similarity options (see :class:`_FedBipOptions`).
+
+    Extra attributes: ``scope`` and ``modules`` as in :func:`similarity_matrix`. The
+    defaults (flat per-round vectors, negatives clipped) differ from the paper only by the clip.
+    """
+
+    name: ClassVar[str] = "fedbip"
+    scope: str = "flat"
+    modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        mods = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+        if not all(isinstance(m, str) and m for m in mods):
+            raise ValueError(f"modules must be non-empty strings, got {self.modules!r}")
+        object.__setattr__(self, "modules", mods)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.scope == "modules" and not mods:
+            raise ValueError("scope 'modules' needs a non-empty modules list")
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        vectors, base = _compared(inp, self.reference, bool(self.lora_product))
+        s = similarity_matrix(
+            vectors,
+            inp.layout,
+            scope=self.scope,
+            modules=self.modules,
+            center=bool(self.center),
+            lora_product=bool(self.lora_product),
+            base=base,
+        )
+        prev = inp.prev_similarity
+        if prev is not None and prev.ndim == 3:
+            prev = prev.mean(axis=0)
+        s = self._smooth(prev, s)
+        w = self._weights(s)
+        states = aggregate_task_vectors(inp.states, inp.deltas, w)
+        return AggregationResult(states=states, weights=w, similarity=s)
+
+
+@dataclass(frozen=True)
+class FedBipLayerStrategy(_FedBipOptions):
+    """FedBip-L: one similarity and weight matrix per module group (layer).
+
+    Same options as ``fedbip`` except ``scope``/``modules`` (every module group gets weights).
+    ``prev_similarity`` may be ``(G, N, N)`` (per group) or ``(N, N)`` (used for every group).
+    """
+
+    name: ClassVar[str] = "fedbip-layer"
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        vectors, base = _compared(inp, self.reference, bool(self.lora_product))
+        keys, sims = per_module_similarity(
+            vectors,
+            inp.layout,
+            center=bool(self.center),
+            lora_product=bool(self.lora_product),
+            base=base,
+        )
+        sims = self._smooth(inp.prev_similarity, sims)
+        layer_w = (
+            np.stack([self._weights(s) for s in sims]) if len(keys) else np.zeros((0, inp.n, inp.n))
+        )
+        groups = module_groups(inp.layout)
+        if list(groups) != keys:  # pragma: no cover - both follow layout order
+            raise RuntimeError("module groups and similarity groups disagree")
+        states = aggregate_layerwise(inp.states, inp.deltas, layer_w, list(groups.values()))
+        return AggregationResult(
+            states=states,
+            weights=layer_w.mean(axis=0) if len(keys) else local_weights(inp.n),
+            similarity=sims.mean(axis=0) if len(keys) else None,
+            layer_weights=layer_w,
+            layer_similarity=sims,
+            layer_names=tuple(keys),
+        )
+
+
+@dataclass(frozen=True)
+class OracleStrategy(_Base):
+    """FedAvg inside each true client group (needs ``AggregationInput.groups``)."""
+
+    name: ClassVar[str] = "oracle"
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        if inp.groups is None:
+            raise ValueError("strategy 'oracle' needs the true client groups (groups is None)")
+        w = oracle_weights(inp.groups, inp.counts)
+        return AggregationResult(states=mix_models(inp.theta(), w), weights=w)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+@dataclass(frozen=True)
+class ClippedStrategy:
+    """Clip each task vector to L2 norm ``max_norm`` before delegating to ``inner``."""
+
+    inner: Strategy
+    max_norm: float
+    name: ClassVar[str] = "clipped"
+
+    def __post_init__(self) -> None:
+        _check_nonneg("max_norm", self.max_norm)
+        if self.max_norm == 0:
+            raise ValueError("max_norm must be > 0")
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return self.inner.client_options
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return self.inner.aggregate(replace(inp, deltas=clip_rows(inp.deltas, self.max_norm)))
+
+
+@dataclass(frozen=True)
+class GaussianNoiseStrategy:
+    """Client-level DP: clip each task vector to ``clip``, add ``N(0, (noise_multiplier·clip)²)``.
+
+    The noise generator is seeded once with ``seed`` and advances on every call.
+    """
+
+    inner: Strategy
+    clip: float
+    noise_multiplier: float
+    seed: int = 0
+    _rng: np.random.Generator = field(init=False, repr=False, compare=False)
+    name: ClassVar[str] = "gaussian-noise"
+
+    def __post_init__(self) -> None:
+        _check_nonneg("clip", self.clip)
+        if self.clip == 0:
+            raise ValueError("clip must be > 0")
+        _check_nonneg("noise_multiplier", self.noise_multiplier)
+        object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return self.inner.client_options
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        deltas = clip_rows(inp.deltas, self.clip)
+        std = float(self.noise_multiplier) * float(self.clip)
+        noisy = self._rng.standard_normal(deltas.shape, dtype=np.float32)
+        noisy *= np.float32(std)
+        noisy += deltas
+        return self.inner.aggregate(replace(inp, deltas=noisy))
+
+
+# --------------------------------------------------------------------------- registry
+
+STRATEGIES: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        LocalStrategy,
+        FedAvgStrategy,
+        FedAvgFTStrategy,
+        FedProxStrategy,
+        FedAMPStrategy,
+        FedBipPaperStrategy,
+        FedBipStrategy,
+        FedBipLayerStrategy,
+        OracleStrategy,
+    )
+}
+
+
+def _strategy_class(name: str) -> type:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)})") from None
+
+
+def strategy_param_names(name: str) -> tuple[str, ...]:
+    """Names of the parameters strategy ``name`` accepts (ValueError for an unknown name)."""
+    return tuple(f.name for f in fields(_strategy_class(name)) if f.init)
+
+
+def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
+    """Build strategy ``name`` with ``params``; ValueError names an unknown name or parameter."""
+    cls = _strategy_class(name)
+    valid = strategy_param_names(name)
+    for key in params or {}:
+        if key not in valid:
+            takes = f"valid: {', '.join(valid)}" if valid else "it takes no parameters"
+            raise ValueError(f"unknown parameter {key!r} for strategy {name!r} ({takes})")
+    return cls(**dict(params or {}))

@@ -1,0 +1,91 @@
+"""Deterministic partitioners: example indices -> clients, plus per-client splits.
+
+All functions are pure given their ``seed``; they return int64 index arrays into the dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClientPart:
+    """One client's examples: dataset row indices per split, its group and label mapping."""
+
+    client_id: int
+    group: int
+    train: np.ndarray  # (n_train,) int64
+    val: np.ndarray  # (n_val,) int64
+    test: np.ndarray  # (n_test,) int64
+
+
+def iid(n: int, num_clients: int, per_client: int | None, seed: int) -> list[np.ndarray]:
+    """Shuffle and deal ``per_client`` (default: all, evenly) examples to each client."""
+    order = np.random.default_rng(seed).permutation(n)
+    if per_client is not None:
+        order = order[: per_client * num_clients]
+    return [np.sort(part) for part in np.array_split(order, num_clients)]
+
+
+def dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, per_client: int | None, seed: int
+) -> list[np.ndarray]:
+    """Label skew: each client's class proportions ~ Dir(alpha); sizes equal to ``per_client``
+    (default n // num_clients). Sampling without replacement, classes refilled when exhausted."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    size = per_client or len(labels) // num_clients
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    parts = []
+    for _ in range(num_clients):
+        props = rng.dirichlet(np.full(len(classes), alpha))
+        counts = rng.multinomial(size, props)
+        chosen: list[int] = []
+        for c, k in zip(classes, counts, strict=True):
+            take = min(k, len(pools[c]))
+            chosen.extend(pools[c][:take])
+            del pools[c][:take]
+        short = size - len(chosen)
+        if short > 0:  # fill from whatever is left, largest pools first
+            for c in sorted(pools, key=lambda c: -len(pools[c])):
+                take = min(short, len(pools[c]))
+                chosen.extend(pools[c][:take])
+                del pools[c][:take]
+                short -= take
+        parts.append(np.sort(np.asarray(chosen, dtype=np.int64)))
+    return parts
+
+
+def by_column(keys: np.ndarray, num_clients: int, per_client: int | None, seed: int) -> list[np.ndarray]:
+    """Natural partition: the ``num_clients`` most frequent key values, one client each."""
+    values, counts = np.unique(keys, return_counts=True)
+    top = values[np.argsort(-counts, kind="stable")[:num_clients]]
+    rng = np.random.default_rng(seed)
+    parts = []
+    for v in top:
+        idx = rng.permutation(np.flatnonzero(keys == v))
+        parts.append(np.sort(idx[:per_client] if per_client else idx))
+    return parts
+
+
+def assign_groups(num_clients: int, num_groups: int) -> np.ndarray:
+    """Client c belongs to group c % num_groups: (num_clients,) int64."""
+    return np.arange(num_clients, dtype=np.int64) % max(1, num_groups)
+
+
+def shift_labels(labels: np.ndarray, group: int, num_labels: int) -> np.ndarray:
+    """Concept shift: group g sees label y as (y + g) mod K (g=0 unchanged; K=2 flips)."""
+    return (labels + group) % num_labels
+
+
+def split_client(
+    idx: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random train/val/test split of one client's indices (at least 1 test example)."""
+    order = np.random.default_rng(seed).permutation(idx)
+    n_test = max(1, round(len(order) * test_fraction))
+    n_val = round(len(order) * val_fraction)
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    return np.sort(train), np.sort(val), np.sort(test)

@@ -1,0 +1,124 @@
+"""Per-client Parquet shards: written once by the driver, each read only by its own client."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fedbip_ray.config import ConfigError, DataConfig
+from fedbip_ray.data import partition as P
+from fedbip_ray.data.datasets import LoadedDataset, load_dataset
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Where the shards are and what they hold."""
+
+    directory: Path
+    paths: tuple[Path, ...]  # one Parquet file per client, columns text/label/split
+    groups: tuple[int, ...]  # (num_clients,) group of each client (0 when ungrouped)
+    label_names: tuple[str, ...]
+    summary: tuple[dict, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.paths)
+
+
+def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Row indices per client and each client's group, as the config asks."""
+    n, k = len(ds.frame), cfg.num_clients
+    per = cfg.examples_per_client
+    need = k * (per or 4)
+    if need > n:
+        raise ConfigError(
+            f"data.num_clients: {k} clients x {per or 4} examples need {need} examples, "
+            f"dataset '{cfg.dataset}' has {n}"
+        )
+    kind = cfg.partition.kind
+    if kind == "column":
+        if "client" not in ds.frame.columns:
+            raise ConfigError("data.partition.kind 'column' needs data.client_column (or a dataset with one)")
+        parts = P.by_column(ds.frame["client"].to_numpy(), k, per, seed)
+        if len(parts) < k:
+            raise ConfigError(f"data.num_clients: {k} clients but only {len(parts)} distinct client values")
+        groups = np.zeros(k, dtype=np.int64)
+    elif kind == "dirichlet":
+        parts = P.dirichlet(ds.frame["label"].to_numpy(), k, cfg.partition.alpha, per, seed)
+        groups = np.zeros(k, dtype=np.int64)
+    else:
+        parts = P.iid(n, k, per, seed)
+        groups = P.assign_groups(k, cfg.partition.num_groups) if kind == "groups" else np.zeros(k, dtype=np.int64)
+    return parts, groups
+
+
+def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
+    """Load, partition, shift labels per group, split and write ``client_XXXXX.parquet`` files.
+
+    Also writes ``clients.json`` (per-client sizes, label histogram, group).
+    """
+    ds = load_dataset(cfg, seed)
+    parts, groups = partition_dataset(ds, cfg, seed)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    text = ds.frame["text"].to_numpy()
+    labels = ds.frame["label"].to_numpy()
+    shifted = cfg.partition.kind == "groups" and cfg.partition.shift == "label-flip"
+    paths, summary = [], []
+    for cid, idx in enumerate(parts):
+        train, val, test = P.split_client(idx, cfg.val_fraction, cfg.test_fraction, seed * 100_003 + cid)
+        if len(train) == 0:
+            raise ConfigError(f"data.examples_per_client: client {cid} has no training examples")
+        rows = np.concatenate([train, val, test])
+        y = labels[rows]
+        if shifted:
+            y = P.shift_labels(y, int(groups[cid]), ds.num_labels)
+        split = ["train"] * len(train) + ["val"] * len(val) + ["test"] * len(test)
+        table = pa.table({"text": text[rows].astype(str), "label": y.astype(np.int64), "split": split})
+        path = out / f"client_{cid:05d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        paths.append(path)
+        summary.append(
+            {
+                "client": cid,
+                "group": int(groups[cid]),
+                "train": len(train),
+                "val": len(val),
+                "test": len(test),
+                "label_histogram": np.bincount(y, minlength=ds.num_labels).tolist(),
+            }
+        )
+    meta = {"label_names": list(ds.label_names), "clients": summary}
+    (out / "clients.json").write_text(json.dumps(meta, indent=1))
+    return ShardSet(out, tuple(paths), tuple(int(g) for g in groups), ds.label_names, tuple(summary))
+
+
+def read_shard(data: bytes | str | Path) -> dict[str, pd.DataFrame]:
+    """One client's shard (Parquet bytes or path) -> {"train"|"val"|"test": DataFrame}."""
+    source = pa.BufferReader(data) if isinstance(data, bytes | bytearray) else str(data)
+    frame = pq.read_table(source).to_pandas()
+    return {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+
+
+def format_summary(summary: tuple[dict, ...], limit: int = 20) -> str:
+    """A small table of the per-client summary (first ``limit`` clients)."""
+    lines = ["client group  train  val  test  labels"]
+    for row in summary[:limit]:
+        lines.append(
+            f"{row['client']:>6} {row['group']:>5} {row['train']:>6} {row['val']:>4} {row['test']:>5}  {row['label_histogram']}"
+        )
+    if len(summary) > limit:
+        lines.append(f"... {len(summary) - limit} more clients")
+    return "\n".join(lines)

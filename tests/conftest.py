@@ -1,0 +1,56 @@
+"""Shared fixtures: a real local Ray (one per session), offline settings, small configs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**sections) -> dict:
+    """A small federation on the tiny random-init BERT and the synthetic text dataset."""
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"name": "tiny-bert", "max_length": 24,
+                  "peft": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"dataset": "synthetic-text", "num_clients": 4, "examples_per_client": 60,
+                 "partition": {"kind": "groups", "num_groups": 2}},
+        "train": {"local_epochs": 3, "batch_size": 16, "lr": 0.02},
+        "strategy": {"name": "fedbip"},
+        "federation": {"rounds": 2},
+        "resources": {"num_cpus_per_client": 1},
+        "tracking": {"mlflow": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray runtime with 2 CPUs, shared by the integration tests."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
+             logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

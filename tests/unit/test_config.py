@@ -1,0 +1,69 @@
+"""Config: YAML in, validated frozen objects out; one-line errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from fedbip_ray.config import ConfigError, config_from_dict, load_config
+
+from ..conftest import REPO
+
+
+def test_defaults_and_example_configs_validate():
+    cfg = config_from_dict({})
+    assert cfg.strategy.name == "fedbip"
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        assert load_config(path).name
+
+
+def test_overrides_parse_yaml_values():
+    cfg = config_from_dict({}, ["federation.rounds=7", "strategy.params.threshold=0.2",
+                                "model.peft.target_modules=[query, key]", "tracking.mlflow=false"])
+    assert cfg.federation.rounds == 7
+    assert cfg.strategy.params == {"threshold": 0.2}
+    assert cfg.model.peft.target_modules == ("query", "key")
+    assert cfg.tracking.mlflow is False
+
+
+def test_config_is_frozen():
+    cfg = config_from_dict({})
+    with pytest.raises(ValidationError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "needle"),
+    [
+        ({"federation": {"rounds": 0}}, [], "federation.rounds"),
+        ({"bogus": 1}, [], "'bogus': unknown key"),
+        ({"model": {"peft": {"r": "eight"}}}, [], "model.peft.r"),
+        ({"strategy": {"name": "fedfoo"}}, [], "unknown strategy 'fedfoo'"),
+        ({"strategy": {"name": "fedbip", "params": {"threshold": 2}}}, [], "threshold must be in [-1, 1]"),
+        ({"strategy": {"name": "fedavg", "params": {"threshold": 0.1}}}, [], "unknown parameter 'threshold'"),
+        ({"data": {"num_clients": 2}, "federation": {"clients_per_round": 3}}, [], "clients_per_round"),
+        ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, [], "val_fraction + test_fraction"),
+        ({}, ["federation.rounds"], "expected dotted.key=value"),
+        ({}, ["seed=-1"], "config field 'seed'"),
+        ({"resources": {"num_gpus_per_client": -1}}, [], "resources.num_gpus_per_client"),
+    ],
+)
+def test_bad_config_gives_one_line_naming_the_field(data, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data, overrides)
+    msg = str(err.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(lst)
