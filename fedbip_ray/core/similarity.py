@@ -64,14 +64,15 @@ def gram_to_cosine(gram: np.ndarray) -> np.ndarray:
     """Normalize a Gram matrix ``(N, N)`` to cosine similarity ``(N, N)`` float64.
 
     Rows with a zero (or non-finite) diagonal get similarity 0 to others; the diagonal is 1;
-    values are clipped to ``[-1, 1]``.
+    values are clipped to ``[-1, 1]``; the result is exactly symmetric.
     """
     g = np.asarray(gram, dtype=np.float64)
+    g = 0.5 * (g + g.T)  # exactly symmetric whatever product produced it
     diag = np.diagonal(g).copy()
     ok = np.isfinite(diag) & (diag > 0.0)
     inv = np.zeros_like(diag)
     inv[ok] = 1.0 / np.sqrt(diag[ok])
-    s = g * inv[:, None] * inv[None, :]
+    s = g * np.outer(inv, inv)
     s[~ok, :] = 0.0
     s[:, ~ok] = 0.0
     np.clip(s, -1.0, 1.0, out=s)

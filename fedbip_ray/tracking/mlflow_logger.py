@@ -106,6 +106,10 @@ class MlflowCallback:
 
     def on_start(self, run: Any) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri(self.cfg)

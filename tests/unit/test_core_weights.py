@@ -64,7 +64,9 @@ def test_threshold_clip_temperature_topk_by_hand() -> None:
         [[1 / 1.5, 0.5 / 1.5, 0], [0.5 / 1.5, 1 / 1.5, 0], [0, 0, 1]],
     )
     # clip_negative: row 2 drops client 0 -> [0, .2, 1] / 1.2
-    np.testing.assert_allclose(personalized_weights(s, clip_negative=True)[2], [0, 0.2 / 1.2, 1 / 1.2])
+    np.testing.assert_allclose(
+        personalized_weights(s, clip_negative=True)[2], [0, 0.2 / 1.2, 1 / 1.2]
+    )
     # temperature: softmax over the whole row 0
     e = np.exp(np.array([1.0, 0.5, -0.5]) / 0.5)
     np.testing.assert_allclose(personalized_weights(s, temperature=0.5)[0], e / e.sum())
