@@ -185,3 +185,13 @@ def test_buffer_is_validated(layout: Layout) -> None:
         TaskVector(np.zeros(layout.size + 1, np.float32), layout)
     with pytest.raises(ValueError, match="shape"):
         TaskVector(np.zeros((1, layout.size), np.float32), layout)
+
+
+def test_layout_and_task_vector_pickle(layout: Layout) -> None:
+    import pickle
+
+    tv = TaskVector.from_tensors(_tensors(), layout)
+    again = pickle.loads(pickle.dumps(tv))
+    assert again.layout == layout
+    assert again.layout.index(list(SHAPES)[1]) == layout.index(list(SHAPES)[1])
+    np.testing.assert_array_equal(again.buffer, tv.buffer)

@@ -1,0 +1,93 @@
+"""Start and stop real Ray head / MLflow server processes on 127.0.0.1 for e2e tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+              "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+              "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+              "PATH": f"{BIN}{os.pathsep}{e.get('PATH', '')}"})
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout}s")
+
+
+class RayHead:
+    """``ray start --head`` on 127.0.0.1 with its own temp dir; ``stop()`` runs ``ray stop``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+
+    def start(self) -> RayHead:
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--num-gpus=0", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dash_port}", "--disable-usage-stats", f"--temp-dir={self.tmp}"],
+            check=True, env=env(), capture_output=True, timeout=120)
+        wait_http(f"{self.dashboard}/api/version", 60)
+        return self
+
+    def submit(self, cwd: Path, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
+             "--", *entrypoint], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env(), capture_output=True, timeout=120)
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a sqlite backend in ``tmp``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.port = tmp, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db",
+             "--default-artifact-root", str(self.tmp / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_http(f"{self.uri}/health", 90)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
