@@ -52,7 +52,7 @@ class ModelConfig(_Frozen):
     already in the local Hugging Face cache."""
 
     name: str = "minilm"
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Literal["sequence-classification", "image-classification", "causal-lm"] = "sequence-classification"
     max_length: int = Field(64, ge=4, le=8192)
     peft: PeftConfig = PeftConfig()
     tiny: TinyModelConfig = TinyModelConfig()
@@ -64,7 +64,8 @@ class PartitionConfig(_Frozen):
 
     kind: ``iid``; ``dirichlet`` (label skew, ``alpha``); ``groups`` (clients in ``num_groups``
     groups; group g > 0 sees labels permuted by ``shift``, i.e. conflicting interests);
-    ``column`` (one client per value of ``data.client_column``).
+    ``column`` (natural: by ``data.client_column``; one client per value, or with fewer values
+    than clients, several clients per value and the value index as group).
     """
 
     kind: Literal["iid", "dirichlet", "groups", "column"] = "groups"

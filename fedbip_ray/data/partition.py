@@ -58,16 +58,36 @@ def dirichlet(
     return parts
 
 
-def by_column(keys: np.ndarray, num_clients: int, per_client: int | None, seed: int) -> list[np.ndarray]:
-    """Natural partition: the ``num_clients`` most frequent key values, one client each."""
+def by_column(
+    keys: np.ndarray, num_clients: int, per_client: int | None, seed: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Natural partition by a key column (domain, task, user).
+
+    With at least ``num_clients`` distinct keys: the most frequent ``num_clients`` keys, one
+    client each. With fewer keys: clients are dealt round-robin to the keys and each key's rows
+    are split among its clients. Returns (indices per client, group = key index per client).
+    """
     values, counts = np.unique(keys, return_counts=True)
-    top = values[np.argsort(-counts, kind="stable")[:num_clients]]
+    order = np.argsort(-counts, kind="stable")
     rng = np.random.default_rng(seed)
-    parts = []
-    for v in top:
+    if len(values) >= num_clients:
+        top = values[order[:num_clients]]
+        parts = []
+        for v in top:
+            idx = rng.permutation(np.flatnonzero(keys == v))
+            parts.append(np.sort(idx[:per_client] if per_client else idx))
+        return parts, np.zeros(num_clients, dtype=np.int64)
+    groups = np.arange(num_clients, dtype=np.int64) % len(values)
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+    for g, v in enumerate(values[order]):
+        members = np.flatnonzero(groups == g)
         idx = rng.permutation(np.flatnonzero(keys == v))
-        parts.append(np.sort(idx[:per_client] if per_client else idx))
-    return parts
+        if per_client:
+            idx = idx[: per_client * len(members)]
+        for m, chunk in zip(members, np.array_split(idx, len(members)), strict=True):
+            parts[m] = np.sort(chunk)
+    # group ids follow key frequency order
+    return parts, groups
 
 
 def assign_groups(num_clients: int, num_groups: int) -> np.ndarray:

@@ -49,10 +49,10 @@ def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[li
     if kind == "column":
         if "client" not in ds.frame.columns:
             raise ConfigError("data.partition.kind 'column' needs data.client_column (or a dataset with one)")
-        parts = P.by_column(ds.frame["client"].to_numpy(), k, per, seed)
-        if len(parts) < k:
-            raise ConfigError(f"data.num_clients: {k} clients but only {len(parts)} distinct client values")
-        groups = np.zeros(k, dtype=np.int64)
+        parts, groups = P.by_column(ds.frame["client"].to_numpy(), k, per, seed)
+        empty = [i for i, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise ConfigError(f"data.num_clients: client {empty[0]} gets no examples from column partition")
     elif kind == "dirichlet":
         parts = P.dirichlet(ds.frame["label"].to_numpy(), k, cfg.partition.alpha, per, seed)
         groups = np.zeros(k, dtype=np.int64)
@@ -74,6 +74,7 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
     text = ds.frame["text"].to_numpy()
     labels = ds.frame["label"].to_numpy()
     shifted = cfg.partition.kind == "groups" and cfg.partition.shift == "label-flip"
+    extras = [c for c in ds.frame.columns if c not in ("text", "label", "client")]
     paths, summary = [], []
     for cid, idx in enumerate(parts):
         train, val, test = P.split_client(idx, cfg.val_fraction, cfg.test_fraction, seed * 100_003 + cid)
@@ -84,7 +85,11 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
         if shifted:
             y = P.shift_labels(y, int(groups[cid]), ds.num_labels)
         split = ["train"] * len(train) + ["val"] * len(val) + ["test"] * len(test)
-        table = pa.table({"text": text[rows].astype(str), "label": y.astype(np.int64), "split": split})
+        columns = {"text": text[rows].astype(str), "label": y.astype(np.int64)}
+        for extra in extras:  # dataset-specific columns (e.g. prompt/response/task) travel along
+            columns[extra] = ds.frame[extra].to_numpy()[rows]
+        columns["split"] = split
+        table = pa.table(columns)
         path = out / f"client_{cid:05d}.parquet"
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)

@@ -16,7 +16,7 @@ import ray
 from fedbip_ray.config import Config
 from fedbip_ray.data.shards import read_shard
 from fedbip_ray.runtime.messages import ClientUpdate, EvalResult
-from fedbip_ray.runtime.trainer import Encoded, LocalTrainer, seed_for
+from fedbip_ray.runtime.trainer import make_trainer, seed_for
 
 
 @ray.remote(max_restarts=3, max_task_retries=0)
@@ -28,8 +28,8 @@ class ClientActor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.cfg = Config.model_validate(cfg)
         self.shards = shards
-        self.trainer = LocalTrainer(self.cfg.model, self.cfg.train, num_labels, self.cfg.seed)
-        self._data: dict[int, dict[str, Encoded]] = {}
+        self.trainer = make_trainer(self.cfg, num_labels)
+        self._data: dict[int, dict[str, Any]] = {}
 
     def info(self) -> dict[str, Any]:
         """Layout and size of the adapter; also a readiness probe."""
@@ -40,7 +40,7 @@ class ClientActor:
         """(D,) float32 initial adapter state (identical for every client)."""
         return self.trainer.initial_state()
 
-    def _client_data(self, client_id: int) -> dict[str, Encoded]:
+    def _client_data(self, client_id: int) -> dict[str, Any]:
         if client_id not in self._data:
             ref = self.shards.get(client_id)
             if ref is None:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedbip_ray.config import ModelConfig, TrainConfig
+from fedbip_ray.config import Config, ModelConfig, TrainConfig
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.models.factory import build_model, get_state, trainable_parameters
 
@@ -150,3 +150,14 @@ class LocalTrainer:
             correct += int((logits.argmax(-1) == y).sum())
         n = len(data)
         return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+
+
+def make_trainer(cfg: Config, num_labels: int) -> Any:
+    """The trainer for ``cfg.model.task``; every trainer has the LocalTrainer interface
+    (layout, initial_state, current_state, load_state, encode, train, evaluate, model)."""
+    task = cfg.model.task
+    if task == "causal-lm":
+        from fedbip_ray.runtime.lm_trainer import CausalLMTrainer
+
+        return CausalLMTrainer(cfg.model, cfg.train, num_labels, cfg.seed)
+    return LocalTrainer(cfg.model, cfg.train, num_labels, cfg.seed)

@@ -98,3 +98,12 @@ def test_bad_data_input(tmp_path, data, needle):
     cfg = config_from_dict({"data": data})
     with pytest.raises(ConfigError, match=needle):
         build_shards(cfg.data, 0, tmp_path / "s")
+
+
+def test_column_partition_with_fewer_keys_than_clients_groups_by_key():
+    keys = np.array(["a"] * 30 + ["b"] * 20)
+    parts, groups = P.by_column(keys, 4, None, seed=0)
+    assert groups.tolist() == [0, 1, 0, 1]
+    assert set(keys[parts[0]]) == {"a"} and set(keys[parts[1]]) == {"b"}
+    assert len(np.intersect1d(parts[0], parts[2])) == 0
+    assert sum(len(p) for p in parts) == 50
