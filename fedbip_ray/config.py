@@ -63,14 +63,16 @@ class PartitionConfig(_Frozen):
     """How examples are split across clients.
 
     kind: ``iid``; ``dirichlet`` (label skew, ``alpha``); ``groups`` (clients in ``num_groups``
-    groups; group g > 0 sees labels permuted by ``shift``, i.e. conflicting interests);
+    groups; with ``shift: label-flip`` group g sees label y as (y + g) mod K, i.e. conflicting
+    interests; with ``shift: rotation`` group g sees images rotated by g * 360/num_groups
+    degrees, a covariate shift);
     ``column`` (natural: by ``data.client_column``; one client per value, or with fewer values
     than clients, several clients per value and the value index as group).
     """
 
     kind: Literal["iid", "dirichlet", "groups", "column"] = "groups"
     num_groups: int = Field(2, ge=1)
-    shift: Literal["label-flip", "none"] = "label-flip"
+    shift: Literal["label-flip", "rotation", "none"] = "label-flip"
     alpha: float = Field(0.5, gt=0)
 
 

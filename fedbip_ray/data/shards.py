@@ -88,6 +88,7 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
         columns = {"text": text[rows].astype(str), "label": y.astype(np.int64)}
         for extra in extras:  # dataset-specific columns (e.g. prompt/response/task) travel along
             columns[extra] = ds.frame[extra].to_numpy()[rows]
+        columns["group"] = np.full(len(rows), int(groups[cid]), dtype=np.int64)
         columns["split"] = split
         table = pa.table(columns)
         path = out / f"client_{cid:05d}.parquet"

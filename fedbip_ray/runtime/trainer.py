@@ -160,4 +160,8 @@ def make_trainer(cfg: Config, num_labels: int) -> Any:
         from fedbip_ray.runtime.lm_trainer import CausalLMTrainer
 
         return CausalLMTrainer(cfg.model, cfg.train, num_labels, cfg.seed)
+    if task == "image-classification":
+        from fedbip_ray.runtime.image_trainer import ImageTrainer
+
+        return ImageTrainer(cfg, num_labels)
     return LocalTrainer(cfg.model, cfg.train, num_labels, cfg.seed)
