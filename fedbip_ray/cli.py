@@ -94,10 +94,11 @@ def _groups(output: Path) -> list[int]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from fedbip_ray.tuning.search import run_tune
+    """Ray Tune search: progress table while it runs, then the best config and its test score."""
+    from fedbip_ray.tuning.search import format_summary, run_tune
 
-    cfg_path = args.config
-    run_tune(cfg_path, args.overrides, args.output)
+    summary = run_tune(args.config, args.overrides, args.output)
+    print(format_summary(summary), flush=True)
     return 0
 
 

@@ -26,6 +26,7 @@ from .similarity import (
 )
 from .taskvector import Layout, module_groups
 from .weights import (
+    SELF_SIMILARITY,
     fedamp_weights,
     fedavg_weights,
     local_weights,
@@ -347,6 +348,8 @@ class _FedBipOptions(_Base):
     center: bool = False
     lora_product: bool = False
     smoothing: float = 0.0
+    relative_threshold: bool = False
+    self_similarity: str = "one"
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, float) and self.top_k.is_integer():
@@ -354,7 +357,11 @@ class _FedBipOptions(_Base):
         validate_weight_options(
             threshold=self.threshold, temperature=self.temperature, top_k=self.top_k
         )
-        for arg in ("clip_negative", "center", "lora_product"):
+        if self.self_similarity not in SELF_SIMILARITY:
+            raise ValueError(
+                f"self_similarity must be one of {', '.join(SELF_SIMILARITY)}, got {self.self_similarity!r}"
+            )
+        for arg in ("clip_negative", "center", "lora_product", "relative_threshold"):
             _check_bool(arg, getattr(self, arg))
         if self.reference not in REFERENCES:
             raise ValueError(
@@ -371,6 +378,8 @@ class _FedBipOptions(_Base):
             clip_negative=bool(self.clip_negative),
             temperature=self.temperature,
             top_k=self.top_k,
+            relative_threshold=bool(self.relative_threshold),
+            self_similarity=self.self_similarity,
         )
 
     def _smooth(self, prev: np.ndarray | None, s: np.ndarray) -> np.ndarray:

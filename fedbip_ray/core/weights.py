@@ -13,6 +13,7 @@ from numbers import Integral, Real
 import numpy as np
 
 __all__ = [
+    "SELF_SIMILARITY",
     "fedamp_weights",
     "fedavg_weights",
     "local_weights",
@@ -85,6 +86,34 @@ def _top_k_mask(s: np.ndarray, kept: np.ndarray, top_k: int) -> np.ndarray:
     return mask
 
 
+SELF_SIMILARITY: tuple[str, ...] = ("one", "max-peer")
+
+
+def _thresholded(sim: np.ndarray, threshold: float, relative: bool) -> np.ndarray:
+    """Mask of entries at or above ``threshold`` (relative: above the row's mean peer + threshold)."""
+    if not relative:
+        return sim >= threshold
+    n = sim.shape[0]
+    if n < 2:
+        return np.ones_like(sim, dtype=bool)
+    off = ~np.eye(n, dtype=bool)
+    peers = np.where(off & ~np.isnan(sim), sim, 0.0)
+    count = np.maximum((off & ~np.isnan(sim)).sum(axis=1), 1)
+    mean = peers.sum(axis=1) / count
+    return sim - mean[:, None] >= threshold
+
+
+def _self_as_max_peer(sim: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """``sim`` with ``S_ii`` replaced by the largest kept peer similarity (1 if none or <= 0)."""
+    n = sim.shape[0]
+    off = kept & ~np.eye(n, dtype=bool)
+    best = np.max(np.where(off, sim, -np.inf), axis=1) if n else np.zeros(0)
+    best = np.where(np.isfinite(best) & (best > 0), best, 1.0)
+    out = sim.copy()
+    np.fill_diagonal(out, best)
+    return out
+
+
 def personalized_weights(
     s: np.ndarray,
     *,
@@ -92,6 +121,8 @@ def personalized_weights(
     clip_negative: bool = False,
     temperature: float | None = None,
     top_k: int | None = None,
+    relative_threshold: bool = False,
+    self_similarity: str = "one",
 ) -> np.ndarray:
     """FedBip personalized weights from a similarity matrix ``s`` ``(N, N)``: ``(N, N)`` float64.
 
@@ -106,20 +137,30 @@ def personalized_weights(
             normalization.
         top_k: keep self plus the ``top_k - 1`` most similar kept others (ties at the cut-off
             all kept); ``top_k=1`` is local training.
+        relative_threshold: apply ``threshold`` to ``S_ik - mean_{j != i} S_ij`` (how much more
+            similar k is than client i's average peer) instead of ``S_ik``; scale-free, so
+            ``threshold=0`` keeps the peers that are more similar than average.
+        self_similarity: ``"one"`` (paper: ``S_ii = 1``) or ``"max-peer"``: ``S_ii`` = the
+            largest similarity among the kept peers, so a client weighs itself like its most
+            similar peer instead of dominating when all cosines are small (no kept peer: 1).
 
     A row whose normalizer is non-finite or below 1e-12 in magnitude becomes the identity row.
     """
     validate_weight_options(threshold=threshold, temperature=temperature, top_k=top_k)
+    if self_similarity not in SELF_SIMILARITY:
+        raise ValueError(f"self_similarity must be one of {SELF_SIMILARITY}, got {self_similarity!r}")
     sim = _square(s).copy()
     np.fill_diagonal(sim, 1.0)
     kept = ~np.isnan(sim)
     if threshold is not None:
-        kept &= sim >= float(threshold)
+        kept &= _thresholded(sim, float(threshold), relative_threshold)
     if clip_negative:
         kept &= sim >= 0.0
     np.fill_diagonal(kept, True)
     if top_k is not None:
         kept = _top_k_mask(sim, kept, int(top_k))
+    if self_similarity == "max-peer":
+        sim = _self_as_max_peer(sim, kept)
     if temperature is None:
         w = np.where(kept, sim, 0.0)
     else:

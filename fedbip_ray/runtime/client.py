@@ -1,8 +1,13 @@
-"""ClientActor: a thin Ray shell around :class:`LocalTrainer`.
+"""ClientActor: a thin Ray shell around a trainer (:func:`make_trainer`).
 
-One actor loads the base model once and serves one client (or, in pool mode, several clients
-whose data shards it was given). It keeps no federated state: every call receives the client's
-personalized adapter state from the server actor.
+One actor loads the base model once and serves one client (or, in pool mode, several clients).
+It keeps no federated state: every call receives the client's personalized adapter state from
+the server actor and a :class:`ShardRef` of the client's data, so a restarted actor (Ray
+restarts it up to ``max_restarts`` times after a crash) simply carries on with its next call.
+
+Test-only fault injection: ``FEDBIP_TEST_POISON="CLIENT:MODE[,CLIENT:MODE...]"`` in the
+actor's environment corrupts that client's ``fit`` result (see :data:`POISON_MODES`). The
+driver forwards ``FEDBIP_TEST_*`` variables to its actors; nothing else reads them.
 """
 
 from __future__ import annotations
@@ -13,62 +18,142 @@ from typing import Any
 import numpy as np
 import ray
 
-from fedbip_ray.config import Config
+from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.data.shards import read_shard
-from fedbip_ray.runtime.messages import ClientUpdate, EvalResult
+from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef
 from fedbip_ray.runtime.trainer import make_trainer, seed_for
+
+POISON_ENV = "FEDBIP_TEST_POISON"
+POISON_MODES = {
+    "scale": "task vector multiplied by 1e6",
+    "nan": "first entry of the task vector set to NaN",
+    "layout": "task vector one entry short (wrong shape)",
+    "raise": "fit raises RuntimeError (the actor survives)",
+}
+# Errors that mean "this model/adapter config cannot be built": reported as one-line config
+# errors by the driver instead of killing (and restarting) the actor.
+_INPUT_ERRORS = (ConfigError, OSError, ValueError, KeyError, ImportError)
+
+
+class TaskCancelled(RuntimeError):
+    """The driver cancelled this call (a straggler past the round deadline)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """First line of an exception's message (its type name when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_poison(text: str | None) -> dict[int, str]:
+    """``"1:scale,3:nan"`` -> ``{1: "scale", 3: "nan"}``; malformed entries raise ValueError."""
+    out: dict[int, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        cid, _, mode = item.strip().partition(":")
+        if mode not in POISON_MODES or not cid.isdigit():
+            raise ValueError(f"{POISON_ENV}: bad entry {item!r} (want CLIENT:{'|'.join(POISON_MODES)})")
+        out[int(cid)] = mode
+    return out
+
+
+def poison_vector(vector: np.ndarray, mode: str) -> np.ndarray:
+    """Corrupt a (D,) float32 task vector as ``mode`` says (returns a new array)."""
+    if mode == "scale":
+        return (vector * np.float32(1e6)).astype(np.float32)
+    if mode == "nan":
+        out = vector.copy()
+        out[0] = np.nan
+        return out
+    if mode == "layout":
+        return vector[:-1].copy()
+    if mode == "raise":
+        raise RuntimeError("injected client failure (FEDBIP_TEST_POISON)")
+    raise ValueError(f"unknown poison mode {mode!r}")
+
+
+def _abort_if_cancelled(_module: Any, _inputs: Any) -> None:
+    """Forward pre-hook: stop a cancelled call at the next batch (Ray cannot interrupt a
+    running task of a synchronous actor, it only flags it)."""
+    if ray.get_runtime_context().is_canceled():
+        raise TaskCancelled("cancelled by the driver (past the round deadline)")
 
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class ClientActor:
-    """Ray actor; ``shards`` maps client id -> ObjectRef of that client's Parquet bytes
-    (passed nested, so an actor fetches only the shards of clients it actually serves)."""
+    """Ray actor wrapping one trainer (:func:`make_trainer`: the LocalTrainer interface). ``cfg`` is ``Config.to_dict()``.
 
-    def __init__(self, cfg: dict[str, Any], shards: dict[int, Any], num_labels: int) -> None:
+    A model that cannot be built is not raised from the constructor (that would make Ray
+    restart the actor in vain and print a traceback): :meth:`info` reports it as ``error``.
+    """
+
+    def __init__(self, cfg: dict[str, Any], num_labels: int) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.cfg = Config.model_validate(cfg)
-        self.shards = shards
-        self.trainer = make_trainer(self.cfg, num_labels)
         self._data: dict[int, dict[str, Any]] = {}
+        self.error: str | None = None
+        self.trainer: Any = None
+        try:
+            self.trainer = make_trainer(self.cfg, num_labels)
+        except _INPUT_ERRORS as exc:
+            self.error = one_line(exc) if isinstance(exc, ConfigError) else (
+                f"model '{self.cfg.model.name}': {type(exc).__name__}: {one_line(exc)}")
+            return
+        self.trainer.model.register_forward_pre_hook(_abort_if_cancelled)
 
     def info(self) -> dict[str, Any]:
-        """Layout and size of the adapter; also a readiness probe."""
+        """Layout and size of the adapter, pid, device, and ``error`` if the model could not
+        be built; also a readiness probe."""
+        if self.trainer is None:
+            return {"error": self.error, "pid": os.getpid()}
         return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(),
-                "device": str(self.trainer.device)}
+                "device": str(self.trainer.device), "error": None}
+
+    def _ready(self) -> Any:
+        if self.trainer is None:
+            raise RuntimeError(f"client actor has no model: {self.error}")
+        return self.trainer
 
     def initial_state(self) -> np.ndarray:
         """(D,) float32 initial adapter state (identical for every client)."""
-        return self.trainer.initial_state()
+        return self._ready().initial_state()
 
-    def _client_data(self, client_id: int) -> dict[str, Any]:
+    def _client_data(self, client_id: int, shard: ShardRef | None) -> dict[str, Any]:
         if client_id not in self._data:
-            ref = self.shards.get(client_id)
-            if ref is None:
-                raise KeyError(f"this actor holds no shard for client {client_id}")
-            frames = read_shard(ray.get(ref))
-            self._data[client_id] = {s: self.trainer.encode(f) for s, f in frames.items()}
+            if shard is None or shard.client_id != client_id:
+                raise KeyError(f"no data shard for client {client_id}")
+            frames = read_shard(ray.get(shard.ref))
+            self._data[client_id] = {s: self._ready().encode(f) for s, f in frames.items()}
         return self._data[client_id]
 
-    def fit(self, client_id: int, state: np.ndarray, round_num: int, prox_mu: float = 0.0) -> ClientUpdate:
+    def fit(self, client_id: int, state: np.ndarray, round_num: int, prox_mu: float = 0.0,
+            shard: ShardRef | None = None) -> ClientUpdate:
         """Train ``state`` on the client's train split; return the task vector (D,) float32."""
-        data = self._client_data(client_id)["train"]
-        self.trainer.load_state(state)
-        metrics = self.trainer.train(
+        trainer = self._ready()
+        data = self._client_data(client_id, shard)["train"]
+        trainer.load_state(state)
+        metrics = trainer.train(
             data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num), prox_mu
         )
-        tau = self.trainer.current_state() - np.asarray(state, dtype=np.float32)
+        tau = trainer.current_state() - np.asarray(state, dtype=np.float32)
+        mode = parse_poison(os.environ.get(POISON_ENV)).get(client_id)
+        if mode is not None:
+            tau = poison_vector(tau, mode)
         return ClientUpdate(client_id, round_num, tau.astype(np.float32, copy=False),
-                            self.trainer.layout.to_dict(), len(data), metrics)
+                            trainer.layout.to_dict(), len(data), metrics)
 
     def evaluate(self, client_id: int, state: np.ndarray, round_num: int,
-                 splits: tuple[str, ...] = ("val", "test"), finetune_epochs: int = 0) -> EvalResult:
+                 splits: tuple[str, ...] = ("val", "test"), finetune_epochs: int = 0,
+                 shard: ShardRef | None = None) -> EvalResult:
         """Accuracy/loss of ``state`` on the client's own splits (optionally after a local
         fine-tune of ``finetune_epochs`` epochs, which is not kept)."""
-        data = self._client_data(client_id)
-        self.trainer.load_state(state)
+        trainer = self._ready()
+        data = self._client_data(client_id, shard)
+        trainer.load_state(state)
         if finetune_epochs > 0:
-            self.trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
-        return EvalResult(client_id, round_num, {s: self.trainer.evaluate(data[s]) for s in splits})
+            trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
+        return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
 
     def export_adapter(self, client_id: int, state: np.ndarray) -> dict[str, bytes]:
         """The client's adapter in peft format (``PeftModel.from_pretrained`` loads it), as
@@ -76,7 +161,8 @@ class ClientActor:
         import tempfile
         from pathlib import Path
 
-        self.trainer.load_state(state)
+        trainer = self._ready()
+        trainer.load_state(state)
         with tempfile.TemporaryDirectory() as tmp:
-            self.trainer.model.save_pretrained(tmp)
+            trainer.model.save_pretrained(tmp)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

@@ -1,4 +1,4 @@
-"""Typed messages between client actors and the server actor."""
+"""Typed messages between the driver, client actors and the server actor."""
 
 from __future__ import annotations
 
@@ -30,3 +30,16 @@ class EvalResult:
     client_id: int
     round: int
     splits: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A client's data shard as an ObjectRef of its Parquet bytes.
+
+    Sent with every ``fit``/``evaluate`` call (wrapped, so Ray does not resolve it): an actor
+    fetches the bytes only on a cache miss, and a restarted actor gets them back with its next
+    call. The driver holds the refs for the whole run, so restarts never lose them.
+    """
+
+    client_id: int
+    ref: Any

@@ -2,19 +2,25 @@
 
 The driver hands the server the clients' update ObjectRefs as they are (nested in a list, not
 fetched); the server fetches each one itself, so one failed client cannot fail the others.
+Every update is validated (layout, finiteness, norm) before it can reach aggregation; with
+``privacy`` set, each accepted task vector is clipped and Gaussian noise is added
+(:class:`GaussianNoiseStrategy`, seeded per round so a resumed run draws the same noise).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
-from fedbip_ray.core.strategies import AggregationInput, make_strategy
+from fedbip_ray.core.strategies import (
+    AggregationInput,
+    GaussianNoiseStrategy,
+    Strategy,
+    make_strategy,
+)
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.core.validation import UpdateRejected, validate_update
 from fedbip_ray.runtime.messages import ClientUpdate
@@ -26,15 +32,19 @@ class FederatedServer:
     """Holds ``states`` (num_clients, D) float32: each client's personalized adapter.
 
     ``groups`` (num_clients,) are the true groups when known (oracle strategy, diagnostics).
+    ``privacy`` is ``{"clip_norm": C, "noise_multiplier": z}`` for client-level DP (or None);
+    ``seed`` seeds the per-round DP noise.
     """
 
     def __init__(self, strategy: str, params: dict[str, Any], num_clients: int,
                  groups: list[int] | None = None, max_norm: float | None = None,
-                 on_excess_norm: str = "reject") -> None:
+                 on_excess_norm: str = "reject", privacy: dict[str, float] | None = None,
+                 seed: int = 0) -> None:
         self.strategy = make_strategy(strategy, params)
         self.num_clients = num_clients
         self.groups = np.asarray(groups, dtype=np.int64) if groups is not None else None
         self.max_norm, self.on_excess_norm = max_norm, on_excess_norm
+        self.privacy, self.seed = privacy, seed
         self.layout: Layout | None = None
         self.init: np.ndarray | None = None
         self.states: np.ndarray | None = None
@@ -73,11 +83,22 @@ class FederatedServer:
                                  on_excess_norm=self.on_excess_norm)  # type: ignore[arg-type]
         return vec
 
-    def aggregate(self, round_num: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+    def round_strategy(self, round_num: int) -> Strategy:
+        """The strategy for one round: the configured one, wrapped in DP clip + noise."""
+        if not self.privacy:
+            return self.strategy
+        return GaussianNoiseStrategy(self.strategy, clip=float(self.privacy["clip_norm"]),
+                                     noise_multiplier=float(self.privacy["noise_multiplier"]),
+                                     seed=noise_seed(self.seed, round_num))
+
+    def aggregate(self, round_num: int, updates: list[ClientUpdate],
+                  min_accepted: int = 1) -> dict[str, Any]:
         """Validate ``updates`` and apply the strategy to the clients that sent a valid one.
 
-        Returns a report: accepted/rejected client ids, the similarity and weight matrices
-        (participants x participants) and the bytes received.
+        With fewer than ``min_accepted`` valid updates the aggregation is skipped and every
+        state is kept (``report["aggregated"]`` is False). Returns a report: accepted/rejected
+        client ids, the similarity and weight matrices (participants x participants) and the
+        bytes received.
         """
         assert self.states is not None and self.layout is not None
         ids, vecs, counts, rejected, nbytes = [], [], [], {}, 0
@@ -94,9 +115,12 @@ class FederatedServer:
                 log.warning("round %d: rejected update of client %s: %s", round_num, up.client_id, exc)
         report: dict[str, Any] = {"round": round_num, "accepted": ids, "rejected": rejected,
                                   "bytes_in": nbytes, "similarity": None, "weights": None,
+                                  "aggregated": False,
                                   "train_losses": [float(u.metrics.get("train_loss", float("nan")))
                                                    for u in updates if u.client_id in ids]}
-        if not ids:
+        if not ids or len(ids) < min_accepted:
+            log.warning("round %d: %d valid updates, %d needed: aggregation skipped, states kept",
+                        round_num, len(ids), min_accepted)
             return report
         idx = np.asarray(ids, dtype=np.int64)
         prev = self.similarity[np.ix_(idx, idx)] if self.similarity is not None else None
@@ -107,63 +131,73 @@ class FederatedServer:
             counts=np.asarray(counts, dtype=np.int64), layout=self.layout, init=self.init,
             groups=self.groups[idx] if self.groups is not None else None, prev_similarity=prev,
         )
-        result = self.strategy.aggregate(inp)
+        result = self.round_strategy(round_num).aggregate(inp)
+        if not np.isfinite(result.states).all():
+            raise FloatingPointError(f"round {round_num}: aggregation produced non-finite states")
         self.states[idx] = result.states
+        report["aggregated"] = True
         if result.similarity is not None and self.similarity is not None:
             self.similarity[np.ix_(idx, idx)] = result.similarity
         report["similarity"] = None if result.similarity is None else np.asarray(result.similarity).tolist()
         report["weights"] = np.asarray(result.weights).tolist()
         return report
 
-    # -- checkpoints (safetensors + JSON; never pickle) ----------------------------------------
-    def save(self, directory: str) -> None:
-        """Write server state into ``directory`` (the caller renames it into place)."""
-        from safetensors.numpy import save_file
-
+    # -- checkpoints (the driver writes them: safetensors + JSON, never pickle) -------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """({"states": (N, D) f32, "init": (D,) f32, "similarity": (N, N) f64}, layout dict)."""
         assert self.states is not None and self.init is not None and self.layout is not None
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {"states": self.states, "init": self.init}
         if self.similarity is not None:
             tensors["similarity"] = self.similarity.astype(np.float64)
-        save_file(tensors, str(out / "server.safetensors"))
-        (out / "layout.json").write_text(json.dumps(self.layout.to_dict()))
+        return tensors, self.layout.to_dict()
 
-    def load(self, directory: str) -> int:
-        """Restore server state written by :meth:`save`. Returns D."""
-        from safetensors.numpy import load_file
-
-        d = Path(directory)
-        tensors = load_file(str(d / "server.safetensors"))
-        layout = Layout.from_dict(json.loads((d / "layout.json").read_text()))
-        states = tensors["states"]
-        if states.shape != (self.num_clients, layout.size):
+    def load_state_dict(self, tensors: dict[str, np.ndarray], layout: dict[str, Any]) -> int:
+        """Restore what :meth:`state_dict` returned (shapes checked). Returns D."""
+        lay = Layout.from_dict(layout)
+        states = np.asarray(tensors["states"], dtype=np.float32)
+        if states.shape != (self.num_clients, lay.size):
             raise ValueError(f"checkpoint holds states {states.shape}, run needs "
-                             f"({self.num_clients}, {layout.size})")
-        self.layout, self.init, self.states = layout, tensors["init"], states.copy()
-        self.similarity = tensors.get("similarity")
-        if self.similarity is None:
-            self.similarity = np.full((self.num_clients, self.num_clients), np.nan)
-        return layout.size
+                             f"({self.num_clients}, {lay.size})")
+        self.layout, self.states = lay, states.copy()
+        self.init = np.asarray(tensors["init"], dtype=np.float32).copy()
+        sim = tensors.get("similarity")
+        self.similarity = (np.asarray(sim, dtype=np.float64).copy() if sim is not None
+                           else np.full((self.num_clients, self.num_clients), np.nan))
+        return lay.size
+
+
+def noise_seed(seed: int, round_num: int) -> int:
+    """Seed of round ``round_num``'s DP noise: a pure function of (run seed, round)."""
+    return int(np.random.SeedSequence([seed, round_num, 0xD9]).generate_state(1)[0])
 
 
 @ray.remote(max_restarts=0)
 class ServerActor(FederatedServer):
     """The server as a Ray actor: fetches update refs itself (driver never touches them)."""
 
-    def aggregate_refs(self, round_num: int, client_ids: list[int], refs: list[Any]) -> dict[str, Any]:
+    def aggregate_refs(self, round_num: int, client_ids: list[int], refs: list[Any],
+                       min_accepted: int = 1) -> dict[str, Any]:
         """``refs`` are ObjectRefs of :class:`ClientUpdate`; failures are reported, not raised."""
         updates, failed = [], {}
         for cid, ref in zip(client_ids, refs, strict=True):
             try:
                 up = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - any client failure is isolated
-                failed[int(cid)] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                failed[int(cid)] = failure_reason(exc)
+                log.warning("round %d: client %d failed: %s", round_num, cid, failed[int(cid)])
                 continue
             if not isinstance(up, ClientUpdate) or up.client_id != cid:
                 failed[int(cid)] = "malformed update message"
                 continue
             updates.append(up)
-        report = self.aggregate(round_num, updates)
+        report = self.aggregate(round_num, updates, min_accepted)
         report["failed"] = failed
         return report
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``"Type: first line"`` of a client failure (a task error is named by its cause)."""
+    cause = getattr(exc, "cause", None)
+    err = cause if isinstance(cause, BaseException) else exc
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]

@@ -7,9 +7,11 @@ Embedded default: a local sqlite store ``sqlite:///mlflow.db`` in the working di
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,25 @@ from fedbip_ray.config import Config
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 HEATMAP_EVERY = 5
+log = logging.getLogger("fedbip.mlflow")
 
 
 def tracking_uri(cfg: Config) -> str:
     """Config first, then ``MLFLOW_TRACKING_URI``, then the local sqlite store."""
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def absolute_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
+    """A tracking URI that means the same from any working directory: relative
+    ``sqlite:///x.db`` / ``file:x`` stores become absolute (Ray Tune runs trials in trial dirs)."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return "file:" + str((base / uri[len("file:"):]).resolve())
+    if "://" not in uri and not uri.startswith("databricks"):
+        return str((base / uri).resolve())  # a plain local path (file store)
+    return uri
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -38,12 +54,49 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
         return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The source checkout's commit; ``FEDBIP_GIT_COMMIT`` when there is no ``.git`` (e.g. the
+    working dir uploaded by ``ray job submit``)."""
+    return _git("rev-parse", "HEAD") or os.environ.get("FEDBIP_GIT_COMMIT") or None
+
+
+def git_dirty() -> bool | None:
+    """True when tracked files differ from the commit (None outside a checkout)."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out)
+
+
+def git_tags() -> dict[str, str]:
+    """``git_commit`` (+ MLflow's own source tag) and ``git_dirty`` for a run, where known."""
+    tags: dict[str, str] = {}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
+    dirty = git_dirty()
+    if dirty is not None:
+        tags["git_dirty"] = str(dirty).lower()
+    return tags
+
+
+def run_status_for(exc: BaseException) -> str:
+    """MLflow status for a run ended by ``exc``: KILLED for interrupts/stops, else FAILED."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+def byte_totals(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Cumulative bytes moved over the rounds in ``history`` (server in = client uploads)."""
+    b_in = float(sum(r.get("bytes_in") or 0 for r in history))
+    b_out = float(sum(r.get("bytes_out") or 0 for r in history))
+    return {"bytes_in_total": b_in, "bytes_out_total": b_out, "bytes_total": b_in + b_out}
 
 
 def heatmap_png(matrix: np.ndarray, labels: list[int], title: str, path: Path) -> None:
@@ -103,6 +156,7 @@ class MlflowCallback:
         self.log_adapters = log_adapters
         self.run_id: str | None = None
         self.client: Any = None
+        self.status: str | None = None  # terminal status once set (FINISHED/FAILED/KILLED)
 
     def on_start(self, run: Any) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -117,10 +171,7 @@ class MlflowCallback:
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.tracking.experiment)
         tags = {"strategy": self.cfg.strategy.name, "mlflow.runName": self.cfg.name,
-                "output_dir": str(run.output)}
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
+                "output_dir": str(run.output), **git_tags()}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
@@ -150,6 +201,7 @@ class MlflowCallback:
             values[f"client_{int(cid):04d}_accuracy"] = float(acc)
         for key, v in row.get("extra", {}).items():
             values[key] = float(v)
+        values.update(byte_totals(run.history))
         metrics = [Metric(k, float(v), ts, step) for k, v in values.items() if v == v]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
@@ -191,7 +243,76 @@ class MlflowCallback:
                     for name, data in files.items():
                         (target / name).write_bytes(data)
                 self.client.log_artifacts(self.run_id, tmp, "adapters")
-        for key in ("mean_accuracy", "worst10_accuracy", "wall_seconds"):
+        for key in ("mean_accuracy", "worst10_accuracy", "mean_val_accuracy", "wall_seconds"):
             if summary.get(key) is not None:
                 self.client.log_metric(self.run_id, f"final_{key}", float(summary[key]))
+        for key, value in byte_totals(run.history).items():
+            self.client.log_metric(self.run_id, f"final_{key}", value)
         self.client.set_terminated(self.run_id, "FINISHED")
+        self.status = "FINISHED"
+
+    def on_error(self, run: Any, exc: BaseException) -> None:
+        """Mark the run FAILED (KILLED for an interrupt or a Tune stop) with the error as a tag
+        and ``error.txt``; idempotent, and never raises (the original error matters more)."""
+        if self.run_id is None or self.client is None or self.status is not None:
+            return
+        import traceback
+
+        status = run_status_for(exc)
+        try:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {first}"[:500])
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.client.log_text(self.run_id, text, "error.txt")
+            if run is not None and getattr(run, "history", None):
+                self.client.log_artifact(self.run_id, str(run.output / "metrics.jsonl"))
+        except Exception:  # noqa: BLE001 - best effort: the status below matters most
+            log.warning("could not log the error of run %s to MLflow", self.run_id, exc_info=True)
+        try:
+            self.client.set_terminated(self.run_id, status)
+            self.status = status
+        except Exception:  # noqa: BLE001
+            log.warning("could not mark MLflow run %s as %s", self.run_id, status, exc_info=True)
+
+
+class _ContextProbe:
+    """Keeps the RunContext that ``on_start`` receives (for :func:`run_guarded`)."""
+
+    def __init__(self) -> None:
+        self.ctx: Any = None
+
+    def on_start(self, run: Any) -> None:
+        self.ctx = run
+
+    def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
+        pass
+
+    def on_end(self, run: Any, summary: dict[str, Any]) -> None:
+        pass
+
+
+def notify_error(callbacks: Sequence[Any], ctx: Any, exc: BaseException) -> None:
+    """Call ``on_error(ctx, exc)`` on every callback that has one; never raises."""
+    for cb in callbacks:
+        handler = getattr(cb, "on_error", None)
+        if handler is None:
+            continue
+        try:
+            handler(ctx, exc)
+        except Exception:  # noqa: BLE001
+            log.warning("on_error of %s failed", type(cb).__name__, exc_info=True)
+
+
+def run_guarded(cfg: Config, output: str | Path, resume: bool = False,
+                callbacks: Sequence[Any] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """``run_federation`` that calls ``on_error`` on the callbacks when the run raises (so an
+    MLflow run ends FAILED, never stays RUNNING), then re-raises. Safe to keep once
+    ``run_federation`` calls ``on_error`` itself: :meth:`MlflowCallback.on_error` is idempotent."""
+    from fedbip_ray.runtime.federation import run_federation
+
+    probe = _ContextProbe()
+    try:
+        return run_federation(cfg, output, resume=resume, callbacks=[probe, *callbacks], echo=echo)
+    except BaseException as exc:
+        notify_error(callbacks, probe.ctx, exc)
+        raise

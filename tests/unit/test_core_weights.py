@@ -221,3 +221,25 @@ def test_oracle_block_structure() -> None:
         ],
     )
     _assert_rows_sum_to_one(w)
+
+
+def test_relative_threshold_and_max_peer_self_give_group_averages():
+    """Two groups of 3 with small cosines (in-group 0.13, cross 0.03): the paper rule keeps
+    ~80% on self; relative threshold 0 + max-peer self weighs the own group uniformly."""
+    g = np.array([0, 0, 0, 1, 1, 1])
+    s = np.where(g[:, None] == g[None, :], 0.13, 0.03)
+    np.fill_diagonal(s, 1.0)
+    paper = personalized_weights(s)
+    assert paper[0, 0] > 0.7
+    w = personalized_weights(s, threshold=0.0, relative_threshold=True, clip_negative=True,
+                             self_similarity="max-peer")
+    same = g[:, None] == g[None, :]
+    np.testing.assert_allclose(w, np.where(same, 1 / 3, 0.0))
+
+
+def test_self_similarity_validation_and_lone_client():
+    with pytest.raises(ValueError, match="self_similarity"):
+        personalized_weights(np.eye(2), self_similarity="zero")
+    s = np.array([[1.0, -0.2], [-0.2, 1.0]])
+    w = personalized_weights(s, clip_negative=True, self_similarity="max-peer")
+    np.testing.assert_allclose(w, np.eye(2))

@@ -1,0 +1,313 @@
+"""Local instruction tuning of a causal LM adapter (``model.task: causal-lm``; no Ray here).
+
+Each example is a (prompt, response) pair. The prompt is rendered with the tokenizer's chat
+template (a user turn plus the assistant header), or with :data:`PLAIN_TEMPLATE` when the
+tokenizer has none; the loss is the next-token cross entropy on the response tokens only
+(end-of-turn token included). Evaluation generates greedily, at most
+``min(MAX_NEW_TOKENS, longest reference in the batch + EVAL_MARGIN)`` new tokens, and scores
+the output against the reference by exact match and ROUGE-L (``rouge-score``); ``accuracy`` is
+each example's primary score (column ``metric`` of the shard, else exact match) averaged.
+
+Batches are left-padded, with explicit position ids, so training, scoring and generation share
+one layout and only the last ``longest response + 1`` positions go through the LM head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedbip_ray.config import ModelConfig, TrainConfig
+from fedbip_ray.core.taskvector import Layout
+from fedbip_ray.models.factory import trainable_parameters
+from fedbip_ray.models.lm import build_causal_lm
+from fedbip_ray.runtime.trainer import LocalTrainer
+
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+MAX_NEW_TOKENS = 32  # hard bound on generated tokens per example
+EVAL_MARGIN = 4  # generated tokens allowed beyond the batch's longest reference
+IGNORE_INDEX = -100
+METRICS = ("exact_match", "rouge_l")
+# bf16 autocast on CPU: the base weights stay fp32, the adapter's master weights too
+CPU_AUTOCAST_BF16 = True
+
+
+# ------------------------------------------------------------------------------ formatting
+def render_prompt(tok: Any, prompt: str) -> str:
+    """The text the model sees before its answer (chat template with generation prompt)."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return PLAIN_TEMPLATE.format(prompt=prompt)
+
+
+def render_response(tok: Any, prompt: str, response: str) -> str:
+    """The text the model should produce after :func:`render_prompt` (ends with end-of-turn)."""
+    eos = tok.eos_token or ""
+    if getattr(tok, "chat_template", None):
+        head = render_prompt(tok, prompt)
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            tokenize=False,
+        )
+        if full.startswith(head):
+            text = full[len(head):].rstrip()
+            return text if text.endswith(eos) else text + eos
+    return response + eos
+
+
+def encode_example(tok: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids (L,) of prompt + response and labels (L,): IGNORE_INDEX on the prompt, the
+    token id on the response. L <= max_length: the response keeps at most max_length // 2
+    tokens, the prompt is cut from the left (its end, the question and assistant header, stays).
+    """
+    p = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    r = tok(render_response(tok, prompt, response), add_special_tokens=False)["input_ids"]
+    if len(p) + len(r) > max_length:
+        r = r[: max(1, max_length // 2)] if len(r) > max_length // 2 else r
+        p = p[len(p) - (max_length - len(r)):]
+    return list(p) + list(r), [IGNORE_INDEX] * len(p) + list(r)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (b, L) int64, mask (b, L) int64) with every sequence right-aligned."""
+    width = max((len(s) for s in seqs), default=1) or 1
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions (b, L) counting from 0 at each row's first real token (0 on padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ------------------------------------------------------------------------------ scoring
+_PUNCT = re.compile(r"^[\s\"'`]+|[\s\"'`.!?,;:]+$")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, collapse whitespace, strip quotes and trailing punctuation."""
+    return _PUNCT.sub("", " ".join(text.lower().split()))
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalized strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (``rouge-score``; lower-cased alphanumeric tokens)."""
+    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def score_predictions(predictions: Sequence[str], references: Sequence[str],
+                      primary: Sequence[str]) -> dict[str, float]:
+    """Mean exact match, mean ROUGE-L, and ``accuracy`` = mean of each example's primary score."""
+    if not references:
+        return {"accuracy": math.nan, "exact_match": math.nan, "rouge_l": math.nan}
+    em = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
+    rl = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
+    per = [rl[i] if primary[i] == "rouge_l" else em[i] for i in range(len(em))]
+    return {"accuracy": float(np.mean(per)), "exact_match": float(np.mean(em)), "rouge_l": float(np.mean(rl))}
+
+
+# ------------------------------------------------------------------------------ data
+@dataclass(frozen=True)
+class LMExamples:
+    """A tokenized split: per example prompt+response ids, labels (IGNORE_INDEX on the
+    prompt), prompt length, reference text, primary metric and task name."""
+
+    ids: tuple[tuple[int, ...], ...]
+    labels: tuple[tuple[int, ...], ...]
+    prompt_lengths: tuple[int, ...]
+    references: tuple[str, ...]
+    metrics: tuple[str, ...]
+    tasks: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def response_length(self, i: int) -> int:
+        return len(self.ids[i]) - self.prompt_lengths[i]
+
+
+def frame_columns(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(prompts, responses, metrics, tasks) of a shard split; ``prompt``/``response`` columns,
+    else ``text`` and the label as a string."""
+    prompts = frame["prompt"] if "prompt" in frame.columns else frame["text"]
+    responses = frame["response"] if "response" in frame.columns else frame["label"]
+    metrics = frame["metric"] if "metric" in frame.columns else pd.Series(["exact_match"] * len(frame))
+    tasks = frame["task"] if "task" in frame.columns else pd.Series([""] * len(frame))
+    return ([str(x) for x in prompts], [str(x) for x in responses],
+            [str(x) for x in metrics], [str(x) for x in tasks])
+
+
+def encode_frame(tok: Any, frame: pd.DataFrame, max_length: int) -> LMExamples:
+    """Tokenize every row of ``frame`` with :func:`encode_example`."""
+    prompts, responses, metrics, tasks = frame_columns(frame)
+    ids, labels, plen = [], [], []
+    for p, r in zip(prompts, responses, strict=True):
+        x, y = encode_example(tok, p, r, max_length)
+        ids.append(tuple(x))
+        labels.append(tuple(y))
+        plen.append(sum(1 for v in y if v == IGNORE_INDEX))
+    return LMExamples(tuple(ids), tuple(labels), tuple(plen), tuple(responses), tuple(metrics), tuple(tasks))
+
+
+# ------------------------------------------------------------------------------ trainer
+class CausalLMTrainer(LocalTrainer):
+    """LocalTrainer for causal LMs: same state interface (``layout`` over the trainable adapter
+    parameters in sorted-name order, flat (D,) float32 states), generative evaluation."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, num_labels: int, seed: int) -> None:
+        if model_cfg.torch_threads:
+            torch.set_num_threads(model_cfg.torch_threads)
+        self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, seed
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = build_causal_lm(model_cfg, seed, self.device)
+        self.params = trainable_parameters(self.model)
+        self.layout = Layout.from_shapes({n: tuple(p.shape) for n, p in self.params.items()})
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> list[int]:
+        ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos or []))
+        return sorted(ids)
+
+    def _autocast(self) -> Any:
+        enabled = self.device.type == "cpu" and CPU_AUTOCAST_BF16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # -- data -------------------------------------------------------------------------------
+    def encode(self, frame: pd.DataFrame) -> LMExamples:
+        """Tokenize a split once (prompt via chat template; labels on the response only)."""
+        return encode_frame(self.tokenizer, frame, self.model_cfg.max_length)
+
+    def _batch(self, data: LMExamples, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        ids, mask = left_pad([data.ids[i] for i in rows], self.pad_id)
+        labels, _ = left_pad([data.labels[i] for i in rows], IGNORE_INDEX)
+        dev = self.device
+        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
+                "position_ids": position_ids(mask).to(dev), "labels": labels.to(dev)}
+
+    def _response_loss(self, batch: dict[str, torch.Tensor], keep: int) -> tuple[torch.Tensor, int]:
+        """(sum of response-token cross entropies, number of response tokens); only the last
+        ``keep`` positions (>= longest response + 1) are projected to the vocabulary."""
+        with self._autocast():
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"], logits_to_keep=keep)
+        logits = out.logits[:, :-1].float()  # (b, keep-1, V): predictions for the last keep-1 tokens
+        target = batch["labels"][:, -(keep - 1):]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((target != IGNORE_INDEX).sum())
+
+    def _keep(self, data: LMExamples, rows: Sequence[int]) -> int:
+        return max(data.response_length(i) for i in rows) + 1
+
+    # -- training ---------------------------------------------------------------------------
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        tc = self.train_cfg
+        if tc.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    def _order(self, n: int, batch_size: int, gen: torch.Generator | None) -> Iterator[list[int]]:
+        order = torch.randperm(n, generator=gen).tolist() if gen is not None else list(range(n))
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+    def train(self, data: LMExamples, epochs: int, seed: int, prox_mu: float = 0.0) -> dict[str, Any]:
+        """Train the loaded adapter in place (mean response-token loss per batch)."""
+        tc = self.train_cfg
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        params = list(self.params.values())
+        anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+        opt = self._optimizer(params)
+        self.model.train()
+        total, steps, start = 0.0, 0, time.perf_counter()
+        limit = tc.max_steps_per_round or math.inf
+        for _ in range(epochs):
+            for rows in self._order(len(data), tc.batch_size, gen):
+                loss_sum, count = self._response_loss(self._batch(data, rows), self._keep(data, rows))
+                loss = loss_sum / max(count, 1)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * prox_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+                if steps >= limit:
+                    break
+            if steps >= limit:
+                break
+        mean = total / steps if steps else math.nan
+        return {"train_loss": mean if math.isfinite(mean) else math.nan, "steps": steps,
+                "train_seconds": time.perf_counter() - start}
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, data: LMExamples, rows: Sequence[int]) -> list[str]:
+        """Greedy answers for ``rows`` (prompts only; bounded new tokens), decoded and stripped."""
+        from transformers import GenerationConfig
+
+        prompts = [data.ids[i][: data.prompt_lengths[i]] for i in rows]
+        ids, mask = left_pad(prompts, self.pad_id)
+        longest = max(data.response_length(i) for i in rows)
+        gcfg = GenerationConfig(max_new_tokens=min(MAX_NEW_TOKENS, longest + EVAL_MARGIN), do_sample=False,
+                                pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
+        with self._autocast():
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=gcfg)
+        new = out[:, ids.shape[1]:].cpu()
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    @torch.no_grad()
+    def predict(self, data: LMExamples) -> tuple[list[str], float]:
+        """(greedy answers in data order, mean response-token loss)."""
+        self.model.eval()
+        bs = self.train_cfg.eval_batch_size
+        order = sorted(range(len(data)), key=lambda i: (data.prompt_lengths[i], i))  # less padding
+        preds: dict[int, str] = {}
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(order), bs):
+            rows = order[start:start + bs]
+            s, c = self._response_loss(self._batch(data, rows), self._keep(data, rows))
+            loss_sum, tokens = loss_sum + float(s), tokens + c
+            preds.update(zip(rows, self.generate(data, rows), strict=True))
+        return [preds[i] for i in range(len(data))], loss_sum / max(tokens, 1)
+
+    def evaluate(self, data: LMExamples) -> dict[str, float]:
+        """accuracy (mean primary score), exact_match, rouge_l, loss (per response token), n."""
+        if len(data) == 0:
+            return {"accuracy": math.nan, "loss": math.nan, "n": 0, "exact_match": math.nan, "rouge_l": math.nan}
+        preds, loss = self.predict(data)
+        scores = score_predictions(preds, data.references, data.metrics)
+        return {**scores, "loss": loss, "n": len(data)}
