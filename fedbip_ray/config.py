@@ -149,6 +149,23 @@ class FederationConfig(_Frozen):
     updates: UpdateCheckConfig = UpdateCheckConfig()
 
 
+class PrivacyConfig(_Frozen):
+    """Client-level differential privacy on task vectors (off while ``clip_norm`` is None).
+
+    The server clips every accepted task vector to L2 norm ``clip_norm`` and adds Gaussian
+    noise of std ``noise_multiplier * clip_norm``; the privacy spent (epsilon at ``delta``) is
+    accounted with dp-accounting and written to metrics.jsonl every round.
+    """
+
+    clip_norm: float | None = Field(None, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0, le=1000)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+
 class ResourcesConfig(_Frozen):
     num_cpus_per_client: float = Field(1.0, ge=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
@@ -171,6 +188,7 @@ class Config(_Frozen):
     federation: FederationConfig = FederationConfig()
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
@@ -179,6 +197,9 @@ class Config(_Frozen):
                 f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
                 f"data.num_clients ({self.data.num_clients})"
             )
+        _check_task_fit(self.model.name, self.model.task, self.data.dataset)
+        if self.data.partition.shift == "rotation" and self.model.task != "image-classification":
+            raise ValueError("data.partition.shift 'rotation' needs model.task 'image-classification'")
         return self
 
     def clients_per_round(self) -> int:
@@ -189,6 +210,25 @@ class Config(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# Built-in models and datasets that only make sense for one task type.
+_TASK_OF_MODEL = {"efficientnet-lite0": "image-classification", "tiny-cnn": "image-classification",
+                  "smollm2": "causal-lm", "tiny-llama": "causal-lm",
+                  "minilm": "sequence-classification", "tiny-bert": "sequence-classification"}
+_TASK_OF_DATASET = {"fashion-mnist": "image-classification", "mnist-5k": "image-classification",
+                    "digits": "image-classification", "instruct-tasks": "causal-lm",
+                    "rotten-tomatoes": "sequence-classification", "synthetic-text": "sequence-classification"}
+
+
+def _check_task_fit(model: str, task: str, dataset: str) -> None:
+    """Built-in model/dataset aliases must match ``model.task``."""
+    want = _TASK_OF_MODEL.get(model)
+    if want and want != task:
+        raise ValueError(f"model.name '{model}' needs model.task '{want}' (got '{task}')")
+    want = _TASK_OF_DATASET.get(dataset)
+    if want and want != task:
+        raise ValueError(f"data.dataset '{dataset}' needs model.task '{want}' (got '{task}')")
 
 
 def _format_error(err: ValidationError) -> str:

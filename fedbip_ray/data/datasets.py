@@ -125,12 +125,14 @@ def load_file(cfg: DataConfig, seed: int) -> LoadedDataset:
         raise ConfigError(f"data.client_column: column '{cfg.client_column}' not in {cfg.path}")
     raw = raw.dropna(subset=[cfg.text_column])
     labels, names = _encode_labels(raw, cfg.label_column)
-    frame = pd.DataFrame({"text": raw[cfg.text_column].astype(str), "label": labels})
+    # a column of PNG/JPEG bytes is an image column: image/height/width columns, text ""
+    images = importlib.import_module("fedbip_ray.data.images").decode_encoded_images(raw[cfg.text_column])
+    text = raw[cfg.text_column].astype(str) if images is None else pd.Series("", index=raw.index)
+    frame = pd.DataFrame({"text": text, "label": labels})
     if cfg.client_column:
         frame["client"] = raw[cfg.client_column].astype(str)
-    images = importlib.import_module("fedbip_ray.data.images").decode_encoded_images(raw[cfg.text_column])
-    if images is not None:  # the column holds PNG/JPEG bytes: image/height/width columns, text ""
-        frame = pd.concat([frame.reset_index(drop=True).assign(text=""), images], axis=1)
+    if images is not None:
+        frame = pd.concat([frame.reset_index(drop=True), images], axis=1)
     return LoadedDataset(frame.reset_index(drop=True), names)
 
 

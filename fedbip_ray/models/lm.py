@@ -21,6 +21,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,9 @@ def wrap_lm_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.n
             task_type=TaskType.CAUSAL_LM, target_modules=targets, modules_to_save=save, feedforward_modules=[]
         )
     try:
-        return get_peft_model(model, pcfg)
+        with warnings.catch_warnings():  # peft probes a deprecated transformers attribute
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, pcfg)
     except ValueError as exc:
         raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
 

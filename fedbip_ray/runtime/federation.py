@@ -1,33 +1,49 @@
 """The round loop: sample clients, submit every fit, wait with a deadline, aggregate on the
-server actor, evaluate, write metrics and an atomic checkpoint every round."""
+server actor, evaluate, write metrics and an atomic checkpoint every round.
+
+Faults: a client whose actor dies, raises or misses ``federation.round_deadline_s`` is dropped
+from the round (``failed`` / ``stragglers`` in metrics.jsonl); the round aggregates the rest if
+at least ``federation.min_report_fraction`` of the participants sent a valid update, else it
+keeps every state (``aggregated: false``). Ray restarts a crashed actor (``max_restarts``); one
+that is gone for good is replaced. ``--resume`` continues from the latest checkpoint and
+reproduces an uninterrupted run (sampling, training and DP noise are seeded per round).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import ray
+import yaml
 
-from fedbip_ray.config import Config, ConfigError, dump_config
-from fedbip_ray.core.strategies import make_strategy
+from fedbip_ray.config import Config, ConfigError, ModelConfig
+from fedbip_ray.core.strategies import Strategy, make_strategy
 from fedbip_ray.data.shards import ShardSet, build_shards, format_summary
-from fedbip_ray.runtime.client import ClientActor
-from fedbip_ray.runtime.server import ServerActor
+from fedbip_ray.privacy.accounting import privacy_report
+from fedbip_ray.runtime import checkpoint as ckpt_io
+from fedbip_ray.runtime.client import ClientActor, one_line
+from fedbip_ray.runtime.messages import ShardRef
+from fedbip_ray.runtime.server import ServerActor, failure_reason
 
 log = logging.getLogger("fedbip.federation")
+TEST_ENV_PREFIX = "FEDBIP_TEST_"  # forwarded to client actors (test-only fault injection)
+PING_TIMEOUT_S = 300.0  # how long a restarting actor may take to come back
 
 
 class RunCallback(Protocol):
-    """Observers of a run (progress display, MLflow)."""
+    """Observers of a run (progress display, MLflow). A callback may also define
+    ``on_error(run, exc)``: called once when the run fails (then the error is re-raised)."""
 
     def on_start(self, run: RunContext) -> None: ...
     def on_round(self, run: RunContext, row: dict[str, Any], report: dict[str, Any]) -> None: ...
@@ -36,17 +52,26 @@ class RunCallback(Protocol):
 
 @dataclass
 class RunContext:
-    """What callbacks may look at: config, output dir, shards and the live actors."""
+    """What callbacks may look at: config, output dir, shards and the live actors.
+
+    ``first_round`` is 1 for a fresh run, R + 1 when resumed from round R's checkpoint
+    (``history`` then already holds rows 1..R).
+    """
 
     cfg: Config
     output: Path
     shards: ShardSet
-    server: Any
-    actors: list[Any]
+    server: Any = None
+    actors: list[Any] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    shard_refs: dict[int, ShardRef] = field(default_factory=dict)
+    first_round: int = 1
+
+    def actor_index(self, client_id: int) -> int:
+        return client_id % len(self.actors)
 
     def actor_for(self, client_id: int) -> Any:
-        return self.actors[client_id % len(self.actors)]
+        return self.actors[self.actor_index(client_id)]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -63,7 +88,8 @@ def ray_env_defaults() -> None:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start an embedded local Ray."""
+    """Join ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start an embedded local Ray
+    bound to 127.0.0.1 without a dashboard."""
     if ray.is_initialized():
         return
     ray_env_defaults()
@@ -71,7 +97,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True, logging_level=logging.WARNING)
+                 log_to_driver=True, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
 
 
 def plan_actors(cfg: Config, resources: dict[str, float]) -> int:
@@ -114,10 +140,9 @@ def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float
     return float(v[: max(1, math.ceil(fraction * len(v)))].mean())
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def min_reports(fraction: float, participants: int) -> int:
+    """Valid updates a round needs before it aggregates (at least one)."""
+    return max(1, math.ceil(fraction * participants - 1e-9))
 
 
 def _append_line(path: Path, obj: Any) -> None:
@@ -127,181 +152,453 @@ def _append_line(path: Path, obj: Any) -> None:
         os.fsync(fh.fileno())
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(output: Path, server: Any, round_num: int, history: list[dict]) -> None:
-    """Atomically write ``checkpoints/round_XXXXX`` then point ``checkpoints/latest`` at it."""
-    root = output / "checkpoints"
-    root.mkdir(exist_ok=True)
-    final = root / f"round_{round_num:05d}"
-    tmp = root / f".tmp_round_{round_num:05d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ray.get(server.save.remote(str(tmp)))
-    _write_json_atomic(tmp / "meta.json", {"round": round_num, "history": history})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _write_json_atomic(root / "latest.json", {"round": round_num, "path": final.name})
-    for old in sorted(root.glob("round_*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """JSON lines of ``path`` (a torn last line from a killed run is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
 
-def load_checkpoint_meta(output: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(checkpoint dir, meta) of the latest complete checkpoint, or None."""
-    latest = output / "checkpoints" / "latest.json"
-    if not latest.is_file():
-        return None
+def _test_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock on an output directory (released even if the process is killed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fh = (out / ".lock").open("w")
     try:
-        pointer = json.loads(latest.read_text())
-        ckpt = output / "checkpoints" / pointer["path"]
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"--resume {output}: unreadable checkpoint ({exc})") from None
-    return ckpt, meta
-
-
-# ---------------------------------------------------------------------------------- the run
-def _evaluate(ctx: RunContext, round_num: int, finetune_epochs: int) -> dict[int, dict[str, dict]]:
-    refs = {}
-    for cid in range(ctx.shards.num_clients):
-        state = ctx.server.get_state.remote(cid)
-        refs[cid] = ctx.actor_for(cid).evaluate.remote(cid, state, round_num, ("val", "test"), finetune_epochs)
-    out: dict[int, dict[str, dict]] = {}
-    for cid, ref in refs.items():
         try:
-            out[cid] = ray.get(ref).splits
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"output {out}: another fedbip run is using this directory") from None
+        yield
+    finally:
+        fh.close()
+
+
+# ---------------------------------------------------------------------------------- preflight
+def preflight_model(model: ModelConfig) -> None:
+    """Driver-side check that ``model.name`` can be found offline, before any actor starts.
+
+    Aliases and existing directories are checked by the actors (one-line error via ``info``);
+    here a name that is neither must be a valid model id already in the local HF cache.
+    """
+    from fedbip_ray.models.factory import MODEL_ALIASES
+
+    name = model.name
+    if model.task == "image-classification" or name in MODEL_ALIASES or Path(name).expanduser().exists():
+        return
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hint = (f"model.name '{name}': not an alias ({', '.join(MODEL_ALIASES)}), an existing "
+            "directory, or a model in the local Hugging Face cache (nothing is downloaded)")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(hint) from None
+    if not (Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}").is_dir():
+        raise ConfigError(hint)
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """The configured strategy (ConfigError naming ``strategy.params`` on a bad value)."""
+    try:
+        return make_strategy(cfg.strategy.name, cfg.strategy.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy.params: {one_line(exc)}") from None
+
+
+def load_resume_checkpoint(out: Path, cfg: Config) -> ckpt_io.Checkpoint | None:
+    """The latest checkpoint of ``out`` (None: none yet), checked against ``cfg``."""
+    ck = ckpt_io.read_latest(out / "checkpoints")
+    if ck is None:
+        return None
+    diff = ckpt_io.config_difference(ck.config, cfg.to_dict())
+    if diff is not None:
+        raise ConfigError(f"--resume {out}: config differs from the checkpoint's ({diff})")
+    return ck
+
+
+# ---------------------------------------------------------------------------------- actors
+def _spawn_client(cfg: Config, num_labels: int) -> Any:
+    rc = cfg.resources
+    opts: dict[str, Any] = {"num_cpus": rc.num_cpus_per_client, "num_gpus": rc.num_gpus_per_client}
+    env = _test_env()
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return ClientActor.options(**opts).remote(cfg.to_dict(), num_labels)
+
+
+def _start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
+    """Start the client and server actors; return the first client's ``info()``.
+
+    Raises ConfigError when a client cannot build its model (one line, from the actor).
+    """
+    cfg = ctx.cfg
+    ctx.actors = [_spawn_client(cfg, ctx.shards.num_labels) for _ in range(num_actors)]
+    upd, pc = cfg.federation.updates, cfg.privacy
+    privacy = {"clip_norm": pc.clip_norm, "noise_multiplier": pc.noise_multiplier} if pc.enabled else None
+    ctx.server = ServerActor.options(num_cpus=0).remote(
+        cfg.strategy.name, dict(cfg.strategy.params), ctx.shards.num_clients, list(ctx.shards.groups),
+        upd.max_norm, upd.on_excess_norm, privacy, cfg.seed)
+    infos = ray.get([a.info.remote() for a in ctx.actors])
+    for info in infos:
+        if info.get("error"):
+            raise ConfigError(info["error"])
+    return infos[0]
+
+
+def _stop_actors(ctx: RunContext) -> None:
+    for actor in [*ctx.actors, ctx.server]:
+        if actor is not None:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _actor_alive(actor: Any, timeout: float) -> bool:
+    """False only if the actor is dead for good (a restarting one is waited for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return True
+        except ray.exceptions.ActorDiedError:
+            return False
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError:
+            return True  # busy (e.g. still on a cancelled straggler call)
+
+
+def heal_actors(ctx: RunContext, client_ids: Sequence[int]) -> int:
+    """Wait for the actors of ``client_ids`` to be back; replace those that are dead for good.
+    Returns the number replaced."""
+    replaced = 0
+    for i in sorted({ctx.actor_index(c) for c in client_ids}):
+        if not _actor_alive(ctx.actors[i], PING_TIMEOUT_S):
+            log.warning("client actor %d is dead (restarts exhausted): starting a new one", i)
+            ctx.actors[i] = _spawn_client(ctx.cfg, ctx.shards.num_labels)
+            replaced += 1
+    return replaced
+
+
+# ---------------------------------------------------------------------------------- phases
+def _cancel(refs: Sequence[Any]) -> None:
+    """Cancel calls past the deadline (the actor stops them at its next batch)."""
+    for r in refs:
+        try:
+            ray.cancel(r)
+        except Exception:  # noqa: BLE001 - e.g. its actor is already gone
+            pass
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """Which participants returned in time (with their update refs) and which did not."""
+
+    done: list[tuple[int, Any]]
+    stragglers: list[int]
+
+
+def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float,
+              deadline_s: float) -> FitOutcome:
+    """Submit every participant's fit, wait up to the deadline, cancel the stragglers.
+
+    The update refs are not fetched here (``fetch_local=False``): the server pulls them.
+    """
+    refs = [ctx.actor_for(c).fit.remote(c, ctx.server.get_state.remote(c), rnd, prox_mu,
+                                        ctx.shard_refs[c]) for c in participants]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline_s, fetch_local=False)
+    ready_set = set(ready)
+    _cancel(pending)
+    stragglers = [c for c, r in zip(participants, refs, strict=True) if r not in ready_set]
+    if stragglers:
+        log.warning("round %d: stragglers past the %.3gs deadline: %s", rnd, deadline_s, stragglers)
+    done = [(c, r) for c, r in zip(participants, refs, strict=True) if r in ready_set]
+    return FitOutcome(done, stragglers)
+
+
+def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,
+               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str]]:
+    refs = {cid: ctx.actor_for(cid).evaluate.remote(cid, ctx.server.get_state.remote(cid), rnd,
+                                                    ("val", "test"), finetune_epochs, ctx.shard_refs[cid])
+            for cid in clients}
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
+    _cancel(pending)
+    ready_set = set(ready)
+    results: dict[int, dict] = {}
+    errors: dict[int, BaseException | str] = {}
+    for cid, ref in refs.items():
+        if ref not in ready_set:
+            errors[cid] = f"past the {deadline_s:.3g}s deadline"
+            continue
+        try:
+            results[cid] = ray.get(ref).splits
         except ray.exceptions.RayError as exc:
-            log.warning("round %d: evaluation of client %d failed: %s", round_num, cid, exc)
-    return out
+            errors[cid] = exc
+    return results, errors
 
 
-def _round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[str, Any],
-               participants: list[int], stragglers: list[int], seconds: float,
-               train_loss: float) -> dict[str, Any]:
+def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
+                   deadline_s: float) -> tuple[dict[int, dict], dict[int, str], int]:
+    """Evaluate every client; clients whose actor died are retried once on the restarted (or
+    replaced) actor. Returns (results, failures {client: reason}, actors replaced)."""
+    clients = list(range(ctx.shards.num_clients))
+    results, errors = _eval_pass(ctx, rnd, clients, finetune_epochs, deadline_s)
+    retry = [c for c, e in errors.items() if isinstance(e, ray.exceptions.RayActorError)]
+    replaced = 0
+    if retry:
+        replaced = heal_actors(ctx, retry)
+        again, errors2 = _eval_pass(ctx, rnd, retry, finetune_epochs, deadline_s)
+        results.update(again)
+        errors = {**{c: e for c, e in errors.items() if c not in retry}, **errors2}
+    failures = {c: e if isinstance(e, str) else failure_reason(e) for c, e in sorted(errors.items())}
+    for cid, why in failures.items():
+        log.warning("round %d: evaluation of client %d failed: %s", rnd, cid, why)
+    return results, failures, replaced
+
+
+# ---------------------------------------------------------------------------------- rows
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[str, Any],
+              participants: list[int], stragglers: list[int], seconds: float,
+              eval_failed: dict[int, str] | None = None, actors_replaced: int = 0,
+              privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One metrics.jsonl row (see README, Outputs and Guarantees)."""
     acc = {c: e["test"]["accuracy"] for c, e in sorted(evals.items())}
     val = {c: e["val"]["accuracy"] for c, e in sorted(evals.items())}
     values = [a for a in acc.values() if a == a]
     vvals = [a for a in val.values() if a == a]
-    return {
+    losses = [v for v in report.get("train_losses", []) if v is not None and v == v]
+    eval_failed = eval_failed or {}
+    aggregated = bool(report.get("aggregated", bool(report.get("accepted"))))
+    extra: dict[str, float] = {"aggregation_skipped": float(not aggregated),
+                               "clients_eval_failed": float(len(eval_failed)),
+                               "actors_replaced": float(actors_replaced)}
+    if privacy is not None and privacy.get("epsilon") is not None:
+        extra["dp_epsilon"] = float(privacy["epsilon"])
+    row: dict[str, Any] = {
         "round": round_num,
-        "mean_accuracy": float(np.mean(values)) if values else None,
+        "mean_accuracy": _mean(values),
         "std_accuracy": float(np.std(values)) if values else None,
         "worst10_accuracy": worst_fraction_mean(values) if values else None,
-        "mean_val_accuracy": float(np.mean(vvals)) if vvals else None,
+        "mean_val_accuracy": _mean(vvals),
         "per_client_accuracy": {str(c): a for c, a in acc.items()},
         "per_client_val_accuracy": {str(c): a for c, a in val.items()},
-        "test_loss": float(np.mean([e["test"]["loss"] for e in evals.values()])) if evals else None,
-        "train_loss": train_loss,
+        "test_loss": _mean([e["test"]["loss"] for e in evals.values()]),
+        "train_loss": _mean(losses),
         "participants": participants,
         "accepted": report.get("accepted", []),
-        "rejected": report.get("rejected", {}),
-        "failed": report.get("failed", {}),
+        "rejected": {str(k): v for k, v in report.get("rejected", {}).items()},
+        "failed": {str(k): v for k, v in report.get("failed", {}).items()},
         "stragglers": stragglers,
+        "aggregated": aggregated,
+        "eval_failed": {str(k): v for k, v in eval_failed.items()},
         "bytes_in": report.get("bytes_in", 0),
         "bytes_out": report.get("bytes_out", 0),
         "seconds": seconds,
+        "extra": extra,
+    }
+    if privacy is not None:
+        row["privacy"] = privacy
+    return row
+
+
+def fault_totals(history: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Counts of every fault event over ``history`` (summary.json ``faults``)."""
+    return {
+        "failed": sum(len(r.get("failed", {})) for r in history),
+        "stragglers": sum(len(r.get("stragglers", [])) for r in history),
+        "rejected": sum(len(r.get("rejected", {})) for r in history),
+        "eval_failed": sum(len(r.get("eval_failed", {})) for r in history),
+        "rounds_not_aggregated": sum(1 for r in history if not r.get("aggregated", True)),
+        "actors_replaced": int(sum(r.get("extra", {}).get("actors_replaced", 0) for r in history)),
     }
 
 
+def summarize(cfg: Config, history: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """summary.json: the last evaluated round's accuracies plus fault and privacy totals."""
+    last = next((r for r in reversed(history) if r["mean_accuracy"] is not None), None)
+    summary = {
+        "strategy": cfg.strategy.name,
+        "rounds_completed": len(history),
+        "mean_accuracy": last["mean_accuracy"] if last else None,
+        "worst10_accuracy": last["worst10_accuracy"] if last else None,
+        "std_accuracy": last["std_accuracy"] if last else None,
+        "mean_val_accuracy": last["mean_val_accuracy"] if last else None,
+        "per_client_accuracy": last["per_client_accuracy"] if last else {},
+        "wall_seconds": wall_seconds,
+        "faults": fault_totals(history),
+    }
+    if history and "privacy" in history[-1]:
+        summary["privacy"] = history[-1]["privacy"]
+    return summary
+
+
+def round_privacy(cfg: Config, history: Sequence[dict[str, Any]], aggregated: bool) -> dict[str, Any] | None:
+    """Privacy spent after this round (rounds that released an aggregate are accounted)."""
+    pc = cfg.privacy
+    if not pc.enabled:
+        return None
+    rounds = sum(1 for r in history if r.get("aggregated", True)) + int(aggregated)
+    q = cfg.clients_per_round() / cfg.data.num_clients
+    return privacy_report(float(pc.clip_norm), pc.noise_multiplier, pc.delta, min(1.0, q), rounds)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------- outputs
+def _prepare_outputs(ctx: RunContext, ck: ckpt_io.Checkpoint | None) -> None:
+    """metrics.jsonl / similarity.jsonl hold exactly rounds 1..R of the checkpoint (none for
+    a fresh run): rows written after the last checkpoint by a killed run are dropped."""
+    out = ctx.output
+    upto = ck.round if ck is not None else 0
+    ckpt_io.write_text_atomic(out / "metrics.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in ctx.history))
+    sim = [r for r in _read_rows(out / "similarity.jsonl") if r.get("round", upto + 1) <= upto]
+    ckpt_io.write_text_atomic(out / "similarity.jsonl", "".join(json.dumps(r) + "\n" for r in sim))
+    (out / "summary.json").unlink(missing_ok=True)
+    if ck is None:
+        ckpt_io.clear(out / "checkpoints")
+
+
+def save_round_checkpoint(ctx: RunContext, rnd: int) -> Path:
+    """Fetch the server state and write round ``rnd``'s checkpoint (driver-side file I/O)."""
+    tensors, layout = ray.get(ctx.server.state_dict.remote())
+    return ckpt_io.write_checkpoint(ctx.output / "checkpoints", rnd, tensors, layout,
+                                    ctx.history, ctx.cfg.to_dict())
+
+
+def _notify_error(callbacks: Sequence[Any], ctx: RunContext, exc: BaseException) -> None:
+    for cb in callbacks:
+        handler = getattr(cb, "on_error", None)
+        if handler is None:
+            continue
+        try:
+            handler(ctx, exc)
+        except Exception:  # noqa: BLE001 - the run's own error matters more
+            log.warning("on_error of %s failed", type(cb).__name__, exc_info=True)
+
+
+# ---------------------------------------------------------------------------------- the run
 def run_federation(cfg: Config, output: str | Path, resume: bool = False,
                    callbacks: Sequence[RunCallback] = (),
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a federation described by ``cfg``; return ``summary.json``'s content."""
+    """Run (or resume) a federation described by ``cfg``; return ``summary.json``'s content.
+
+    Input problems (config, data, model, checkpoint, resources) raise :class:`ConfigError`
+    before any round runs. Everything the driver can check is checked before Ray starts.
+    """
     out = Path(output)
     start_wall = time.perf_counter()
-    ckpt = load_checkpoint_meta(out) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"--resume {out}: no checkpoint found")
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    strategy = make_strategy(cfg.strategy.name, cfg.strategy.params)
-
-    ensure_ray()
-    num_actors = plan_actors(cfg, ray.cluster_resources())
-    shards = build_shards(cfg.data, cfg.seed, out / "shards")
-    echo(format_summary(shards.summary))
-    shard_refs = {cid: ray.put(p.read_bytes()) for cid, p in enumerate(shards.paths)}
-    rc = cfg.resources
-    actors = []
-    for a in range(num_actors):
-        mine = {cid: ref for cid, ref in shard_refs.items() if cid % num_actors == a}
-        actors.append(ClientActor.options(num_cpus=rc.num_cpus_per_client, num_gpus=rc.num_gpus_per_client,
-                                          name=None).remote(cfg.to_dict(), mine, shards.num_labels))
-    upd = cfg.federation.updates
-    server = ServerActor.options(num_cpus=0).remote(
-        cfg.strategy.name, dict(cfg.strategy.params), shards.num_clients, list(shards.groups),
-        upd.max_norm, upd.on_excess_norm)
-    ctx = RunContext(cfg, out, shards, server, actors)
-
-    info = ray.get(actors[0].info.remote())
-    first_round = 1
-    if ckpt is not None:
-        ckpt_dir, meta = ckpt
+    with output_lock(out):
+        ck = load_resume_checkpoint(out, cfg) if resume else None
+        if resume and ck is None:
+            echo(f"no checkpoint in {out}: starting from round 1")
+        build_strategy(cfg)
+        preflight_model(cfg.model)
+        shards = build_shards(cfg.data, cfg.seed, out / "shards")
+        if ck is not None and ck.num_clients != shards.num_clients:
+            raise ConfigError(f"--resume {out}: checkpoint has {ck.num_clients} clients, "
+                              f"the data has {shards.num_clients}")
+        ckpt_io.write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        echo(format_summary(shards.summary))
+        ensure_ray()
+        num_actors = plan_actors(cfg, ray.cluster_resources())
+        ctx = RunContext(cfg, out, shards)
         try:
-            ray.get(server.load.remote(str(ckpt_dir)))
-        except ray.exceptions.RayTaskError as exc:
-            raise ConfigError(f"--resume {out}: unreadable checkpoint ({str(exc.cause)[:200]})") from None
-        ctx.history = list(meta["history"])
-        first_round = int(meta["round"]) + 1
-        metrics_path = out / "metrics.jsonl"
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in ctx.history))
-        echo(f"resumed from {ckpt_dir.name}: continuing at round {first_round}")
+            summary = _run(ctx, ck, num_actors, callbacks, echo, start_wall)
+        except BaseException as exc:
+            _notify_error(callbacks, ctx, exc)
+            raise
+        finally:
+            _stop_actors(ctx)
+    return summary
+
+
+def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
+         callbacks: Sequence[RunCallback], echo: Callable[[str], None], start_wall: float) -> dict[str, Any]:
+    cfg, out = ctx.cfg, ctx.output
+    ctx.shard_refs = {cid: ShardRef(cid, ray.put(p.read_bytes())) for cid, p in enumerate(ctx.shards.paths)}
+    info = _start_actors(ctx, num_actors)
+    if ck is not None:
+        mismatch = _layout_mismatch(ck.layout, info["layout"])
+        if mismatch:
+            raise ConfigError(f"--resume {out}: checkpoint adapter does not match the model ({mismatch})")
+        ray.get(ctx.server.load_state_dict.remote(ck.tensors, ck.layout))
+        ctx.history, ctx.first_round = list(ck.history), ck.round + 1
+        echo(f"resumed from {ck.path.name}: continuing at round {ctx.first_round}")
     else:
-        ray.get(server.initialize.remote(actors[0].initial_state.remote(), info["layout"]))
-        (out / "metrics.jsonl").write_text("")
+        ray.get(ctx.server.initialize.remote(ctx.actors[0].initial_state.remote(), info["layout"]))
+    _prepare_outputs(ctx, ck)
     for cb in callbacks:
         cb.on_start(ctx)
 
     fed = cfg.federation
-    k = cfg.clients_per_round()
-    prox = strategy.client_options.prox_mu
-    ft = strategy.client_options.finetune_epochs_before_eval
-    for rnd in range(first_round, fed.rounds + 1):
-        t0 = time.perf_counter()
-        participants = sample_clients(shards.num_clients, k, cfg.seed, rnd)
-        refs = [ctx.actor_for(c).fit.remote(c, server.get_state.remote(c), rnd, prox) for c in participants]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=fed.round_deadline_s)
-        ready_set = set(ready)
-        stragglers = [c for c, r in zip(participants, refs, strict=True) if r not in ready_set]
-        for r in pending:
-            ray.cancel(r)
-        done = [(c, r) for c, r in zip(participants, refs, strict=True) if r in ready_set]
-        report = ray.get(server.aggregate_refs.remote(rnd, [c for c, _ in done], [r for _, r in done]))
-        n_ok = len(report["accepted"])
-        if n_ok < math.ceil(fed.min_report_fraction * len(participants)):
-            log.warning("round %d: only %d of %d clients reported; states kept", rnd, n_ok, len(participants))
-        bytes_out = len(participants) * 4 * int(info_size(info))
-        report["bytes_out"] = bytes_out
-        evals: dict[int, dict[str, dict]] = {}
-        if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-            evals = _evaluate(ctx, rnd, ft)
-        losses = [v for v in report.get("train_losses", []) if v is not None and v == v]
-        row = _round_row(rnd, evals, report, participants, stragglers, time.perf_counter() - t0,
-                         float(np.mean(losses)) if losses else None)  # type: ignore[arg-type]
+    for rnd in range(ctx.first_round, fed.rounds + 1):
+        row, report = run_round(ctx, rnd, info_size(info))
         ctx.history.append(row)
         _append_line(out / "metrics.jsonl", row)
         if report.get("similarity") is not None:
             _append_line(out / "similarity.jsonl", {"round": rnd, "clients": report["accepted"],
                                                     "similarity": report["similarity"],
                                                     "weights": report["weights"]})
-        save_checkpoint(out, server, rnd, ctx.history)
+        save_round_checkpoint(ctx, rnd)
         for cb in callbacks:
             cb.on_round(ctx, row, report)
         echo(format_round(row, fed.rounds))
 
-    last = next((r for r in reversed(ctx.history) if r["mean_accuracy"] is not None), None)
-    summary = {
-        "strategy": cfg.strategy.name,
-        "rounds_completed": len(ctx.history),
-        "mean_accuracy": last["mean_accuracy"] if last else None,
-        "worst10_accuracy": last["worst10_accuracy"] if last else None,
-        "std_accuracy": last["std_accuracy"] if last else None,
-        "mean_val_accuracy": last["mean_val_accuracy"] if last else None,
-        "per_client_accuracy": last["per_client_accuracy"] if last else {},
-        "wall_seconds": time.perf_counter() - start_wall,
-    }
-    _write_json_atomic(out / "summary.json", summary)
+    summary = summarize(cfg, ctx.history, time.perf_counter() - start_wall)
+    ckpt_io.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     for cb in callbacks:
         cb.on_end(ctx, summary)
     return summary
+
+
+def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One round: fit (deadline), aggregate (validated, maybe skipped), heal, evaluate."""
+    cfg, fed = ctx.cfg, ctx.cfg.federation
+    strategy = build_strategy(cfg)
+    t0 = time.perf_counter()
+    participants = sample_clients(ctx.shards.num_clients, cfg.clients_per_round(), cfg.seed, rnd)
+    fit = fit_phase(ctx, rnd, participants, strategy.client_options.prox_mu, fed.round_deadline_s)
+    need = min_reports(fed.min_report_fraction, len(participants))
+    report = ray.get(ctx.server.aggregate_refs.remote(
+        rnd, [c for c, _ in fit.done], [r for _, r in fit.done], need))
+    report["bytes_out"] = len(participants) * 4 * dim
+    if not report.get("aggregated"):
+        log.warning("round %d: %d of %d clients sent a valid update (%d needed): aggregation "
+                    "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
+    replaced = heal_actors(ctx, [int(c) for c in report.get("failed", {})])
+    evals: dict[int, dict[str, dict]] = {}
+    eval_failed: dict[int, str] = {}
+    if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+        evals, eval_failed, more = evaluate_phase(
+            ctx, rnd, strategy.client_options.finetune_epochs_before_eval, fed.round_deadline_s)
+        replaced += more
+    privacy = round_privacy(cfg, ctx.history, bool(report.get("aggregated")))
+    row = round_row(rnd, evals, report, participants, fit.stragglers, time.perf_counter() - t0,
+                    eval_failed, replaced, privacy)
+    return row, report
+
+
+def _layout_mismatch(saved: dict[str, Any], live: dict[str, Any]) -> str | None:
+    from fedbip_ray.core.taskvector import Layout
+
+    return Layout.from_dict(live).first_difference(Layout.from_dict(saved))
 
 
 def info_size(info: dict[str, Any]) -> int:
@@ -317,8 +614,13 @@ def format_round(row: dict[str, Any], total: int) -> str:
     if acc is not None:
         parts.append(f"mean acc {acc:.3f}  worst10 {row['worst10_accuracy']:.3f}  val {row['mean_val_accuracy']:.3f}")
     parts.append(f"clients {len(row['accepted'])}/{len(row['participants'])}")
-    if row["failed"] or row["stragglers"] or row["rejected"]:
-        parts.append(f"failed {len(row['failed'])} stragglers {len(row['stragglers'])} rejected {len(row['rejected'])}")
+    if row["failed"] or row["stragglers"] or row["rejected"] or row.get("eval_failed"):
+        parts.append(f"failed {len(row['failed'])} stragglers {len(row['stragglers'])} "
+                     f"rejected {len(row['rejected'])} eval-failed {len(row.get('eval_failed', {}))}")
+    if not row.get("aggregated", True):
+        parts.append("NOT aggregated")
+    if row.get("privacy") and row["privacy"].get("epsilon") is not None:
+        parts.append(f"eps {row['privacy']['epsilon']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)
 

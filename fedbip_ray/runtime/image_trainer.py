@@ -20,7 +20,13 @@ from fedbip_ray.config import Config
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.images import frame_pixels, rotate_groups
 from fedbip_ray.models.factory import get_state, trainable_parameters
-from fedbip_ray.models.vision import PIXEL_MEAN, PIXEL_STD, build_image_model, freeze_batchnorm, input_size
+from fedbip_ray.models.vision import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    build_image_model,
+    freeze_batchnorm,
+    input_size,
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,10 +259,13 @@ class MlflowCallback:
 
         status = run_status_for(exc)
         try:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {first}"[:500])
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            self.client.log_text(self.run_id, text, "error.txt")
+            if isinstance(exc, SystemExit):  # how Ray Tune stops a trial (e.g. ASHA)
+                self.client.set_tag(self.run_id, "stopped", "SystemExit (e.g. stopped by a Ray Tune scheduler)")
+            else:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {first}"[:500])
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                self.client.log_text(self.run_id, text, "error.txt")
             if run is not None and getattr(run, "history", None):
                 self.client.log_artifact(self.run_id, str(run.output / "metrics.jsonl"))
         except Exception:  # noqa: BLE001 - best effort: the status below matters most
@@ -273,46 +275,3 @@ class MlflowCallback:
             self.status = status
         except Exception:  # noqa: BLE001
             log.warning("could not mark MLflow run %s as %s", self.run_id, status, exc_info=True)
-
-
-class _ContextProbe:
-    """Keeps the RunContext that ``on_start`` receives (for :func:`run_guarded`)."""
-
-    def __init__(self) -> None:
-        self.ctx: Any = None
-
-    def on_start(self, run: Any) -> None:
-        self.ctx = run
-
-    def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
-        pass
-
-    def on_end(self, run: Any, summary: dict[str, Any]) -> None:
-        pass
-
-
-def notify_error(callbacks: Sequence[Any], ctx: Any, exc: BaseException) -> None:
-    """Call ``on_error(ctx, exc)`` on every callback that has one; never raises."""
-    for cb in callbacks:
-        handler = getattr(cb, "on_error", None)
-        if handler is None:
-            continue
-        try:
-            handler(ctx, exc)
-        except Exception:  # noqa: BLE001
-            log.warning("on_error of %s failed", type(cb).__name__, exc_info=True)
-
-
-def run_guarded(cfg: Config, output: str | Path, resume: bool = False,
-                callbacks: Sequence[Any] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """``run_federation`` that calls ``on_error`` on the callbacks when the run raises (so an
-    MLflow run ends FAILED, never stays RUNNING), then re-raises. Safe to keep once
-    ``run_federation`` calls ``on_error`` itself: :meth:`MlflowCallback.on_error` is idempotent."""
-    from fedbip_ray.runtime.federation import run_federation
-
-    probe = _ContextProbe()
-    try:
-        return run_federation(cfg, output, resume=resume, callbacks=[probe, *callbacks], echo=echo)
-    except BaseException as exc:
-        notify_error(callbacks, probe.ctx, exc)
-        raise

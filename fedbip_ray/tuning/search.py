@@ -1,6 +1,6 @@
 """Ray Tune search over a federation's parameters (``fedbip tune CONFIG.yaml``).
 
-Each trial is one federation (:func:`run_federation` through :func:`run_guarded`) inside a Ray
+Each trial is one federation (:func:`run_federation`) inside a Ray
 Tune function trainable. Every evaluated round the trial calls ``tune.report`` with validation
 metrics (selection and the ASHA scheduler use validation only; test accuracy rides along for
 the final summary). A trial reserves a placement group with an empty head bundle for the trial
@@ -164,26 +164,40 @@ def make_reporter(settings: TuneSettings) -> Any:
 
 # ---------------------------------------------------------------------------------- trial side
 class TuneReportCallback:
-    """Run callback: ``tune.report`` of :func:`round_metrics` each evaluated round."""
+    """Run callback: ``tune.report`` of :func:`round_metrics` each evaluated round.
+
+    The last round is reported from ``on_end`` (after the other callbacks' ``on_end``): Tune
+    stops a trial that reaches the scheduler's ``max_t`` inside ``tune.report``, which would
+    otherwise cut off the run's summary, final MLflow logging and adapters.
+    """
 
     def __init__(self, mlflow_cb: Any = None) -> None:
         self.mlflow_cb = mlflow_cb
+        self._final: dict[str, Any] | None = None
 
     def on_start(self, run: Any) -> None:
         pass
 
     def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
-        from ray import tune
-
         metrics = round_metrics(row)
         if metrics is None:
             return
         if self.mlflow_cb is not None and self.mlflow_cb.run_id:
             metrics["mlflow_run_id"] = self.mlflow_cb.run_id
-        tune.report(metrics)
+        if int(row["round"]) >= run.cfg.federation.rounds:
+            self._final = metrics
+            return
+        _report(metrics)
 
     def on_end(self, run: Any, summary: dict[str, Any]) -> None:
-        pass
+        if self._final is not None:
+            _report(self._final)
+
+
+def _report(metrics: dict[str, Any]) -> None:
+    from ray import tune
+
+    tune.report(metrics)
 
 
 def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors: int,
@@ -191,7 +205,8 @@ def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors
     """One Tune trial: the base run config + ``params`` as one federation."""
     from ray import tune
 
-    from fedbip_ray.tracking.mlflow_logger import MlflowCallback, run_guarded
+    from fedbip_ray.runtime.federation import run_federation
+    from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
     trial_id = tune.get_context().get_trial_id()
     run_data = apply_params(data, params)
@@ -200,7 +215,7 @@ def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors
     cfg = config_from_dict(run_data)
     mlflow_cb = MlflowCallback(cfg, parent_run_id, log_adapters=log_adapters) if cfg.tracking.mlflow else None
     callbacks = ([mlflow_cb] if mlflow_cb else []) + [TuneReportCallback(mlflow_cb)]
-    run_guarded(cfg, Path(root) / "trials" / trial_id, callbacks=callbacks, echo=log.info)
+    run_federation(cfg, Path(root) / "trials" / trial_id, callbacks=callbacks, echo=log.info)
 
 
 # ---------------------------------------------------------------------------------- MLflow parent
@@ -348,10 +363,11 @@ def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings
         value = best["last"].get("mean_accuracy")
         return (float(value) if _finite(value) else None,
                 f"trial {best['trial_id']} round {best['last'].get('round')}", None)
-    from fedbip_ray.tracking.mlflow_logger import MlflowCallback, run_guarded
+    from fedbip_ray.runtime.federation import run_federation
+    from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
     cbs = [MlflowCallback(best_cfg, parent_run_id, log_adapters=True)] if best_cfg.tracking.mlflow else []
-    summary = run_guarded(best_cfg, output / "best_rerun", callbacks=cbs, echo=log.info)
+    summary = run_federation(best_cfg, output / "best_rerun", callbacks=cbs, echo=log.info)
     return summary.get("mean_accuracy"), "rerun of the best config", cbs[0].run_id if cbs else None
 
 

@@ -122,7 +122,7 @@ class TuneSettings(_Strict):
     @model_validator(mode="after")
     def _nonempty(self) -> TuneSettings:
         if not self.space:
-            raise ValueError("space: give at least one parameter to search")
+            raise ValueError("give at least one parameter to search")
         return self
 
 

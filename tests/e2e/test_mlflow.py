@@ -11,8 +11,9 @@ import pytest
 
 from fedbip_ray.config import config_from_dict
 from fedbip_ray.data.shards import read_shard
+from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.tracking.adapters import evaluate_classifier, load_client_adapter
-from fedbip_ray.tracking.mlflow_logger import MlflowCallback, git_commit, run_guarded
+from fedbip_ray.tracking.mlflow_logger import MlflowCallback, git_commit
 
 from ..conftest import tiny_config
 from .servers import MlflowServer
@@ -40,7 +41,7 @@ def tracked(ray_local, mlflow_server, tmp_path_factory):
         tracking={"mlflow": True, "tracking_uri": mlflow_server.uri, "experiment": "e2e-mlflow"}))
     out = tmp_path_factory.mktemp("tracked")
     cb = MlflowCallback(cfg)
-    summary = run_guarded(cfg, out, callbacks=[cb], echo=lambda s: None)
+    summary = run_federation(cfg, out, callbacks=[cb], echo=lambda s: None)
     return cfg, out, cb.run_id, summary
 
 
@@ -121,14 +122,14 @@ def test_failed_federation_ends_failed_not_running(ray_local, mlflow_server, tmp
             pass
 
         def on_round(self, run, row, report):
-            raise RuntimeError("boom in round %d" % row["round"])
+            raise RuntimeError(f"boom in round {row['round']}")
 
         def on_end(self, run, summary):
             pass
 
     cb = MlflowCallback(cfg, log_adapters=False)
     with pytest.raises(RuntimeError, match="boom in round 1"):
-        run_guarded(cfg, tmp_path / "boom", callbacks=[cb, Boom()], echo=lambda s: None)
+        run_federation(cfg, tmp_path / "boom", callbacks=[cb, Boom()], echo=lambda s: None)
     run = _client(mlflow_server.uri).get_run(cb.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "RuntimeError: boom in round 1"

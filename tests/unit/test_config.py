@@ -70,3 +70,16 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(lst)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"model": {"name": "tiny-cnn"}}, "model.name 'tiny-cnn' needs model.task 'image-classification'"),
+        ({"data": {"dataset": "digits"}}, "data.dataset 'digits' needs model.task"),
+        ({"data": {"partition": {"shift": "rotation"}}}, "shift 'rotation' needs model.task"),
+    ],
+)
+def test_model_dataset_task_mismatch(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(data)

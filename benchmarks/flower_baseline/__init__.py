@@ -1,0 +1,1 @@
+"""Flower 1.42 baseline for ``benchmarks/performance.py`` (runs in its own venv)."""

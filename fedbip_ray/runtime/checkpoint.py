@@ -1,0 +1,252 @@
+"""Per-round checkpoints: safetensors + JSON (never pickle), written atomically.
+
+Layout of ``OUTPUT/checkpoints/``::
+
+    latest.json                 {"round": R, "path": "round_0000R"}   (replaced atomically)
+    round_0000R/server.safetensors  states (N, D) f32, init (D,) f32, similarity (N, N) f64
+    round_0000R/layout.json     the adapter layout (names, shapes, offsets)
+    round_0000R/meta.json       format, round, history (metrics rows 1..R), config, sha256
+
+A checkpoint directory is written under a temporary name, fsynced, then renamed; only then is
+``latest.json`` replaced. A process killed at any moment leaves ``latest.json`` pointing at a
+complete checkpoint (or absent). Reading validates everything and raises :class:`ConfigError`
+with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbip_ray.config import ConfigError
+from fedbip_ray.core.taskvector import Layout
+
+FORMAT = 1
+KEEP = 2  # complete checkpoints kept on disk
+TENSORS = "server.safetensors"
+_NAME = re.compile(r"^round_(\d{5,})$")
+# Config sections that must not change on resume (they define the data, the model and the
+# trajectory); others (rounds, deadlines, resources, tracking) may.
+FROZEN_ON_RESUME: tuple[str, ...] = (
+    "seed", "model", "data", "train", "strategy", "privacy",
+    "federation.clients_per_round", "federation.fraction", "federation.updates",
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated checkpoint: ``tensors`` as written by the server, ``history`` rows 1..round."""
+
+    path: Path
+    round: int
+    tensors: dict[str, np.ndarray]
+    layout: dict[str, Any]
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.tensors["states"].shape[0])
+
+
+# ---------------------------------------------------------------------------- atomic files
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation inside ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a fsynced temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- writing
+def checkpoint_name(round_num: int) -> str:
+    return f"round_{round_num:05d}"
+
+
+def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarray],
+                     layout: Mapping[str, Any], history: list[dict[str, Any]],
+                     config: Mapping[str, Any]) -> Path:
+    """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones."""
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(round_num)
+    tmp = root / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(arrays, str(tmp / TENSORS))
+    with (tmp / TENSORS).open("rb+") as fh:
+        os.fsync(fh.fileno())
+    write_text_atomic(tmp / "layout.json", json.dumps(dict(layout)))
+    meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
+            "sha256": {TENSORS: sha256_file(tmp / TENSORS)},
+            "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
+    write_text_atomic(tmp / "meta.json", json.dumps(meta))
+    fsync_dir(tmp)
+    if final.exists():  # left by a run killed after the rename but before latest.json moved
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    write_text_atomic(root / "latest.json", json.dumps({"round": round_num, "path": final.name}))
+    prune(root, keep={final.name, *(p.name for p in _complete(root)[-KEEP:])})
+    return final
+
+
+def _complete(root: Path) -> list[Path]:
+    """Checkpoint directories by round (no temporaries)."""
+    found = [p for p in root.glob("round_*") if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def prune(root: Path, keep: Iterable[str]) -> None:
+    """Remove checkpoint directories and temporaries not named in ``keep``."""
+    keep = set(keep)
+    for p in [*root.glob("round_*"), *root.glob(".tmp_round_*")]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clear(root: Path) -> None:
+    """Forget every checkpoint under ``root`` (a fresh run in an old output directory)."""
+    (root / "latest.json").unlink(missing_ok=True)
+    prune(root, keep=())
+
+
+# ---------------------------------------------------------------------------- reading
+def _bad(root: Path, why: str) -> ConfigError:
+    return ConfigError(f"checkpoint {root}: {why}")
+
+
+def _read_json(path: Path, root: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _bad(root, f"{path.name} missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _bad(root, f"{path.name} unreadable ({type(exc).__name__})") from None
+
+
+def read_latest(root: Path) -> Checkpoint | None:
+    """The checkpoint ``root/latest.json`` points at, validated; None if there is none."""
+    pointer_path = root / "latest.json"
+    if not pointer_path.exists():
+        return None
+    pointer = _read_json(pointer_path, root)
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("path"), str) \
+            or not _NAME.match(pointer["path"]) or not isinstance(pointer.get("round"), int):
+        raise _bad(root, "latest.json is malformed")
+    return read_checkpoint(root / pointer["path"], expected_round=pointer["round"])
+
+
+def read_checkpoint(path: Path, expected_round: int | None = None) -> Checkpoint:
+    """Load and validate one checkpoint directory (sha256, shapes, dtypes, history)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_dir():
+        raise _bad(path, "directory missing")
+    meta = _read_json(path / "meta.json", path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _bad(path, f"meta.json is not a format-{FORMAT} checkpoint")
+    rnd = meta.get("round")
+    if not isinstance(rnd, int) or rnd < 1 or (expected_round is not None and rnd != expected_round):
+        raise _bad(path, f"meta.json round {rnd!r} does not match latest.json ({expected_round})")
+    tensor_path = path / TENSORS
+    if not tensor_path.is_file():
+        raise _bad(path, f"{TENSORS} missing")
+    if sha256_file(tensor_path) != (meta.get("sha256") or {}).get(TENSORS):
+        raise _bad(path, f"{TENSORS} is corrupt (sha256 mismatch)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _bad(path, f"{TENSORS} unreadable ({str(exc).splitlines()[0][:120]})") from None
+    layout = _read_json(path / "layout.json", path)
+    try:
+        lay = Layout.from_dict(layout)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad(path, f"layout.json invalid ({exc})") from None
+    check_tensors(tensors, lay.size, path)
+    history = meta.get("history")
+    if not isinstance(history, list) or [r.get("round") if isinstance(r, dict) else None
+                                         for r in history] != list(range(1, rnd + 1)):
+        raise _bad(path, f"meta.json history is not rounds 1..{rnd}")
+    config = meta.get("config")
+    return Checkpoint(path, rnd, tensors, layout, history, config if isinstance(config, dict) else {})
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], size: int, path: Path) -> None:
+    """states (N, D) f32 finite, init (D,) f32 finite, optional similarity (N, N) f64."""
+    states, init, sim = tensors.get("states"), tensors.get("init"), tensors.get("similarity")
+    if states is None or init is None:
+        raise _bad(path, f"{TENSORS} lacks 'states' or 'init'")
+    if states.dtype != np.float32 or states.ndim != 2 or states.shape[1] != size:
+        raise _bad(path, f"states have shape {states.shape} {states.dtype}, expected (N, {size}) float32")
+    if init.dtype != np.float32 or init.shape != (size,):
+        raise _bad(path, f"init has shape {init.shape} {init.dtype}, expected ({size},) float32")
+    n = states.shape[0]
+    if sim is not None and sim.shape != (n, n):
+        raise _bad(path, f"similarity has shape {sim.shape}, expected ({n}, {n})")
+    if not (np.isfinite(states).all() and np.isfinite(init).all()):
+        raise _bad(path, "states hold NaN/Inf")
+
+
+# ---------------------------------------------------------------------------- resume checks
+OPAQUE = ("strategy.params",)  # free-form mappings compared as a whole
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and key not in OPAQUE:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any],
+                      frozen: Iterable[str] = FROZEN_ON_RESUME) -> str | None:
+    """First ``key: saved -> current`` difference inside the ``frozen`` sections (keys present
+    on both sides only, so fields added by a newer version do not count), or None."""
+    a, b = _flatten(saved), _flatten(current)
+    prefixes = tuple(frozen)
+    for key in sorted(set(a) & set(b)):
+        if any(key == p or key.startswith(p + ".") for p in prefixes) and a[key] != b[key]:
+            return f"{key}: {a[key]!r} -> {b[key]!r}"
+    return None

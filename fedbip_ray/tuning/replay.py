@@ -1,0 +1,346 @@
+"""Replay tuning: search aggregation-only parameters on a recorded run's task vectors.
+
+Aggregation parameters (``threshold``, ``temperature``, ``top_k``, ``clip_negative``, ...) act
+only on the server. A run recorded with :class:`TaskVectorRecorder` keeps, per round, every
+participant's task vector τᵢᵗ; :func:`replay_states` then re-runs the *server* for a candidate
+parameter set (the same :class:`FederatedServer` code, on the recorded τ) and the client actors
+score the resulting personalized states on their validation splits. No client trains.
+
+What it is, honestly: an open-loop approximation. Round 1 is exact (every τ¹ starts from the
+same init, whatever the parameters); from round 2 on, a real run's clients would have trained
+from the candidate's states, not the recording's, so replay ranks candidates by what their
+aggregation does to the *recorded* trajectory. Its cost is one recorded run plus, per
+candidate, one aggregation per round and one validation pass per client.
+
+Recording: the checkpoint of round t holds the states after aggregation; with the logged
+weights W (participants x participants), ``after = before + W @ tau`` for ``fedbip``,
+``fedbip-paper`` and ``local`` (W = I, exact), so τ = W⁻¹ (after - before). The recorder checks
+W's conditioning and refuses strategies where this does not hold (fedavg, fedamp, layer-wise)
+and runs with DP noise (the noise would be replayed as if it were signal).
+
+    python -m fedbip_ray.tuning.replay TUNE.yaml --record runs/rec     # record, then replay
+    python -m fedbip_ray.tuning.replay TUNE.yaml --recording runs/rec  # replay an earlier one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbip_ray.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from fedbip_ray.tuning.space import (
+    TuneSettings,
+    apply_params,
+    load_tune_config,
+    plain,
+    sample_space,
+    set_dotted,
+)
+
+log = logging.getLogger("fedbip.replay")
+
+RECORD_DIR = "replay"
+#: Strategies whose server step is ``after = before + W @ tau`` with W the logged weights.
+RECORDABLE = ("fedbip", "fedbip-paper", "local")
+#: Strategies a replay can score (their server step is a function of the recorded tau only).
+REPLAYABLE = ("fedbip", "fedbip-paper", "fedbip-layer", "local")
+MAX_CONDITION = 1e6
+
+
+# ---------------------------------------------------------------------------------- recording
+def recover_deltas(before: np.ndarray, after: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """τ ``(N, D)`` float32 from ``after = before + weights @ τ`` (``before``/``after`` ``(N, D)``,
+    ``weights`` ``(N, N)``), solved in float64. ValueError if ``weights`` is ill-conditioned."""
+    w = np.asarray(weights, dtype=np.float64)
+    n = w.shape[0]
+    if w.shape != (n, n) or before.shape != after.shape or before.shape[0] != n:
+        raise ValueError(f"shapes do not match: weights {w.shape}, states {before.shape}/{after.shape}")
+    cond = float(np.linalg.cond(w))
+    if not np.isfinite(cond) or cond > MAX_CONDITION:
+        raise ValueError(f"weight matrix is singular or ill-conditioned (cond {cond:.3g}); "
+                         "task vectors cannot be recovered")
+    diff = after.astype(np.float64) - before.astype(np.float64)
+    return np.linalg.solve(w, diff).astype(np.float32)
+
+
+def _checkpoint_states(output: Path, round_num: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(states after round ``round_num`` (N, D), init (D,), layout dict) from its checkpoint."""
+    from fedbip_ray.runtime.checkpoint import checkpoint_name, read_checkpoint
+
+    ckpt = read_checkpoint(output / "checkpoints" / checkpoint_name(round_num), round_num)
+    return ckpt.tensors["states"], ckpt.tensors["init"], ckpt.layout
+
+
+class TaskVectorRecorder:
+    """Run callback writing ``OUTPUT/replay/round_XXXXX.safetensors`` (``clients`` (N_t,) int64,
+    ``deltas`` (N_t, D) float32, ``weights`` (N_t, N_t) float64) and ``meta.json``.
+
+    Reads only the run's own checkpoints (written by the driver every round) and the round
+    report; it fetches nothing from the actors.
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._prev: np.ndarray | None = None
+
+    def on_start(self, run: Any) -> None:
+        cfg: Config = run.cfg
+        if cfg.strategy.name not in RECORDABLE:
+            raise ConfigError(f"strategy.name '{cfg.strategy.name}': task vectors can be recorded "
+                              f"only under {', '.join(RECORDABLE)}")
+        privacy = getattr(cfg, "privacy", None)
+        if privacy is not None and getattr(privacy, "enabled", False):
+            raise ConfigError("privacy.clip_norm: a run with DP noise cannot be recorded for replay")
+        self.directory = self.directory or Path(run.output) / RECORD_DIR
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = {"strategy": cfg.strategy.name, "params": dict(cfg.strategy.params),
+                "num_clients": run.shards.num_clients, "groups": list(run.shards.groups),
+                "counts": [int(s["train"]) for s in run.shards.summary],
+                "run_output": str(Path(run.output).resolve())}
+        (self.directory / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
+        from safetensors.numpy import save_file
+
+        assert self.directory is not None, "on_start was not called"
+        rnd = int(row["round"])
+        after, init, layout = _checkpoint_states(Path(run.output), rnd)
+        if self._prev is None:
+            self._prev = (np.tile(init, (after.shape[0], 1)) if rnd == 1
+                          else _checkpoint_states(Path(run.output), rnd - 1)[0])
+        before, self._prev = self._prev, after.copy()
+        if rnd == 1 or not (self.directory / "layout.json").exists():
+            (self.directory / "layout.json").write_text(json.dumps(layout))
+            save_file({"init": np.ascontiguousarray(init)}, str(self.directory / "init.safetensors"))
+        ids = [int(c) for c in report.get("accepted", [])]
+        if not ids or report.get("weights") is None or report.get("aggregated") is False:
+            return
+        idx = np.asarray(ids, dtype=np.int64)
+        deltas = recover_deltas(before[idx], after[idx], np.asarray(report["weights"]))
+        save_file({"clients": idx, "deltas": deltas,
+                   "weights": np.asarray(report["weights"], dtype=np.float64)},
+                  str(self.directory / f"round_{rnd:05d}.safetensors"))
+
+    def on_end(self, run: Any, summary: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recorded run: its output dir, config, and per-round (round, clients, deltas)."""
+
+    run_dir: Path
+    cfg: Config
+    meta: dict[str, Any]
+    layout: dict[str, Any]
+    init: np.ndarray
+    rounds: tuple[tuple[int, np.ndarray, np.ndarray], ...]
+
+
+def load_recording(run_dir: str | Path) -> Recording:
+    """Read ``RUN/config.yaml`` and ``RUN/replay/`` (ConfigError if absent)."""
+    from safetensors.numpy import load_file
+
+    run = Path(run_dir)
+    rec = run / RECORD_DIR
+    if not (rec / "meta.json").is_file() or not (rec / "init.safetensors").is_file():
+        raise ConfigError(f"--recording {run}: no recorded task vectors ({rec}/meta.json missing)")
+    cfg = load_config(run / "config.yaml")
+    rounds = []
+    for path in sorted(rec.glob("round_*.safetensors")):
+        t = load_file(str(path))
+        rounds.append((int(path.stem.split("_")[1]), t["clients"], t["deltas"]))
+    if not rounds:
+        raise ConfigError(f"--recording {run}: no rounds recorded")
+    return Recording(run, cfg, json.loads((rec / "meta.json").read_text()),
+                     json.loads((rec / "layout.json").read_text()),
+                     load_file(str(rec / "init.safetensors"))["init"], tuple(rounds))
+
+
+def replay_states(rec: Recording, strategy: str, params: Mapping[str, Any],
+                  upto: int | None = None) -> np.ndarray:
+    """Personalized states ``(N, D)`` float32 after replaying the recorded task vectors through
+    the server with ``strategy(params)`` (rounds ``<= upto``, default all)."""
+    from fedbip_ray.runtime.messages import ClientUpdate
+    from fedbip_ray.runtime.server import FederatedServer
+
+    server = FederatedServer(strategy, dict(params), rec.meta["num_clients"],
+                             groups=list(rec.meta["groups"]))
+    server.initialize(rec.init, rec.layout)
+    counts = rec.meta["counts"]
+    for rnd, clients, deltas in rec.rounds:
+        if upto is not None and rnd > upto:
+            break
+        updates = [ClientUpdate(int(c), rnd, deltas[i], rec.layout, int(counts[int(c)]), {})
+                   for i, c in enumerate(clients)]
+        server.aggregate(rnd, updates)
+    return server.all_states().copy()
+
+
+# ---------------------------------------------------------------------------------- scoring
+class ReplayEvaluator:
+    """Client actors (the model loaded once each) that score personalized states on each
+    client's own splits of the recorded run's shards."""
+
+    def __init__(self, rec: Recording) -> None:
+        import ray
+
+        from fedbip_ray.runtime.client import ClientActor
+        from fedbip_ray.runtime.federation import ensure_ray, plan_actors
+        from fedbip_ray.runtime.messages import ShardRef
+
+        ensure_ray()
+        cfg = rec.cfg
+        labels = json.loads((rec.run_dir / "shards" / "clients.json").read_text())["label_names"]
+        n = rec.meta["num_clients"]
+        num_actors = plan_actors(cfg, ray.cluster_resources())
+        rc = cfg.resources
+        self.actors = [ClientActor.options(num_cpus=rc.num_cpus_per_client,
+                                           num_gpus=rc.num_gpus_per_client).remote(cfg.to_dict(), len(labels))
+                       for _ in range(num_actors)]
+        self.shards = {c: ShardRef(c, ray.put((rec.run_dir / "shards" / f"client_{c:05d}.parquet").read_bytes()))
+                       for c in range(n)}
+        infos = ray.get([a.info.remote() for a in self.actors])
+        errors = [i["error"] for i in infos if i.get("error")]
+        if errors:
+            raise ConfigError(errors[0])
+
+    def evaluate(self, states: np.ndarray, splits: tuple[str, ...] = ("val",)) -> dict[int, dict[str, float]]:
+        """{client: {split: accuracy}} of each client's row of ``states`` ``(N, D)``."""
+        import ray
+
+        refs = {c: self.actors[c % len(self.actors)].evaluate.remote(
+                    c, states[c], 0, splits, 0, self.shards[c]) for c in self.shards}
+        return {c: {s: float(v["accuracy"]) for s, v in ray.get(r).splits.items()} for c, r in refs.items()}
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+def score(evals: Mapping[int, Mapping[str, float]], metric: str, split: str = "val") -> float:
+    """``mean_val_accuracy`` or ``worst10_val_accuracy`` (``split`` may be ``test``) of evals."""
+    from fedbip_ray.runtime.federation import worst_fraction_mean
+
+    vals = [float(e[split]) for e in evals.values() if e[split] == e[split]]
+    if not vals:
+        return float("nan")
+    return float(np.mean(vals)) if metric.startswith("mean") else worst_fraction_mean(vals)
+
+
+# ---------------------------------------------------------------------------------- driver
+def check_replayable(cfg: Config, settings: TuneSettings) -> None:
+    """Only server-side parameters can be replayed; ConfigError naming the first other key."""
+    if cfg.strategy.name not in REPLAYABLE:
+        raise ConfigError(f"strategy.name '{cfg.strategy.name}': replay scores "
+                          f"{', '.join(REPLAYABLE)} only")
+    for key in settings.space:
+        if not key.startswith("strategy.params."):
+            raise ConfigError(f"tune.space.'{key}': replay searches aggregation parameters "
+                              "(strategy.params.*) only; use `fedbip tune` for the rest")
+
+
+def check_same_setting(recorded: Config, current: Config) -> None:
+    """The tune config must describe the recorded run's data, model, training and seed."""
+    from fedbip_ray.runtime.checkpoint import config_difference
+
+    diff = config_difference(recorded.to_dict(), current.to_dict(),
+                             frozen=("seed", "model", "data", "train"))
+    if diff is not None:
+        raise ConfigError(f"--recording: the recorded run differs from the config ({diff})")
+
+
+def record_run(cfg: Config, output: str | Path, echo: Any = print) -> dict[str, Any]:
+    """Run a federation with :class:`TaskVectorRecorder` (and MLflow if enabled)."""
+    from fedbip_ray.runtime.federation import run_federation
+    from fedbip_ray.tracking.mlflow_logger import MlflowCallback
+
+    callbacks: list[Any] = [TaskVectorRecorder()]
+    if cfg.tracking.mlflow:
+        callbacks.append(MlflowCallback(cfg, log_adapters=False))
+    return run_federation(cfg, output, callbacks=callbacks, echo=echo)
+
+
+def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording: str | Path | None = None,
+               output: str | Path | None = None, record: bool = False) -> dict[str, Any]:
+    """Replay search: sample ``tune.num_samples`` candidates of the (aggregation-only) space,
+    score each on the recording by validation, test the best once; write
+    ``replay_summary.json`` and ``best_config.yaml`` into ``output``."""
+    data, cfg, settings = load_tune_config(config_path, overrides)
+    check_replayable(cfg, settings)
+    out = Path(output or Path("runs") / f"{cfg.name}-replay")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if record:
+        recording = out / "recording"
+        record_run(cfg, recording, echo=log.info)
+    if recording is None:
+        raise ConfigError("replay: give --recording RUN_DIR (a run recorded for replay) or --record")
+    record_seconds = time.perf_counter() - t0
+    rec = load_recording(recording)
+    check_same_setting(rec.cfg, cfg)
+    candidates = sample_space(settings.space, settings.num_samples, settings.seed)
+    evaluator = ReplayEvaluator(rec)
+    t1 = time.perf_counter()
+    try:
+        rows = []
+        for params in candidates:
+            cand = config_from_dict(apply_params(data, params))
+            evals = evaluator.evaluate(replay_states(rec, cand.strategy.name, cand.strategy.params))
+            rows.append({"params": {k: plain(v) for k, v in params.items()},
+                         "last": {settings.metric: score(evals, settings.metric),
+                                  "round": int(rec.rounds[-1][0])}})
+        sign = 1.0 if settings.mode == "max" else -1.0
+        best = max(rows, key=lambda r: sign * r["last"][settings.metric])
+        best_cfg = config_from_dict(set_dotted(apply_params(data, best["params"]), "name", f"{cfg.name}-best"))
+        test_evals = evaluator.evaluate(replay_states(rec, best_cfg.strategy.name, best_cfg.strategy.params),
+                                        ("test",))
+    finally:
+        evaluator.close()
+    dump_config(best_cfg, out / "best_config.yaml")
+    summary = {"metric": settings.metric, "mode": settings.mode, "recording": str(Path(recording)),
+               "best": {"params": best["params"], "metric_value": best["last"][settings.metric],
+                        "replay_test_mean_accuracy": score(test_evals, "mean", "test")},
+               "candidates": rows, "best_config": str(out / "best_config.yaml"),
+               "record_seconds": record_seconds if record else None,
+               "replay_seconds": time.perf_counter() - t1}
+    (out / "replay_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedbip_ray.tuning.replay TUNE.yaml (--record | --recording DIR)``."""
+    p = argparse.ArgumentParser(prog="python -m fedbip_ray.tuning.replay", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="tune config (its space: strategy.params.* only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recording", help="run directory recorded for replay")
+    src.add_argument("--record", action="store_true", help="record a run of the base config first")
+    p.add_argument("--output", help="output directory (default runs/<name>-replay)")
+    a = p.parse_args(argv)
+    try:
+        s = run_replay(a.config, a.overrides, a.recording, a.output, a.record)
+    except ConfigError as err:
+        print(f"fedbip: error: {err}", file=sys.stderr)
+        return 2
+    best = s["best"]
+    print(f"best by replay: {best['params']}  {s['metric']} {best['metric_value']:.4f}  "
+          f"(replay test {best['replay_test_mean_accuracy']:.4f}; {len(s['candidates'])} candidates "
+          f"in {s['replay_seconds']:.1f}s)\nbest config: {s['best_config']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
