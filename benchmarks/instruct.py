@@ -12,7 +12,8 @@ average; the plot the average score per round.
     python benchmarks/instruct.py --strategies fedbip,oracle --seeds 0 --set federation.rounds=2
 
 Writes benchmarks/results/instruct.md and instruct.png (``--quick``: instruct_quick.*), or
-next to ``--out``. An interrupted run resumes from ``<out>.partial.jsonl``.
+``--out`` and the PNG next to it; raw results go to ``<workdir>/<name>.json``. An interrupted
+run resumes from ``<out>.partial.jsonl``.
 """
 
 from __future__ import annotations
@@ -194,7 +195,6 @@ def write_report(results: list[dict], setting: str, out: Path, command: str, see
     ]
     text = "\n".join(lines)
     out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     return text
 
 
@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no run finished", file=sys.stderr)
         return 2
+    raw = Path(args.workdir) / f"{out.stem}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1))
     print(write_report(results, setting, out, command, seeds, args.overrides))
+    print(f"raw results: {raw}")
     partial.unlink(missing_ok=True)
     return 0
 

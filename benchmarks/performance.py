@@ -35,7 +35,6 @@ Usage::
 ``main(argv)`` is what ``fedbip bench performance`` calls.
 """
 
-from __future__ import annotations
 
 import argparse
 import dataclasses
@@ -219,7 +218,7 @@ class TreeMemorySampler:
             self._record()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> TreeMemorySampler:
+    def __enter__(self) -> "TreeMemorySampler":
         self._thread.start()
         return self
 
@@ -606,7 +605,7 @@ def _flower_run(workload: str, variant: str, cfg_dict: dict[str, Any], shards: l
     if rc != 0 or not result.is_file():
         return _fail(runner, workload, f"exit {rc}: {_tail(log)}", wall)
     res = json.loads(result.read_text())
-    if res.get("failures"):
+    if sum(res.get("failures") or []):
         return _fail(runner, workload, f"{sum(res['failures'])} client failures: {_tail(log)}", wall)
     return Run(runner, workload, round_times(res["start"], res["ends"]), wall, sampler.peak,
                sampler.peak_procs, res.get("accuracy"),
@@ -748,16 +747,15 @@ class AggRow:
         return float(self.n) * self.d * 4
 
 
-def aggregation_rows(ns: Sequence[int], dim: int, strategy: str, force: bool) -> list[AggRow]:
-    """``aggregate_refs`` of N updates inside a real ServerActor for each N (ascending), with the
-    updates produced by Ray tasks into the object store as client actors do. Sizes predicted not
-    to fit into the available memory (from the previous size's measured ratio) are skipped
-    unless ``force``."""
+def aggregation_rows(cases: Sequence[tuple[int, int]], strategy: str, force: bool) -> list[AggRow]:
+    """``aggregate_refs`` of N updates inside a real ServerActor for each (N, D) case (in
+    ascending N x D), with the updates produced by Ray tasks into the object store as client
+    actors do. Cases predicted not to fit into the available memory (from the last measured
+    allocations / M) are skipped unless ``force``."""
     import psutil
     import ray
 
     from fedbip_ray.runtime.federation import ray_env_defaults
-    from fedbip_ray.runtime.server import ServerActor
 
     try:  # our module may be loaded from a path (fedbip bench): ship functions by value
         from ray import cloudpickle
@@ -771,54 +769,36 @@ def aggregation_rows(ns: Sequence[int], dim: int, strategy: str, force: bool) ->
     if not ray.is_initialized():
         ray_env_defaults()
         total = psutil.virtual_memory().total
-        store = int(min(max(ns) * dim * 4 * 1.1 + 512 * MIB, 0.6 * total))
+        biggest = max(n * d for n, d in cases) * 4
+        store = int(min(biggest * 1.1 + 512 * MIB, 0.6 * total))
         tmp = tempfile.mkdtemp(prefix="rayperf", dir="/tmp")
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                  object_store_memory=store, logging_level="ERROR", log_to_driver=False,
                  _temp_dir=tmp, _node_ip_address="127.0.0.1")
         started = True
     make = ray.remote(num_cpus=1)(_make_update)
-    layout = lora_layout(dim)
     rows: list[AggRow] = []
     ratio = 4.0  # extra allocations / (N x D x 4), updated from each measured size
     try:
-        for n in sorted(ns):
+        for n, dim in sorted(cases, key=lambda c: (c[0] * c[1], c[0])):
+            layout = lora_layout(dim)
             row = AggRow(n, dim, strategy)
             rows.append(row)
             predicted = (2 + ratio) * row.matrix + 1.5 * GIB  # store + states + extra + Ray
-            avail = psutil.virtual_memory().available
+            vm = psutil.virtual_memory()
+            avail = vm.available - 0.05 * vm.total  # Ray's memory monitor kills at 95% used
             if predicted > avail and not force:
                 row.skipped = (f"skipped: predicted {predicted / GIB:.1f} GiB "
                                f"(~{2 + ratio:.2f} x N*D*4 + 1.5 GiB) > available {avail / GIB:.1f} GiB")
                 _log(f"[aggregation] N={n}: {row.skipped}")
                 continue
             _log(f"[aggregation] N={n} D={dim} ...")
-            server = ServerActor.options(num_cpus=0).remote(strategy, {}, n)
-            ray.get(server.initialize.remote(np.zeros(dim, dtype=np.float32), layout.to_dict()))
-            pid = ray.get(server.__ray_call__.remote(_actor_pid))
-            for rnd, traced in ((1, False), (2, True)):
-                refs = [make.remote(c, rnd, dim, layout.to_dict()) for c in range(n)]
-                ray.wait(refs, num_returns=len(refs), fetch_local=False)
-                before = ray.get(server.__ray_call__.remote(_uss))
-                if traced:
-                    ray.get(server.__ray_call__.remote(_trace_start))
-                with TreeMemorySampler(pid, 0.1, "uss") as actor_s, TreeMemorySampler(os.getpid(), 0.25) as all_s:
-                    t0 = time.perf_counter()
-                    report = ray.get(server.aggregate_refs.remote(rnd, list(range(n)), refs))
-                    seconds = time.perf_counter() - t0
-                if traced:
-                    row.traced_peak = float(ray.get(server.__ray_call__.remote(_trace_stop)))
-                    row.actor_uss_before, row.actor_uss_peak = float(before), float(actor_s.peak)
-                    row.total_pss_peak = float(all_s.peak)
-                else:
-                    row.seconds = seconds
-                row.accepted = len(report["accepted"])
-                row.store_bytes = float(n) * dim * 4
-                del refs, report
-                gc.collect()
-            ray.kill(server)
-            del server
-            gc.collect()
+            try:
+                _measure_aggregation(row, make, layout, strategy)
+            except Exception as exc:  # noqa: BLE001 - e.g. killed by Ray's memory monitor
+                row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                _log(f"[aggregation] N={n}: {row.skipped}")
+                continue
             if row.traced_peak:
                 ratio = row.traced_peak / row.matrix  # predicts the next (larger) size
             _log(f"[aggregation] N={n}: {row.seconds:.2f}s, traced peak {(row.traced_peak or 0) / GIB:.2f} GiB")
@@ -826,6 +806,42 @@ def aggregation_rows(ns: Sequence[int], dim: int, strategy: str, force: bool) ->
         if started:
             ray.shutdown()
     return rows
+
+
+def _measure_aggregation(row: AggRow, make: Any, layout: Any, strategy: str) -> None:
+    """Fill ``row``: one timed call, then one call under tracemalloc (fresh updates each)."""
+    import ray
+
+    from fedbip_ray.runtime.server import ServerActor
+
+    n, dim = row.n, row.d
+    server = ServerActor.options(num_cpus=0).remote(strategy, {}, n)
+    try:
+        ray.get(server.initialize.remote(np.zeros(dim, dtype=np.float32), layout.to_dict()))
+        pid = ray.get(server.__ray_call__.remote(_actor_pid))
+        for rnd, traced in ((1, False), (2, True)):
+            refs = [make.remote(c, rnd, dim, layout.to_dict()) for c in range(n)]
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+            before = ray.get(server.__ray_call__.remote(_uss))
+            if traced:
+                ray.get(server.__ray_call__.remote(_trace_start))
+            with TreeMemorySampler(pid, 0.1, "uss") as actor_s, TreeMemorySampler(os.getpid(), 0.25) as all_s:
+                t0 = time.perf_counter()
+                report = ray.get(server.aggregate_refs.remote(rnd, list(range(n)), refs))
+                seconds = time.perf_counter() - t0
+            if traced:
+                row.traced_peak = float(ray.get(server.__ray_call__.remote(_trace_stop)))
+                row.actor_uss_before, row.actor_uss_peak = float(before), float(actor_s.peak)
+                row.total_pss_peak = float(all_s.peak)
+            else:
+                row.seconds = seconds
+            row.accepted = len(report["accepted"])
+            row.store_bytes = float(n) * dim * 4
+            del refs, report
+            gc.collect()
+    finally:
+        ray.kill(server)
+        gc.collect()
 
 
 # ---------------------------------------------------------------------------------- report
@@ -980,6 +996,16 @@ def flower_section(cache: dict[tuple[str, str], Run], models: Sequence[str],
                 f"its workers) plus once in the ServerApp for the initial arrays "
                 f"({_f(fl.extra.get('server_init_seconds'))} s); torch threads in its workers: "
                 f"{sorted(set(fl.extra.get('torch_threads') or []))}.")
+        by = {fl.runner: fl for fl in flowers if not fl.error}
+        if "flower-reload" in by and "flower-cached" in by:
+            rel, cac = by["flower-reload"], by["flower-cached"]
+            out.append(f"- Cost of building the model per message: flower-reload's steady round is "
+                       f"{rel.steady - cac.steady:+.2f} s longer than flower-cached's.")
+        wl = fed.extra.get("workload") or {}
+        if wl.get("shard_seconds") is not None and not fed.error:
+            out.append(f"- fedbip's whole run includes building the shards: {wl['shard_seconds']:.1f} s "
+                       "when measured on its own. Round 1 of Flower includes its workers' first imports "
+                       "(torch, transformers), which fedbip's actors do before round 1.")
         out.append("")
     return out
 
@@ -1034,18 +1060,19 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
            "processes, the object store holding the N updates). M = N x D x 4 bytes = one stacked "
            f"matrix of task vectors (and the size of the server's states). Machine memory: {total / GIB:.1f} GiB.",
            "",
-           "| N | D | strategy | M (GiB) | aggregate_refs (s) | allocations during call (GiB) | / M "
-           "| actor USS before -> peak (GiB) | all processes peak (GiB PSS) | / M | fits in machine memory |",
+           "| N | D | strategy | M | aggregate_refs (s) | allocations during call | / M "
+           "| actor USS before -> peak | all processes peak (PSS) | / M | fits in machine memory |",
            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.skipped:
-            out.append(f"| {r.n} | {r.d:,} | {r.strategy} | {_gb(r.matrix)} | {r.skipped} | | | | | | no (predicted) |")
+            verdict = "no (predicted)" if r.skipped.startswith("skipped") else "no (failed)"
+            out.append(f"| {r.n} | {r.d:,} | {r.strategy} | {_bytes(r.matrix)} | {r.skipped} | | | | | | {verdict} |")
             continue
         fits = "yes" if r.total_pss_peak and r.total_pss_peak < total else "no"
         out.append(
-            f"| {r.n} | {r.d:,} | {r.strategy} | {_gb(r.matrix)} | {_f(r.seconds)} | {_gb(r.traced_peak)} "
-            f"| {_ratio(r.traced_peak, r.matrix)} | {_gb(r.actor_uss_before)} -> {_gb(r.actor_uss_peak)} "
-            f"| {_gb(r.total_pss_peak)} | {_ratio(r.total_pss_peak, r.matrix)} | {fits} |")
+            f"| {r.n} | {r.d:,} | {r.strategy} | {_bytes(r.matrix)} | {_f(r.seconds)} | {_bytes(r.traced_peak)} "
+            f"| {_ratio(r.traced_peak, r.matrix)} | {_bytes(r.actor_uss_before)} -> {_bytes(r.actor_uss_peak)} "
+            f"| {_bytes(r.total_pss_peak)} | {_ratio(r.total_pss_peak, r.matrix)} | {fits} |")
     measured = [r for r in rows if r.traced_peak]
     if len(measured) >= 2:
         ratios = [r.traced_peak / r.matrix for r in measured]  # type: ignore[operator]
@@ -1053,6 +1080,20 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
                 f"{', '.join(f'{x:.2f}' for x in ratios)} -- constant in N means memory linear in N "
                 "(no N^2 copies of task vectors; an N x N similarity/weight matrix is N^2 x 8 bytes, "
                 f"{measured[-1].n ** 2 * 8 / MIB:.1f} MiB at N={measured[-1].n})."]
+    if measured:
+        r = measured[-1]
+        need = 2 + r.traced_peak / r.matrix  # type: ignore[operator]
+        big = 1000 * 1_000_000 * 4
+        out += ["", f"At N = 1000, D = 1e6 (M = {_bytes(big)}) the measured ratio predicts about "
+                f"{need:.2f} x M = {_bytes(need * big)} in the actor and the object store together "
+                f"(+ Ray's own processes), against {total / GIB:.1f} GiB of machine memory.",
+                "", "Where the allocations come from (`FederatedServer.aggregate`, read from the code): "
+                "`np.stack(vecs)` of the received task vectors (1 M), `self.states[idx]` (a copy, "
+                "1 M, even when every client participates), the strategy's new states (`W @ deltas + "
+                "states` for FedBip, `np.repeat` of the average for FedAvg; 1 M), the finiteness check "
+                "`np.isfinite(result.states)` (a bool array, M / 4), then `self.states[idx] = ...`. "
+                "The N updates themselves stay in the object store (1 M, zero-copy reads) and the "
+                "server's states are another M."]
     out.append("")
     return out
 
@@ -1168,6 +1209,15 @@ def _csv_ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
+def _cases(text: str) -> list[tuple[int, int]]:
+    """``"125x1e6,1000x2.5e5"`` -> [(125, 1000000), (1000, 250000)]."""
+    out = []
+    for item in _csv(text):
+        n, _, d = item.lower().partition("x")
+        out.append((int(float(n)), int(float(d))))
+    return out
+
+
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -1194,8 +1244,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-per-round", type=int, default=8, help="clients per round in pool mode")
     p.add_argument("--pool-rounds", type=int, default=None, help="rounds per pool run (default 5; quick 3)")
     p.add_argument("--pool-actors", type=int, default=2, help="client actors in pool mode")
-    p.add_argument("--agg-n", type=_csv_ints, default=None, help="N for aggregation (default 125,250,500,1000; quick 8,32)")
-    p.add_argument("--agg-d", type=int, default=None, help="D for aggregation (default 1000000; quick 20000)")
+    p.add_argument("--agg-cases", type=_cases, default=None,
+                   help="NxD cases for aggregation (default 125x1e6,250x1e6,500x1e6,1000x2.5e5,1000x1e6; "
+                        "quick 8x2e4,32x2e4)")
     p.add_argument("--agg-strategy", default="fedbip", help="strategy aggregated by the server actor")
     p.add_argument("--agg-force", action="store_true", help="run sizes predicted not to fit in memory")
     p.add_argument("--run-fedbip", help=argparse.SUPPRESS)
@@ -1209,8 +1260,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.flower_models = args.flower_models or (["tiny-bert", "tiny-llama"] if q else ["minilm", "smollm2"])
     args.pool_n = args.pool_n or ([8, 32] if q else [8, 32, 128, 512])
     args.pool_rounds = args.pool_rounds or (3 if q else 5)
-    args.agg_n = args.agg_n or ([8, 32] if q else [125, 250, 500, 1000])
-    args.agg_d = args.agg_d or (20_000 if q else 1_000_000)
+    args.agg_cases = args.agg_cases or _cases(
+        "8x2e4,32x2e4" if q else "125x1e6,250x1e6,500x1e6,1000x2.5e5,1000x1e6")
     return args
 
 
@@ -1246,7 +1297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "pool" in secs:
             pool = pool_runs(args, work)
         if "aggregation" in secs:
-            agg = aggregation_rows(args.agg_n, args.agg_d, args.agg_strategy, args.agg_force)
+            agg = aggregation_rows(args.agg_cases, args.agg_strategy, args.agg_force)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

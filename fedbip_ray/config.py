@@ -233,11 +233,13 @@ def _check_task_fit(model: str, task: str, dataset: str) -> None:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if not loc:  # a check across fields: the message names them
+        return f"config: {msg}{extra}"
     return f"config field '{loc}': {msg}{extra}"
 
 

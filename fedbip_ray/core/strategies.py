@@ -340,16 +340,16 @@ class _FedBipOptions(_Base):
         smoothing: EMA weight ``beta`` on ``prev_similarity`` (0 = off).
     """
 
-    threshold: float | None = None
+    threshold: float | None = 0.0
     clip_negative: bool = True
     temperature: float | None = None
     top_k: int | None = None
-    reference: str = "round"
+    reference: str = "pretrained"
     center: bool = False
-    lora_product: bool = False
+    lora_product: bool = True
     smoothing: float = 0.0
-    relative_threshold: bool = False
-    self_similarity: str = "one"
+    relative_threshold: bool = True
+    self_similarity: str = "max-peer"
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, float) and self.top_k.is_integer():
@@ -394,8 +394,14 @@ class _FedBipOptions(_Base):
 class FedBipStrategy(_FedBipOptions):
     """FedBip with our similarity options (see :class:`_FedBipOptions`).
 
-    Extra attributes: ``scope`` and ``modules`` as in :func:`similarity_matrix`. The
-    defaults (flat per-round vectors, negatives clipped) differ from the paper only by the clip.
+    Extra attributes: ``scope`` and ``modules`` as in :func:`similarity_matrix`.
+
+    Defaults (chosen on validation accuracy, see benchmarks/results/accuracy.md): compare
+    cumulative task vectors (``reference="pretrained"``) with LoRA modules as ``B @ A``; keep
+    the peers more similar than the client's average peer (``threshold=0``,
+    ``relative_threshold``), drop negatives, and weigh self like the most similar kept peer
+    (``self_similarity="max-peer"``). Per-round, flat task vectors of different clients are
+    nearly orthogonal under Adam, so the paper rule stays close to local training.
     """
 
     name: ClassVar[str] = "fedbip"

@@ -39,6 +39,9 @@ from fedbip_ray.runtime.server import ServerActor, failure_reason
 log = logging.getLogger("fedbip.federation")
 TEST_ENV_PREFIX = "FEDBIP_TEST_"  # forwarded to client actors (test-only fault injection)
 PING_TIMEOUT_S = 300.0  # how long a restarting actor may take to come back
+# errors that mean "the actor's process died" (killed, OOM-killed, crashed), not "the call failed"
+PROCESS_DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError,
+                 ray.exceptions.WorkerCrashedError)
 
 
 class RunCallback(Protocol):
@@ -171,8 +174,11 @@ def _test_env() -> dict[str, str]:
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Exclusive lock on an output directory (released even if the process is killed)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fh = (out / ".lock").open("w")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = (out / ".lock").open("w")
+    except OSError as exc:
+        raise ConfigError(f"output directory {out}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,13 +193,17 @@ def output_lock(out: Path) -> Iterator[None]:
 def preflight_model(model: ModelConfig) -> None:
     """Driver-side check that ``model.name`` can be found offline, before any actor starts.
 
-    Aliases and existing directories are checked by the actors (one-line error via ``info``);
-    here a name that is neither must be a valid model id already in the local HF cache.
+    Aliases are checked by the actors (one-line error via ``info``); a directory must hold a
+    config.json; any other name must be a valid model id already in the local HF cache.
     """
-    from fedbip_ray.models.factory import MODEL_ALIASES
+    from fedbip_ray.models.factory import MODEL_ALIASES, resolve_model_path
 
     name = model.name
-    if model.task == "image-classification" or name in MODEL_ALIASES or Path(name).expanduser().exists():
+    if model.task == "image-classification" or name in MODEL_ALIASES:
+        return
+    if Path(name).expanduser().exists():
+        if model.task == "sequence-classification":
+            resolve_model_path(name)  # a directory must hold config.json
         return
     from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -357,7 +367,7 @@ def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
     replaced) actor. Returns (results, failures {client: reason}, actors replaced)."""
     clients = list(range(ctx.shards.num_clients))
     results, errors = _eval_pass(ctx, rnd, clients, finetune_epochs, deadline_s)
-    retry = [c for c, e in errors.items() if isinstance(e, ray.exceptions.RayActorError)]
+    retry = [c for c, e in errors.items() if isinstance(e, PROCESS_DEATH)]
     replaced = 0
     if retry:
         replaced = heal_actors(ctx, retry)

@@ -4,7 +4,7 @@ Each example is a (prompt, response) pair. The prompt is rendered with the token
 template (a user turn plus the assistant header), or with :data:`PLAIN_TEMPLATE` when the
 tokenizer has none; the loss is the next-token cross entropy on the response tokens only
 (end-of-turn token included). Evaluation generates greedily, at most
-``min(MAX_NEW_TOKENS, longest reference in the batch + EVAL_MARGIN)`` new tokens, and scores
+``min(MAX_NEW_TOKENS, reference length + EVAL_MARGIN)`` new tokens per example, and scores
 the output against the reference by exact match and ROUGE-L (``rouge-score``); ``accuracy`` is
 each example's primary score (column ``metric`` of the shard, else exact match) averaged.
 
@@ -34,7 +34,7 @@ from fedbip_ray.runtime.trainer import LocalTrainer
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 MAX_NEW_TOKENS = 32  # hard bound on generated tokens per example
-EVAL_MARGIN = 4  # generated tokens allowed beyond the batch's longest reference
+EVAL_MARGIN = 4  # generated tokens allowed beyond the reference's length (end-of-turn included)
 IGNORE_INDEX = -100
 METRICS = ("exact_match", "rouge_l")
 # bf16 autocast on CPU: the base weights stay fp32, the adapter's master weights too
@@ -275,19 +275,22 @@ class CausalLMTrainer(LocalTrainer):
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, data: LMExamples, rows: Sequence[int]) -> list[str]:
-        """Greedy answers for ``rows`` (prompts only; bounded new tokens), decoded and stripped."""
+        """Greedy answers for ``rows``, decoded and stripped. Example i gets at most
+        ``min(MAX_NEW_TOKENS, its reference length + EVAL_MARGIN)`` new tokens, independent of
+        the other examples in its batch."""
         from transformers import GenerationConfig
 
         prompts = [data.ids[i][: data.prompt_lengths[i]] for i in rows]
         ids, mask = left_pad(prompts, self.pad_id)
-        longest = max(data.response_length(i) for i in rows)
-        gcfg = GenerationConfig(max_new_tokens=min(MAX_NEW_TOKENS, longest + EVAL_MARGIN), do_sample=False,
+        limits = [min(MAX_NEW_TOKENS, data.response_length(i) + EVAL_MARGIN) for i in rows]
+        gcfg = GenerationConfig(max_new_tokens=max(limits), do_sample=False,
                                 pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
         with self._autocast():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       generation_config=gcfg)
         new = out[:, ids.shape[1]:].cpu()
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                for row, n in zip(new, limits, strict=True)]
 
     @torch.no_grad()
     def predict(self, data: LMExamples) -> tuple[list[str], float]:

@@ -104,7 +104,7 @@ class TuneSettings(_Strict):
         if not isinstance(raw, Mapping):
             raise ValueError("must be a mapping of dotted.key: {distribution: values}")
         out: dict[str, Any] = {}
-        for key, spec in raw.items():
+        for key, spec in _flatten_space(raw).items():
             if not isinstance(spec, Mapping) or len(spec) != 1:
                 raise ValueError(f"'{key}': give exactly one of {', '.join(DISTRIBUTIONS)}")
             ((kind, values),) = spec.items()
@@ -124,6 +124,20 @@ class TuneSettings(_Strict):
         if not self.space:
             raise ValueError("give at least one parameter to search")
         return self
+
+
+def _flatten_space(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> dotted keys: ``{train: {lr: {uniform: ..}}}`` is ``train.lr`` (so
+    ``--set tune.space.train.lr.uniform=[0.001,0.01]`` works). A mapping whose values are all
+    mappings is a section; anything else is a leaf (a distribution, checked later)."""
+    out: dict[str, Any] = {}
+    for key, spec in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(spec, Mapping) and spec and all(isinstance(v, Mapping) for v in spec.values()):
+            out.update(_flatten_space(spec, name + "."))
+        else:
+            out[name] = spec
+    return out
 
 
 def _is_number(x: Any) -> bool:

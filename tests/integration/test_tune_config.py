@@ -65,6 +65,14 @@ def test_bad_tune_sections_give_one_line_errors(tune, message):
     assert "\n" not in str(err.value)
 
 
+def test_space_may_be_nested_and_overridden_with_set():
+    _, _, settings = split_tune_config(
+        {**tiny_config(), "tune": {"space": {"strategy": {"params": {"top_k": {"choice": [1, 2]}}}}}},
+        ["tune.space.train.lr.uniform=[0.001, 0.01]"])
+    assert set(settings.space) == {"strategy.params.top_k", "train.lr"}
+    assert settings.space["train.lr"].values == (0.001, 0.01)
+
+
 def test_missing_tune_section_and_bad_run_fields_are_config_errors():
     with pytest.raises(ConfigError, match="config field 'tune': missing"):
         split_tune_config(tiny_config())

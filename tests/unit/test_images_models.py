@@ -53,7 +53,7 @@ def test_efficientnet_swap_equivalence_and_lora_targets():
     with torch.no_grad():
         assert torch.equal(ref(x), swapped(x))
     # LoRA wraps the swapped convs; B = 0 so the wrapped model computes the same logits
-    cfg = config_from_dict({"model": {"name": "efficientnet-lite0", "task": "image-classification"}})
+    cfg = config_from_dict({"model": {"name": "efficientnet-lite0", "task": "image-classification"}, "data": {"dataset": "digits"}})
     peft_model = V.wrap_image_peft(swapped, cfg.model, 0).eval()
     names = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("_blocks.15._project_conv.lora_A" in n for n in names)

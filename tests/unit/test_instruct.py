@@ -83,7 +83,8 @@ def test_conflicting_pair_same_prompts_opposite_answers(frame):
 def test_registry_and_column_partition(tmp_path):
     from fedbip_ray.data.shards import build_shards, read_shard
 
-    cfg = config_from_dict({"data": {"dataset": "instruct-tasks", "num_clients": 12,
+    cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm"},
+                            "data": {"dataset": "instruct-tasks", "num_clients": 12,
                                      "examples_per_client": 20, "partition": {"kind": "column"}}})
     ds = load_dataset(cfg.data, 0)
     assert ds.label_names == I.TASKS
@@ -147,7 +148,7 @@ def test_scores():
     assert np.isnan(LT.score_predictions([], [], [])["accuracy"])
 
 
-def test_batched_response_loss_matches_unpadded_reference(frame, monkeypatch):
+def test_batched_response_loss_matches_unpadded_reference(frame, monkeypatch, tmp_path):
     """Left padding + position ids + logits_to_keep give the per-example HF loss."""
     monkeypatch.setattr(LT, "CPU_AUTOCAST_BF16", False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=96,
@@ -168,3 +169,26 @@ def test_batched_response_loss_matches_unpadded_reference(frame, monkeypatch):
     assert float(total) / count == pytest.approx(ref_sum / ref_n, rel=1e-4)
     state = trainer.current_state()
     assert state.shape == (trainer.layout.size,) and state.dtype == np.float32
+    assert list(trainer.layout.names) == sorted(trainer.layout.names)
+    assert any("q_proj.lora_A" in n for n in trainer.layout.names)
+    trainer.load_state(state + 1.0)
+    assert np.allclose(trainer.current_state(), state + 1.0)
+    trainer.model.save_pretrained(tmp_path)  # the adapter export the runtime uses
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_batched_generation_matches_one_by_one(frame, monkeypatch):
+    """Left-padded batched greedy generation = unpadded one-by-one; per-example token bound."""
+    monkeypatch.setattr(LT, "CPU_AUTOCAST_BF16", False)
+    cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=96,
+                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
+    trainer = LT.CausalLMTrainer(cfg, TrainConfig(eval_batch_size=8), num_labels=6, seed=1)
+    data = trainer.encode(frame.groupby("task").head(1).reset_index(drop=True))
+    rows = list(range(len(data)))
+    batched = trainer.generate(data, rows)
+    assert batched == [trainer.generate(data, [i])[0] for i in rows]
+    for i, text in enumerate(batched):
+        n = len(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert n <= min(LT.MAX_NEW_TOKENS, data.response_length(i) + LT.EVAL_MARGIN) + 1
+    scores = trainer.evaluate(data)
+    assert set(scores) >= {"accuracy", "loss", "n", "exact_match", "rouge_l"} and scores["n"] == len(data)

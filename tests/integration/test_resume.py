@@ -1,0 +1,118 @@
+"""SIGKILL the driver (`fedbip run` with its own embedded Ray) after a checkpoint, resume with
+`fedbip run --resume`, and get exactly the uninterrupted run's result."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fedbip_ray.cli import main
+
+from ..conftest import REPO
+from .test_faults import clean_config, clean_run
+
+pytestmark = pytest.mark.ray
+FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")
+VOLATILE = {"seconds"}  # row fields that may differ between two identical runs
+
+
+def start_run(config: Path, out: Path, log: Path) -> subprocess.Popen:
+    """`fedbip run` as a session leader (so its whole process tree can be killed)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen([FEDBIP, "run", str(config), "--output", str(out)], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything in its session (embedded Ray processes included)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def latest_round(out: Path) -> int:
+    try:
+        return int(json.loads((out / "checkpoints" / "latest.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def listening_addresses(session: int) -> set[str]:
+    """IP addresses that processes of a session listen on (TCP)."""
+    addrs = set()
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) != session:
+                continue
+            addrs |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == "LISTEN"}
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return addrs
+
+
+def is_loopback(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def rows(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(x) for x in (out / name).read_text().splitlines()]
+
+
+def final_states(out: Path) -> np.ndarray:
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    return load_file(str(out / "checkpoints" / latest["path"] / "server.safetensors"))["states"]
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(
+        ray_local, tmp_path, tmp_path_factory, capsys):
+    clean, clean_out = clean_run(tmp_path_factory)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(clean_config()))
+    out = tmp_path / "killed"
+    proc = start_run(config, out, tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 240
+        while latest_round(out) < 1:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.05)
+        # secure default: the embedded Ray listens on loopback only
+        addrs = listening_addresses(proc.pid)
+        assert addrs and all(is_loopback(a) for a in addrs), addrs
+    finally:
+        kill_tree(proc)
+    killed_at = latest_round(out)
+    assert 1 <= killed_at < 3 and not (out / "summary.json").exists(), killed_at
+
+    assert main(["run", "--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"continuing at round {killed_at + 1}" in printed
+
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["per_client_accuracy"] == clean["per_client_accuracy"]
+    assert resumed["rounds_completed"] == 3
+    assert np.array_equal(final_states(out), final_states(clean_out))  # bitwise
+    # metrics.jsonl / similarity.jsonl: every round exactly once, same values as uninterrupted
+    got, want = rows(out), rows(clean_out)
+    assert [r["round"] for r in got] == [1, 2, 3]
+    for a, b in zip(got, want, strict=True):
+        assert {k: v for k, v in a.items() if k not in VOLATILE} == \
+            {k: v for k, v in b.items() if k not in VOLATILE}
+    assert [r["round"] for r in rows(out, "similarity.jsonl")] == [1, 2, 3]
+    assert rows(out, "similarity.jsonl") == rows(clean_out, "similarity.jsonl")
