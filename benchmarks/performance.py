@@ -615,6 +615,22 @@ def _flower_run(workload: str, variant: str, cfg_dict: dict[str, Any], shards: l
 
 
 # ---------------------------------------------------------------------------------- sections
+def with_retries(retries: int, run: Callable[..., Run], *args: Any) -> Run:
+    """``run(*args)``, repeated up to ``retries`` times while it fails before completing any
+    round (e.g. a Ray cluster killed at start-up by someone's ``ray stop``); the first error is
+    kept in ``extra["retried_after"]`` and shown in the report."""
+    first = run(*args)
+    result = first
+    for _ in range(retries):
+        if not result.error or result.rounds:
+            break
+        _log(f"  retrying after: {result.error[:200]}")
+        result = run(*args)
+    if result is not first:
+        result.extra["retried_after"] = first.error
+    return result
+
+
 @dataclass
 class Workload:
     """A model preset with its shards, shared by the runners that do the same work."""
@@ -645,14 +661,15 @@ def comparison_runs(models: Sequence[str], runners_for: Callable[[str], Sequence
         for runner in wanted:
             _log(f"[{model}] {runner} ...")
             if runner == "floor":
-                run = _floor_run(model, cfg, shards, num_labels, wdir, args.cpus)
+                run = with_retries(args.retries, _floor_run, model, cfg, shards, num_labels, wdir,
+                                   args.cpus)
             elif runner == "fedbip":
-                run = _fedbip_run(model, cfg, wdir, args.inprocess)
+                run = with_retries(args.retries, _fedbip_run, model, cfg, wdir, args.inprocess)
                 if not run.error and run.extra.get("shards_digest") != _digest(shards):
                     run.extra["shards_differ"] = True
             else:
-                run = _flower_run(model, runner.removeprefix("flower-"), cfg, shards, num_labels,
-                                  wdir, args.cpus, args.flower_python)
+                run = with_retries(args.retries, _flower_run, model, runner.removeprefix("flower-"),
+                                   cfg, shards, num_labels, wdir, args.cpus, args.flower_python)
             run.extra["workload"] = dataclasses.asdict(wl) | {"work": str(wdir)}
             cache[(model, runner)] = run
             _log(f"[{model}] {runner}: {_brief(run)}")
@@ -666,7 +683,7 @@ def pool_runs(args: argparse.Namespace, work: Path) -> list[Run]:
         wdir = work / f"pool-{n}"
         wdir.mkdir(parents=True, exist_ok=True)
         _log(f"[pool] N={n} ...")
-        run = _fedbip_run(f"pool-{n}", cfg, wdir, args.inprocess)
+        run = with_retries(args.retries, _fedbip_run, f"pool-{n}", cfg, wdir, args.inprocess)
         run.extra["num_clients"] = n
         run.extra["per_round"] = min(args.pool_per_round, n)
         run.extra["actors"] = args.pool_actors
@@ -747,7 +764,8 @@ class AggRow:
         return float(self.n) * self.d * 4
 
 
-def aggregation_rows(cases: Sequence[tuple[int, int]], strategy: str, force: bool) -> list[AggRow]:
+def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str],
+                     force: bool) -> list[AggRow]:
     """``aggregate_refs`` of N updates inside a real ServerActor for each (N, D) case (in
     ascending N x D), with the updates produced by Ray tasks into the object store as client
     actors do. Cases predicted not to fit into the available memory (from the last measured
@@ -778,10 +796,12 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategy: str, force: boo
         started = True
     make = ray.remote(num_cpus=1)(_make_update)
     rows: list[AggRow] = []
-    ratio = 4.0  # extra allocations / (N x D x 4), updated from each measured size
+    ratios = dict.fromkeys(strategies, 4.5)  # allocations / (N x D x 4), updated per measured case
+    todo = [(n, d, st) for n, d in sorted(cases, key=lambda c: (c[0] * c[1], c[0])) for st in strategies]
     try:
-        for n, dim in sorted(cases, key=lambda c: (c[0] * c[1], c[0])):
+        for n, dim, strategy in todo:
             layout = lora_layout(dim)
+            ratio = ratios[strategy]
             row = AggRow(n, dim, strategy)
             rows.append(row)
             predicted = (2 + ratio) * row.matrix + 1.5 * GIB  # store + states + extra + Ray
@@ -792,7 +812,7 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategy: str, force: boo
                                f"(~{2 + ratio:.2f} x N*D*4 + 1.5 GiB) > available {avail / GIB:.1f} GiB")
                 _log(f"[aggregation] N={n}: {row.skipped}")
                 continue
-            _log(f"[aggregation] N={n} D={dim} ...")
+            _log(f"[aggregation] N={n} D={dim} {strategy} ...")
             try:
                 _measure_aggregation(row, make, layout, strategy)
             except Exception as exc:  # noqa: BLE001 - e.g. killed by Ray's memory monitor
@@ -800,8 +820,9 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategy: str, force: boo
                 _log(f"[aggregation] N={n}: {row.skipped}")
                 continue
             if row.traced_peak:
-                ratio = row.traced_peak / row.matrix  # predicts the next (larger) size
-            _log(f"[aggregation] N={n}: {row.seconds:.2f}s, traced peak {(row.traced_peak or 0) / GIB:.2f} GiB")
+                ratios[strategy] = row.traced_peak / row.matrix  # predicts the next (larger) case
+            _log(f"[aggregation] N={n} {strategy}: {row.seconds:.2f}s, "
+                 f"allocations {(row.traced_peak or 0) / GIB:.2f} GiB")
     finally:
         if started:
             ray.shutdown()
@@ -906,6 +927,9 @@ def peak_lines(runs: Sequence[Run]) -> list[str]:
     """Largest process kinds at each run's memory peak, and the floor's phase split."""
     out = []
     for r in runs:
+        if r.extra.get("retried_after"):
+            out.append(f"- {r.runner} was re-run once; its first attempt failed at start-up: "
+                       f"{r.extra['retried_after'][:200]}")
         if r.error:
             continue
         if r.extra.get("peak_top"):
@@ -991,9 +1015,10 @@ def flower_section(cache: dict[tuple[str, str], Run], models: Sequence[str],
                 f"- vs {fl.runner}: steady round {_goal(fed.steady / fl.steady, 1.0)}"
                 + (f"; SmolLM2 round goal {_goal(fed.steady / fl.steady, 0.5)}" if model == "smollm2" else "")
                 + f"; whole run {_goal(fed.whole / fl.whole, 0.9)}; peak memory {_goal(fed.peak_pss / fl.peak_pss, 0.7)}. "
-                f"{fl.runner} built the model {int(np.mean(loads)) if loads else 0} times per round "
-                f"({_f(float(np.mean(secs)) if secs else None)} s of model building per round, summed over "
-                f"its workers) plus once in the ServerApp for the initial arrays "
+                f"{fl.runner}'s clients built the model {' / '.join(str(x) for x in loads) or 0} times "
+                f"in rounds {'/'.join(str(i + 1) for i in range(len(loads)))} "
+                f"({' / '.join(f'{x:.1f}' for x in secs) or 0} s, summed over its workers) plus once in "
+                f"the ServerApp for the initial arrays "
                 f"({_f(fl.extra.get('server_init_seconds'))} s); torch threads in its workers: "
                 f"{sorted(set(fl.extra.get('torch_threads') or []))}.")
         by = {fl.runner: fl for fl in flowers if not fl.error}
@@ -1073,27 +1098,31 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
             f"| {r.n} | {r.d:,} | {r.strategy} | {_bytes(r.matrix)} | {_f(r.seconds)} | {_bytes(r.traced_peak)} "
             f"| {_ratio(r.traced_peak, r.matrix)} | {_bytes(r.actor_uss_before)} -> {_bytes(r.actor_uss_peak)} "
             f"| {_bytes(r.total_pss_peak)} | {_ratio(r.total_pss_peak, r.matrix)} | {fits} |")
-    measured = [r for r in rows if r.traced_peak]
-    if len(measured) >= 2:
+    big = 1000 * 1_000_000 * 4
+    for strategy in dict.fromkeys(r.strategy for r in rows):
+        measured = [r for r in rows if r.traced_peak and r.strategy == strategy]
+        if not measured:
+            continue
         ratios = [r.traced_peak / r.matrix for r in measured]  # type: ignore[operator]
-        out += ["", f"Allocations per M across N = {', '.join(str(r.n) for r in measured)}: "
-                f"{', '.join(f'{x:.2f}' for x in ratios)} -- constant in N means memory linear in N "
-                "(no N^2 copies of task vectors; an N x N similarity/weight matrix is N^2 x 8 bytes, "
-                f"{measured[-1].n ** 2 * 8 / MIB:.1f} MiB at N={measured[-1].n})."]
-    if measured:
-        r = measured[-1]
-        need = 2 + r.traced_peak / r.matrix  # type: ignore[operator]
-        big = 1000 * 1_000_000 * 4
-        out += ["", f"At N = 1000, D = 1e6 (M = {_bytes(big)}) the measured ratio predicts about "
-                f"{need:.2f} x M = {_bytes(need * big)} in the actor and the object store together "
-                f"(+ Ray's own processes), against {total / GIB:.1f} GiB of machine memory.",
-                "", "Where the allocations come from (`FederatedServer.aggregate`, read from the code): "
-                "`np.stack(vecs)` of the received task vectors (1 M), `self.states[idx]` (a copy, "
-                "1 M, even when every client participates), the strategy's new states (`W @ deltas + "
-                "states` for FedBip, `np.repeat` of the average for FedAvg; 1 M), the finiteness check "
-                "`np.isfinite(result.states)` (a bool array, M / 4), then `self.states[idx] = ...`. "
-                "The N updates themselves stay in the object store (1 M, zero-copy reads) and the "
-                "server's states are another M."]
+        need = 2 + ratios[-1]
+        flat = max(ratios) <= 1.15 * min(ratios)
+        verdict = ("constant across sizes, so memory is linear in N x D: no N^2 copies of task vectors"
+                   if flat else "NOT constant across sizes: look for copies that grow faster than N x D")
+        out += ["", f"**{strategy}**: allocations per M across (N, D) = "
+                f"{', '.join(f'({r.n}, {r.d:g})' for r in measured)}: {', '.join(f'{x:.2f}' for x in ratios)}"
+                f" -- {verdict} (the N x N "
+                f"similarity/weight matrices are N^2 x 8 bytes, {measured[-1].n ** 2 * 8 / MIB:.1f} MiB at "
+                f"N={measured[-1].n}). At N = 1000, D = 1e6 (M = {_bytes(big)}) this predicts "
+                f"{need:.2f} x M = {_bytes(need * big)} for the object store, the server's states and the "
+                f"call's allocations together, plus Ray's own processes, against {total / GIB:.1f} GiB."]
+    out += ["", "Where the allocations come from (`FederatedServer.aggregate` and the strategies, read "
+            "from the code): `np.stack(vecs)` of the received task vectors (1 M); `self.states[idx]` (a "
+            "copy, 1 M, even when every client participates); the strategy's new states (1 M: "
+            "`W @ deltas + states` for FedBip, `np.repeat` of the average for FedAvg); strategies that "
+            "compare parameters rather than task vectors (`reference: pretrained`, `lora_product`) also "
+            "form theta = states + deltas (1 M); the finiteness check `np.isfinite(result.states)` (a "
+            "bool array, M / 4). The N updates stay in the object store (1 M, read zero-copy) and the "
+            "server's states are another M."]
     out.append("")
     return out
 
@@ -1180,27 +1209,40 @@ def explanations(cache: dict[tuple[str, str], Run]) -> list[str]:
            "resident model (`load_state`, a copy of D values). Flower's simulation engine keeps its Ray "
            "actors too, but calls the ClientApp afresh for every message; an app written like Flower's "
            "templates builds the model inside that call, so the model is built once per train and once "
-           "per evaluate message (2 x clients per round). Building MiniLM takes a fraction of a second, "
-           "so on MiniLM this costs little; SmolLM2-135M (0.5 GB of fp32 weights) takes seconds each time.",
+           "per evaluate message (2 x clients per round). What that costs depends on the model's build "
+           "time (measured below): small for MiniLM, large for SmolLM2-135M (0.5 GB of fp32 weights).",
            "- **Start-up.** Both start a local Ray (fedbip 2.60, Flower 2.55). fedbip's start-up also "
            "builds the shards and loads the model once per actor before round 1; Flower's ServerApp "
            "builds the model once more to obtain the initial arrays.",
-           "- **Memory.** fedbip's resident footprint is driver + server actor + one model per actor "
-           "(+ Ray's own processes). Flower's is the same shape with the ServerApp's copy of the model "
-           "(freed after start, but the allocator may keep it) and, in the reload variant, a second model "
-           "alive in each worker while the previous one is being garbage-collected, plus allocator "
-           "fragmentation from repeated loads.",
-           "- **Per round.** fedbip's round adds, on top of the floor: scheduling 2 x N Ray calls "
-           "(fit, evaluate) and one aggregation call, states and task vectors through the shared-memory "
-           "object store, metrics.jsonl and an atomic checkpoint of the N x D states. Flower's adds "
-           "protobuf serialization of every message and its in-process SuperLink/Grid message routing.",
+           "- **Memory.** Both resident footprints have the same shape: a driver, one model per "
+           "client worker, Ray's own processes (GCS, raylet with the object store, dashboard agent, "
+           "runtime-env agent, monitor). fedbip adds a server actor (numpy only) that holds the N x D "
+           "states; Flower's driver (ServerApp) built one more model for the initial arrays and keeps "
+           "torch/transformers loaded. The largest processes at each run's peak are listed under its "
+           "table. In flower-reload a worker builds a new model for every message; whatever the allocator "
+           "does not hand back to the OS after the previous one is freed shows up in its PSS.",
+           "- **Per round.** fedbip's round adds, on top of the floor: 2 x N Ray calls (fit, evaluate) "
+           "and one aggregation call, states and task vectors through the shared-memory object store, "
+           "a metrics.jsonl line and an atomic checkpoint of the N x D states. Flower's round adds its "
+           "message routing through the in-process LinkState: the ServerApp's `InMemoryGrid` pushes the "
+           "messages and polls for replies, the simulation engine's worker loop pulls them and submits "
+           "each to a Ray actor, which calls the ClientApp.",
+           "- **Round 1.** fedbip's actors import torch/transformers and build the model before round 1 "
+           "(start-up); Flower's workers do their first imports inside round 1, so compare steady rounds "
+           "(rounds >= 2) and whole runs.",
            ""]
-    fed, rel = cache.get(("smollm2", "fedbip")), cache.get(("smollm2", "flower-reload"))
-    if fed and rel and not fed.error and not rel.error and rel.extra.get("load_seconds"):
-        out.append(f"- Measured on SmolLM2: flower-reload spent {np.mean(rel.extra['load_seconds']):.1f} s "
-                   f"per round building models; its steady round was {rel.steady - fed.steady:+.1f} s "
-                   "longer than fedbip's.")
-        out.append("")
+    for (model, runner), rel in cache.items():
+        fed = cache.get((model, "fedbip"))
+        if runner != "flower-reload" or rel.error or fed is None or fed.error:
+            continue
+        loads, secs = rel.extra.get("loads") or [], rel.extra.get("load_seconds") or []
+        if len(loads) > 1 and sum(loads[1:]):
+            per = sum(secs[1:]) / sum(loads[1:])
+            out.append(f"- Measured on {model}: flower-reload built the model {sum(loads[1:]) / (len(loads) - 1):.0f} "
+                       f"times per steady round, {per:.2f} s per build ({sum(secs[1:]) / (len(secs) - 1):.1f} s "
+                       f"per round, summed over its workers); its steady round was {rel.steady - fed.steady:+.2f} s "
+                       "longer than fedbip's.")
+    out.append("")
     return out
 
 
@@ -1247,8 +1289,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--agg-cases", type=_cases, default=None,
                    help="NxD cases for aggregation (default 125x1e6,250x1e6,500x1e6,1000x2.5e5,1000x1e6; "
                         "quick 8x2e4,32x2e4)")
-    p.add_argument("--agg-strategy", default="fedbip", help="strategy aggregated by the server actor")
+    p.add_argument("--agg-strategies", type=_csv, default=["fedbip", "fedavg"],
+                   help="strategies of the server actor (default fedbip,fedavg)")
     p.add_argument("--agg-force", action="store_true", help="run sizes predicted not to fit in memory")
+    p.add_argument("--retries", type=int, default=1,
+                   help="re-run a run that failed before its first round (default 1)")
     p.add_argument("--run-fedbip", help=argparse.SUPPRESS)
     p.add_argument("--run-floor", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1297,7 +1342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "pool" in secs:
             pool = pool_runs(args, work)
         if "aggregation" in secs:
-            agg = aggregation_rows(args.agg_cases, args.agg_strategy, args.agg_force)
+            agg = aggregation_rows(args.agg_cases, args.agg_strategies, args.agg_force)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -12,13 +12,17 @@ from the candidate's states, not the recording's, so replay ranks candidates by 
 aggregation does to the *recorded* trajectory. Its cost is one recorded run plus, per
 candidate, one aggregation per round and one validation pass per client.
 
-Recording: the checkpoint of round t holds the states after aggregation; with the logged
-weights W (participants x participants), ``after = before + W @ tau`` for ``fedbip``,
-``fedbip-paper`` and ``local`` (W = I, exact), so τ = W⁻¹ (after - before). The recorder checks
-W's conditioning and refuses strategies where this does not hold (fedavg, fedamp, layer-wise)
-and runs with DP noise (the noise would be replayed as if it were signal).
+Recording: if the server actor offers ``last_round()`` the recorder stores the server's own
+copy of the accepted task vectors. Otherwise it recovers them from the checkpoints: round t's
+checkpoint holds the states after aggregation; with the logged weights W (participants x
+participants), ``after = before + W @ tau`` for ``fedbip``, ``fedbip-paper`` and ``local``
+(W = I, exact), so τ = W⁻¹ (after - before). That needs an invertible W: FedBip's
+``self_similarity: max-peer`` gives identical rows to clients whose peers are each other (W
+singular), so record with ``self_similarity: one`` or ``strategy.name: local`` there. The
+recorder refuses strategies where the relation does not hold (fedavg, fedamp, layer-wise) and
+runs with DP noise (the noise would be replayed as if it were signal).
 
-    python -m fedbip_ray.tuning.replay TUNE.yaml --record runs/rec     # record, then replay
+    python -m fedbip_ray.tuning.replay TUNE.yaml --record --record-set strategy.params.self_similarity=one
     python -m fedbip_ray.tuning.replay TUNE.yaml --recording runs/rec  # replay an earlier one
 """
 
@@ -36,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from fedbip_ray.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from fedbip_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 from fedbip_ray.tuning.space import (
     TuneSettings,
     apply_params,
@@ -78,6 +89,20 @@ def _checkpoint_states(output: Path, round_num: int) -> tuple[np.ndarray, np.nda
 
     ckpt = read_checkpoint(output / "checkpoints" / checkpoint_name(round_num), round_num)
     return ckpt.tensors["states"], ckpt.tensors["init"], ckpt.layout
+
+
+def _exported_deltas(server: Any, round_num: int, clients: list[int]) -> np.ndarray | None:
+    """The server's own copy of the round's accepted task vectors, where the server actor
+    offers ``last_round()`` (``{"round", "clients", "deltas"}``); None otherwise."""
+    method = getattr(server, "last_round", None)
+    if method is None:
+        return None
+    import ray
+
+    last = ray.get(method.remote())
+    if not last or int(last["round"]) != round_num or [int(c) for c in last["clients"]] != clients:
+        return None
+    return np.asarray(last["deltas"], dtype=np.float32)
 
 
 class TaskVectorRecorder:
@@ -125,7 +150,15 @@ class TaskVectorRecorder:
         if not ids or report.get("weights") is None or report.get("aggregated") is False:
             return
         idx = np.asarray(ids, dtype=np.int64)
-        deltas = recover_deltas(before[idx], after[idx], np.asarray(report["weights"]))
+        deltas = _exported_deltas(run.server, rnd, ids)
+        if deltas is None:
+            try:
+                deltas = recover_deltas(before[idx], after[idx], np.asarray(report["weights"]))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"round {rnd}: cannot record task vectors: {exc} (e.g. identical weight rows "
+                    "under self_similarity 'max-peer'); record with --set strategy.name=local "
+                    "or strategy.params.self_similarity=one") from None
         save_file({"clients": idx, "deltas": deltas,
                    "weights": np.asarray(report["weights"], dtype=np.float64)},
                   str(self.directory / f"round_{rnd:05d}.safetensors"))
@@ -273,10 +306,13 @@ def record_run(cfg: Config, output: str | Path, echo: Any = print) -> dict[str, 
 
 
 def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording: str | Path | None = None,
-               output: str | Path | None = None, record: bool = False) -> dict[str, Any]:
+               output: str | Path | None = None, record: bool = False,
+               record_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Replay search: sample ``tune.num_samples`` candidates of the (aggregation-only) space,
     score each on the recording by validation, test the best once; write
-    ``replay_summary.json`` and ``best_config.yaml`` into ``output``."""
+    ``replay_summary.json`` and ``best_config.yaml`` into ``output``. With ``record``, first
+    record a run of the base config plus ``record_overrides`` (e.g. strategy parameters that
+    keep the weight matrix invertible)."""
     data, cfg, settings = load_tune_config(config_path, overrides)
     check_replayable(cfg, settings)
     out = Path(output or Path("runs") / f"{cfg.name}-replay")
@@ -284,7 +320,8 @@ def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording
     t0 = time.perf_counter()
     if record:
         recording = out / "recording"
-        record_run(cfg, recording, echo=log.info)
+        rec_cfg = config_from_dict(apply_overrides(data, [f"name={cfg.name}-recording", *record_overrides]))
+        record_run(rec_cfg, recording, echo=log.info)
     if recording is None:
         raise ConfigError("replay: give --recording RUN_DIR (a run recorded for replay) or --record")
     record_seconds = time.perf_counter() - t0
@@ -328,10 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recording", help="run directory recorded for replay")
     src.add_argument("--record", action="store_true", help="record a run of the base config first")
+    p.add_argument("--record-set", dest="record_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override for the recorded run only, e.g. "
+                   "strategy.params.self_similarity=one")
     p.add_argument("--output", help="output directory (default runs/<name>-replay)")
     a = p.parse_args(argv)
     try:
-        s = run_replay(a.config, a.overrides, a.recording, a.output, a.record)
+        s = run_replay(a.config, a.overrides, a.recording, a.output, a.record, a.record_overrides)
     except ConfigError as err:
         print(f"fedbip: error: {err}", file=sys.stderr)
         return 2

@@ -59,12 +59,36 @@ class RayHead:
         return self
 
     def submit(self, cwd: Path, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
-             "--", *entrypoint], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+        """``ray job submit`` (retried while the head's job agent is still starting)."""
+        deadline = time.time() + timeout
+        while True:
+            proc = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
+                 "--", *entrypoint], cwd=cwd, env=env(), capture_output=True, text=True,
+                timeout=max(30.0, deadline - time.time()))
+            agent_down = "No available agent" in proc.stdout + proc.stderr
+            if not agent_down or time.time() > deadline - 60:
+                return proc
+            time.sleep(3)
 
     def stop(self) -> None:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env(), capture_output=True, timeout=120)
+        """Stop this head's processes only (other Ray instances on the machine are left alone)."""
+        import psutil
+
+        mine = [p for p in psutil.process_iter(["cmdline"])
+                if any(str(self.tmp) in part or f"--gcs-address=127.0.0.1:{self.gcs_port}" in part
+                       or f"--port={self.gcs_port}" in part for part in (p.info["cmdline"] or []))]
+        for p in mine:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(mine, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
 
 class MlflowServer:

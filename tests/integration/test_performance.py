@@ -83,8 +83,10 @@ def test_quick_report_is_produced_and_sane(perf, ray_local, tmp_path):
         assert all(r["bytes_in"] == r["bytes_out"] == 8 * dim * 4 for r in rows)
         assert len(rows[-1]["per_client_accuracy"]) == n  # the last round evaluates everyone
 
-    [agg] = data["aggregation"]
-    assert agg["skipped"] is None and agg["accepted"] == 16
-    assert agg["seconds"] > 0 and agg["traced_peak"] > 0
-    # allocations stay a small multiple of one N x D matrix (no per-pair copies)
-    assert agg["traced_peak"] < 8 * 16 * 20_000 * 4
+    aggs = data["aggregation"]
+    assert sorted(a["strategy"] for a in aggs) == ["fedavg", "fedbip"]
+    for agg in aggs:
+        assert agg["skipped"] is None and agg["accepted"] == 16
+        assert agg["seconds"] > 0 and agg["traced_peak"] > 0
+        # allocations stay a small multiple of one N x D matrix (no per-pair copies)
+        assert agg["traced_peak"] < 8 * 16 * 20_000 * 4

@@ -168,3 +168,17 @@ def test_shipped_tune_configs_are_valid(name):
     check_space(data, settings)
     assert settings.space and cfg.tracking.mlflow
     assert "tune" in yaml.safe_load(path.read_text())
+
+
+def test_job_entrypoint_maps_to_fedbip_tune():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_tune", REPO / "jobs" / "tune.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = mod.parse(["--config", "c.yaml", "--set", "tune.num_samples=2", "--output", "o"])
+    assert argv == ["tune", "c.yaml", "--set", "tune.num_samples=2", "--output", "o"]
+    from fedbip_ray.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.config, args.overrides, args.output) == ("tune", "c.yaml", ["tune.num_samples=2"], "o")

@@ -21,7 +21,8 @@ from ..conftest import tiny_config
 
 pytestmark = pytest.mark.ray
 
-PARAMS = {"reference": "pretrained"}  # negatives clipped: same-group peers get weight
+# cumulative vectors, negatives clipped, self weight 1 (W invertible: recoverable from states)
+PARAMS = {"reference": "pretrained", "self_similarity": "one", "threshold": None}
 
 
 @pytest.fixture(scope="module")

@@ -192,3 +192,19 @@ def test_batched_generation_matches_one_by_one(frame, monkeypatch):
         assert n <= min(LT.MAX_NEW_TOKENS, data.response_length(i) + LT.EVAL_MARGIN) + 1
     scores = trainer.evaluate(data)
     assert set(scores) >= {"accuracy", "loss", "n", "exact_match", "rouge_l"} and scores["n"] == len(data)
+
+
+def test_tiny_llama_without_smollm2_uses_char_tokenizer(frame, monkeypatch):
+    from fedbip_ray.models import lm
+
+    monkeypatch.setattr(lm, "smollm2_available", lambda: False)
+    cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=160,
+                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
+    trainer = LT.CausalLMTrainer(cfg, TrainConfig(batch_size=4, lr=0.05), num_labels=6, seed=0)
+    assert len(trainer.tokenizer) < 200 and not getattr(trainer.tokenizer, "chat_template", None)
+    data = trainer.encode(frame.groupby("task").head(2).reset_index(drop=True))
+    before = trainer.current_state()
+    metrics = trainer.train(data, epochs=1, seed=0)
+    assert metrics["steps"] == 3 and np.isfinite(metrics["train_loss"])
+    assert not np.allclose(trainer.current_state(), before)
+    assert 0.0 <= trainer.evaluate(data)["accuracy"] <= 1.0
