@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--output", help="output directory (default runs/<name>-tune)")
 
     bench = sub.add_parser("bench", help="run a benchmark (writes benchmarks/results/*.md)")
-    bench.add_argument("name", choices=["aggregation", "accuracy", "performance"])
+    bench.add_argument("name", choices=["aggregation", "accuracy", "performance", "instruct",
+                                        "similarity_probe"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

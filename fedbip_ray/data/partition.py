@@ -76,7 +76,7 @@ def by_column(
         for v in top:
             idx = rng.permutation(np.flatnonzero(keys == v))
             parts.append(np.sort(idx[:per_client] if per_client else idx))
-        return parts, np.zeros(num_clients, dtype=np.int64)
+        return parts, np.arange(num_clients, dtype=np.int64)  # every client its own key
     groups = np.arange(num_clients, dtype=np.int64) % len(values)
     parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
     for g, v in enumerate(values[order]):
