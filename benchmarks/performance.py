@@ -35,7 +35,6 @@ Usage::
 ``main(argv)`` is what ``fedbip bench performance`` calls.
 """
 
-
 import argparse
 import dataclasses
 import gc
@@ -310,11 +309,16 @@ def run_measured(cmd: Sequence[str], env: dict[str, str], log_path: Path,
 
 
 def _tail(path: Path, lines: int = 6) -> str:
+    """The last lines of a log, without colour codes or warnings, on one line."""
+    import re
+
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
     except OSError:
         return ""
-    return " | ".join(text[-lines:])[-600:]
+    keep = [ln.strip() for ln in text.splitlines()
+            if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
+    return " | ".join(keep[-lines:])[-600:]
 
 
 def _write_json(path: Path, obj: Any) -> Path:

@@ -147,7 +147,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id, marks=[pytest.mark.ray] if c.ray else []) for c in CASES])
 def test_bad_input_exits_2_with_one_line(case: Case, tmp_path, capfd, request):
     if case.ray:
         request.getfixturevalue("ray_local")
