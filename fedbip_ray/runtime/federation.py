@@ -402,6 +402,8 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
                                "actors_replaced": float(actors_replaced)}
     if privacy is not None and privacy.get("epsilon") is not None:
         extra["dp_epsilon"] = float(privacy["epsilon"])
+    for key, value in (report.get("diagnostics") or {}).items():
+        extra[f"group_{key}"] = float(value)  # group recovery (true groups known)
     row: dict[str, Any] = {
         "round": round_num,
         "mean_accuracy": _mean(values),
@@ -622,7 +624,9 @@ def format_round(row: dict[str, Any], total: int) -> str:
     acc = row["mean_accuracy"]
     parts = [f"round {row['round']}/{total}"]
     if acc is not None:
-        parts.append(f"mean acc {acc:.3f}  worst10 {row['worst10_accuracy']:.3f}  val {row['mean_val_accuracy']:.3f}")
+        val = row.get("mean_val_accuracy")
+        parts.append(f"mean acc {acc:.3f}  worst10 {row['worst10_accuracy']:.3f}"
+                     + (f"  val {val:.3f}" if val is not None else ""))
     parts.append(f"clients {len(row['accepted'])}/{len(row['participants'])}")
     if row["failed"] or row["stragglers"] or row["rejected"] or row.get("eval_failed"):
         parts.append(f"failed {len(row['failed'])} stragglers {len(row['stragglers'])} "

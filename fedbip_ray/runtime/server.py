@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedbip_ray.core.similarity import group_recovery
 from fedbip_ray.core.strategies import (
     AggregationInput,
     GaussianNoiseStrategy,
@@ -140,7 +141,25 @@ class FederatedServer:
             self.similarity[np.ix_(idx, idx)] = result.similarity
         report["similarity"] = None if result.similarity is None else np.asarray(result.similarity).tolist()
         report["weights"] = np.asarray(result.weights).tolist()
+        report["diagnostics"] = self._diagnostics(idx, result)
+        self._last = {"round": round_num, "clients": list(ids), "deltas": inp.deltas}
         return report
+
+    def _diagnostics(self, idx: np.ndarray, result: Any) -> dict[str, float]:
+        """Group recovery of this round's similarity/weights when the true groups are known
+        (benchmarks): in-group weight share, in/cross-group similarity, adjusted Rand index."""
+        if self.groups is None or result.similarity is None:
+            return {}
+        g = self.groups[idx]
+        if len(np.unique(g)) < 2 or len(g) < 3:
+            return {}
+        rec = group_recovery(np.asarray(result.similarity), np.asarray(result.weights), g)
+        return {k: float(v) for k, v in rec.items() if v == v}
+
+    def last_round(self) -> dict[str, Any] | None:
+        """The accepted, validated task vectors of the latest aggregation (before DP noise):
+        {"round", "clients", "deltas": (N_t, D) float32}; for replay tuning."""
+        return getattr(self, "_last", None)
 
     # -- checkpoints (the driver writes them: safetensors + JSON, never pickle) -------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -36,7 +36,8 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
     assert bip.shape == avg.shape and bip.shape[0] == 4
     # fedavg: one global adapter; fedbip: every client its own
     assert np.allclose(avg, avg[0:1], atol=1e-6)
-    assert min(np.abs(bip[i] - bip[j]).max() for i in range(4) for j in range(i + 1, 4)) > 1e-4
+    # clients 0, 2 (group 0) and 1, 3 (group 1) hold conflicting labels: different adapters
+    assert min(np.abs(bip[i] - bip[j]).max() for i in (0, 2) for j in (1, 3)) > 1e-4
     # contract files
     summary = json.loads((out_bip / "summary.json").read_text())
     assert summary == s_bip
@@ -66,6 +67,9 @@ def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
     s = np.asarray(last["similarity"])
     off = ~np.eye(len(s), dtype=bool)
     assert s[same & off].mean() > s[~same].mean()
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["extra"]["group_in_group_weight_share"] == pytest.approx(share.mean())
+    assert row["extra"]["group_adjusted_rand_index"] == pytest.approx(1.0)
 
 
 def test_partial_participation_keeps_absent_clients(ray_local, tmp_path):
