@@ -119,16 +119,39 @@ def select(history: list[dict]) -> dict[str, Any]:
     }
 
 
+def run_dir(workdir: Path, setting: str, strategy: str, seed: int) -> Path:
+    safe = strategy.replace("[", "_").replace("]", "").replace(";", "_")
+    return workdir / setting / f"{safe}-s{seed}"
+
+
+def group_stats(out: Path) -> dict[str, float]:
+    """In-group weight share and ARI of the last aggregation, when the clients have groups."""
+    from fedbip_ray.core.similarity import group_recovery
+
+    sim_file, clients = out / "similarity.jsonl", out / "shards" / "clients.json"
+    if not sim_file.is_file() or not clients.is_file():
+        return {}
+    groups = np.asarray([c["group"] for c in json.loads(clients.read_text())["clients"]])
+    lines = sim_file.read_text().splitlines()
+    if not lines or len(np.unique(groups)) < 2:
+        return {}
+    last = json.loads(lines[-1])
+    g = groups[np.asarray(last["clients"])]
+    rec = group_recovery(np.asarray(last["similarity"]), np.asarray(last["weights"]), g)
+    return {"group_share": rec["in_group_weight_share"], "ari": rec["adjusted_rand_index"]}
+
+
 def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdir: Path) -> dict[str, Any]:
     from fedbip_ray.runtime.federation import run_federation
 
     cfg = setting_config(setting, strategy, seed, overrides)
-    out = workdir / setting / f"{strategy.replace('[', '_').replace(']', '').replace(';', '_')}-s{seed}"
+    out = run_dir(workdir, setting, strategy, seed)
     t0 = time.perf_counter()
     run_federation(cfg, out, echo=lambda s: None)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     res = select(history)
     res.update(setting=setting, strategy=strategy, seed=seed, wall=time.perf_counter() - t0)
+    res.update(group_stats(out))
     return res
 
 
@@ -141,14 +164,16 @@ def _ms(values: list[float]) -> str:
 
 def table(results: list[dict], setting: str) -> list[str]:
     lines = [f"### {setting}", "",
-             "| strategy | mean acc (val-selected) | worst-10% | final-round mean | rounds to 95% | wall s |",
-             "|---|---|---|---|---|---|"]
+             "| strategy | mean acc (val-selected) | worst-10% | final-round mean | rounds to 95% | wall s "
+             "| in-group weight share | ARI |",
+             "|---|---|---|---|---|---|---|---|"]
     for strategy in dict.fromkeys(r["strategy"] for r in results if r["setting"] == setting):
         rs = [r for r in results if r["setting"] == setting and r["strategy"] == strategy]
         lines.append(
             f"| {strategy} | {_ms([r['mean'] for r in rs])} | {_ms([r['worst10'] for r in rs])} | "
             f"{_ms([r['final_mean'] for r in rs])} | {np.mean([r['rounds_to_95'] for r in rs]):.1f} | "
-            f"{np.mean([r['wall'] for r in rs]):.0f} |")
+            f"{np.mean([r['wall'] for r in rs]):.0f} | {_ms([r.get('group_share') for r in rs])} | "
+            f"{_ms([r.get('ari') for r in rs])} |")
     lines.append("")
     return lines
 
@@ -203,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default="/tmp/fedbip_accuracy")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the results recorded so far (an interrupted run's "
+                         "partial file) without running anything")
     args = ap.parse_args(argv)
     settings = args.settings.split(",") if args.settings else (QUICK if args.quick else FULL)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -225,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             for strategy in strategies:
                 key = (setting, strategy, seed)
                 if key in done:
+                    if "group_share" not in done[key]:
+                        done[key].update(group_stats(run_dir(Path(args.workdir), setting, strategy, seed)))
                     results.append(done[key])
+                    continue
+                if args.report_only:
                     continue
                 try:
                     res = run_one(setting, strategy, seed, args.overrides, Path(args.workdir))
@@ -239,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"worst10 {res['worst10']:.3f} final {res['final_mean']:.3f} ({res['wall']:.0f}s)", flush=True)
     ran = [s for s in settings if any(r["setting"] == s for r in results)]
     print(write_report(results, ran, out, command, seeds))
-    partial.unlink(missing_ok=True)
+    if not args.report_only:
+        partial.unlink(missing_ok=True)
     return 0
 
 

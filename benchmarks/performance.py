@@ -767,6 +767,14 @@ class AggRow:
     def matrix(self) -> float:
         return float(self.n) * self.d * 4
 
+    @property
+    def need(self) -> float | None:
+        """Bytes this case needs at its peak: the updates in the object store + the actor before
+        the call (its states and whatever it keeps between rounds) + the call's allocations."""
+        if self.traced_peak is None or self.actor_uss_before is None:
+            return None
+        return self.matrix + self.actor_uss_before + self.traced_peak
+
 
 def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str],
                      force: bool) -> list[AggRow]:
@@ -800,7 +808,7 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
         started = True
     make = ray.remote(num_cpus=1)(_make_update)
     rows: list[AggRow] = []
-    ratios = dict.fromkeys(strategies, 4.5)  # allocations / (N x D x 4), updated per measured case
+    ratios = dict.fromkeys(strategies, 7.0)  # need / (N x D x 4), updated per measured case
     todo = [(n, d, st) for n, d in sorted(cases, key=lambda c: (c[0] * c[1], c[0])) for st in strategies]
     try:
         for n, dim, strategy in todo:
@@ -808,12 +816,12 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
             ratio = ratios[strategy]
             row = AggRow(n, dim, strategy)
             rows.append(row)
-            predicted = (2 + ratio) * row.matrix + 1.5 * GIB  # store + states + extra + Ray
+            predicted = ratio * row.matrix + 1.5 * GIB  # store + actor + allocations + Ray
             vm = psutil.virtual_memory()
             avail = vm.available - 0.05 * vm.total  # Ray's memory monitor kills at 95% used
             if predicted > avail and not force:
                 row.skipped = (f"skipped: predicted {predicted / GIB:.1f} GiB "
-                               f"(~{2 + ratio:.2f} x N*D*4 + 1.5 GiB) > available {avail / GIB:.1f} GiB")
+                               f"(~{ratio:.2f} x N*D*4 + 1.5 GiB) > available {avail / GIB:.1f} GiB")
                 _log(f"[aggregation] N={n}: {row.skipped}")
                 continue
             _log(f"[aggregation] N={n} D={dim} {strategy} ...")
@@ -823,8 +831,8 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
                 row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 _log(f"[aggregation] N={n}: {row.skipped}")
                 continue
-            if row.traced_peak:
-                ratios[strategy] = row.traced_peak / row.matrix  # predicts the next (larger) case
+            if row.need:
+                ratios[strategy] = row.need / row.matrix  # predicts the next (larger) case
             _log(f"[aggregation] N={n} {strategy}: {row.seconds:.2f}s, "
                  f"allocations {(row.traced_peak or 0) / GIB:.2f} GiB")
     finally:
@@ -1090,25 +1098,27 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
            f"matrix of task vectors (and the size of the server's states). Machine memory: {total / GIB:.1f} GiB.",
            "",
            "| N | D | strategy | M | aggregate_refs (s) | allocations during call | / M "
-           "| actor USS before -> peak | all processes peak (PSS) | / M | fits in machine memory |",
-           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| actor USS before -> peak | need: store + actor before + allocations | / M "
+           "| all processes peak (PSS) | fits in machine memory |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.skipped:
             verdict = "no (predicted)" if r.skipped.startswith("skipped") else "no (failed)"
-            out.append(f"| {r.n} | {r.d:,} | {r.strategy} | {_bytes(r.matrix)} | {r.skipped} | | | | | | {verdict} |")
+            out.append(f"| {r.n} | {r.d:,} | {r.strategy} | {_bytes(r.matrix)} | {r.skipped} | | | | | | | {verdict} |")
             continue
         fits = "yes" if r.total_pss_peak and r.total_pss_peak < total else "no"
         out.append(
             f"| {r.n} | {r.d:,} | {r.strategy} | {_bytes(r.matrix)} | {_f(r.seconds)} | {_bytes(r.traced_peak)} "
             f"| {_ratio(r.traced_peak, r.matrix)} | {_bytes(r.actor_uss_before)} -> {_bytes(r.actor_uss_peak)} "
-            f"| {_bytes(r.total_pss_peak)} | {_ratio(r.total_pss_peak, r.matrix)} | {fits} |")
+            f"| {_bytes(r.need)} | {_ratio(r.need, r.matrix)} | {_bytes(r.total_pss_peak)} | {fits} |")
     big = 1000 * 1_000_000 * 4
     for strategy in dict.fromkeys(r.strategy for r in rows):
         measured = [r for r in rows if r.traced_peak and r.strategy == strategy]
         if not measured:
             continue
         ratios = [r.traced_peak / r.matrix for r in measured]  # type: ignore[operator]
-        need = 2 + ratios[-1]
+        kept = [(r.actor_uss_before or 0) / r.matrix for r in measured]
+        need = (measured[-1].need or 0) / measured[-1].matrix
         flat = max(ratios) <= 1.15 * min(ratios)
         verdict = ("constant across sizes, so memory is linear in N x D: no N^2 copies of task vectors"
                    if flat else "NOT constant across sizes: look for copies that grow faster than N x D")
@@ -1116,17 +1126,20 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
                 f"{', '.join(f'({r.n}, {r.d:g})' for r in measured)}: {', '.join(f'{x:.2f}' for x in ratios)}"
                 f" -- {verdict} (the N x N "
                 f"similarity/weight matrices are N^2 x 8 bytes, {measured[-1].n ** 2 * 8 / MIB:.1f} MiB at "
-                f"N={measured[-1].n}). At N = 1000, D = 1e6 (M = {_bytes(big)}) this predicts "
-                f"{need:.2f} x M = {_bytes(need * big)} for the object store, the server's states and the "
-                f"call's allocations together, plus Ray's own processes, against {total / GIB:.1f} GiB."]
+                f"N={measured[-1].n}). The actor held {', '.join(f'{x:.2f}' for x in kept)} x M before "
+                "the call (its states, whatever it keeps between rounds, and the Python/Ray baseline). "
+                f"At N = 1000, D = 1e6 (M = {_bytes(big)}) the largest measured case predicts "
+                f"{need:.2f} x M = {_bytes(need * big)} (object store + actor before the call + the call's "
+                f"allocations), plus Ray's own processes, against {total / GIB:.1f} GiB of machine memory."]
     out += ["", "Where the allocations come from (`FederatedServer.aggregate` and the strategies, read "
             "from the code): `np.stack(vecs)` of the received task vectors (1 M); `self.states[idx]` (a "
             "copy, 1 M, even when every client participates); the strategy's new states (1 M: "
             "`W @ deltas + states` for FedBip, `np.repeat` of the average for FedAvg); strategies that "
             "compare parameters rather than task vectors (`reference: pretrained`, `lora_product`) also "
             "form theta = states + deltas (1 M); the finiteness check `np.isfinite(result.states)` (a "
-            "bool array, M / 4). The N updates stay in the object store (1 M, read zero-copy) and the "
-            "server's states are another M."]
+            "bool array, M / 4). The N updates stay in the object store (1 M, read zero-copy), the "
+            "server's states are another M, and the server keeps the last round's stacked task "
+            "vectors until the next aggregation (`last_round()`, for replay tuning: 1 M between rounds)."]
     out.append("")
     return out
 
