@@ -613,8 +613,8 @@ def _flower_run(workload: str, variant: str, cfg_dict: dict[str, Any], shards: l
         return _fail(runner, workload, f"{sum(res['failures'])} client failures: {_tail(log)}", wall)
     return Run(runner, workload, round_times(res["start"], res["ends"]), wall, sampler.peak,
                sampler.peak_procs, res.get("accuracy"),
-               extra={**{k: res.get(k) for k in ("loads", "load_seconds", "server_init_seconds",
-                                                 "torch_threads", "flwr", "ray")},
+               extra={**{k: res.get(k) for k in ("loads", "load_seconds", "compute_seconds",
+                                                 "server_init_seconds", "torch_threads", "flwr", "ray")},
                       "peak_top": top_processes(sampler.peak_top)})
 
 
@@ -740,6 +740,39 @@ def _trace_stop(self: Any) -> int:
     return peak
 
 
+def _held(self: Any) -> int:
+    """Bytes of the numpy arrays the server object keeps (walks its attributes)."""
+    seen: set[int] = set()
+
+    def size(obj: Any, depth: int = 0) -> int:
+        if id(obj) in seen or depth > 4:
+            return 0
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            return int(obj.nbytes) if obj.base is None else size(obj.base, depth + 1)
+        if isinstance(obj, dict):
+            return sum(size(v, depth + 1) for v in obj.values())
+        if isinstance(obj, list | tuple):
+            return sum(size(v, depth + 1) for v in obj)
+        return 0
+
+    return size(dict(vars(self)))
+
+
+def _blas_threads(self: Any) -> str:
+    """OMP_NUM_THREADS and the BLAS thread pools numpy uses inside the actor."""
+    text = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = [f"{p.get('internal_api')}:{p.get('num_threads')}" for p in threadpool_info()
+                 if p.get("user_api") == "blas"]
+        text += f", BLAS threads {', '.join(pools)}"
+    except ImportError:
+        pass
+    return text
+
+
 def _uss(self: Any) -> int:
     import psutil
 
@@ -756,12 +789,15 @@ class AggRow:
     strategy: str
     seconds: float | None = None
     traced_peak: float | None = None  # tracemalloc peak of allocations made during the call
+    actor_base: float | None = None  # actor USS right after it started (Python, numpy, Ray)
+    held_before: float | None = None  # numpy arrays the server keeps between rounds
     actor_uss_before: float | None = None
     actor_uss_peak: float | None = None
     total_pss_peak: float | None = None
     store_bytes: float | None = None
     skipped: str | None = None
     accepted: int | None = None
+    threads: str | None = None
 
     @property
     def matrix(self) -> float:
@@ -769,11 +805,12 @@ class AggRow:
 
     @property
     def need(self) -> float | None:
-        """Bytes this case needs at its peak: the updates in the object store + the actor before
-        the call (its states and whatever it keeps between rounds) + the call's allocations."""
-        if self.traced_peak is None or self.actor_uss_before is None:
+        """Bytes this case needs at its peak beyond fixed baselines: the updates in the object
+        store + the numpy arrays the server keeps between rounds (its states, the last round's
+        task vectors, ...) + the call's allocations; scales with N x D."""
+        if self.traced_peak is None or self.held_before is None:
             return None
-        return self.matrix + self.actor_uss_before + self.traced_peak
+        return self.matrix + self.held_before + self.traced_peak
 
 
 def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str],
@@ -795,7 +832,7 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
             cloudpickle.register_pickle_by_value(mod)
     except Exception:  # noqa: BLE001 - by-value pickling is the default for unknown modules
         pass
-    started = False
+    started, tmp = False, None
     if not ray.is_initialized():
         ray_env_defaults()
         total = psutil.virtual_memory().total
@@ -816,12 +853,12 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
             ratio = ratios[strategy]
             row = AggRow(n, dim, strategy)
             rows.append(row)
-            predicted = ratio * row.matrix + 1.5 * GIB  # store + actor + allocations + Ray
+            predicted = ratio * row.matrix + 2 * GIB  # store + actor + allocations + Ray, baselines
             vm = psutil.virtual_memory()
             avail = vm.available - 0.05 * vm.total  # Ray's memory monitor kills at 95% used
             if predicted > avail and not force:
                 row.skipped = (f"skipped: predicted {predicted / GIB:.1f} GiB "
-                               f"(~{ratio:.2f} x N*D*4 + 1.5 GiB) > available {avail / GIB:.1f} GiB")
+                               f"(~{ratio:.2f} x N*D*4 + 2 GiB) > available {avail / GIB:.1f} GiB")
                 _log(f"[aggregation] N={n}: {row.skipped}")
                 continue
             _log(f"[aggregation] N={n} D={dim} {strategy} ...")
@@ -838,6 +875,7 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
     finally:
         if started:
             ray.shutdown()
+            shutil.rmtree(tmp or "", ignore_errors=True)
     return rows
 
 
@@ -850,12 +888,15 @@ def _measure_aggregation(row: AggRow, make: Any, layout: Any, strategy: str) -> 
     n, dim = row.n, row.d
     server = ServerActor.options(num_cpus=0).remote(strategy, {}, n)
     try:
+        row.actor_base = float(ray.get(server.__ray_call__.remote(_uss)))
+        row.threads = ray.get(server.__ray_call__.remote(_blas_threads))
         ray.get(server.initialize.remote(np.zeros(dim, dtype=np.float32), layout.to_dict()))
         pid = ray.get(server.__ray_call__.remote(_actor_pid))
         for rnd, traced in ((1, False), (2, True)):
             refs = [make.remote(c, rnd, dim, layout.to_dict()) for c in range(n)]
             ray.wait(refs, num_returns=len(refs), fetch_local=False)
             before = ray.get(server.__ray_call__.remote(_uss))
+            held = ray.get(server.__ray_call__.remote(_held))
             if traced:
                 ray.get(server.__ray_call__.remote(_trace_start))
             with TreeMemorySampler(pid, 0.1, "uss") as actor_s, TreeMemorySampler(os.getpid(), 0.25) as all_s:
@@ -865,6 +906,7 @@ def _measure_aggregation(row: AggRow, make: Any, layout: Any, strategy: str) -> 
             if traced:
                 row.traced_peak = float(ray.get(server.__ray_call__.remote(_trace_stop)))
                 row.actor_uss_before, row.actor_uss_peak = float(before), float(actor_s.peak)
+                row.held_before = float(held)
                 row.total_pss_peak = float(all_s.peak)
             else:
                 row.seconds = seconds
@@ -1029,7 +1071,9 @@ def flower_section(cache: dict[tuple[str, str], Run], models: Sequence[str],
                 + f"; whole run {_goal(fed.whole / fl.whole, 0.9)}; peak memory {_goal(fed.peak_pss / fl.peak_pss, 0.7)}. "
                 f"{fl.runner}'s clients built the model {' / '.join(str(x) for x in loads) or 0} times "
                 f"in rounds {'/'.join(str(i + 1) for i in range(len(loads)))} "
-                f"({' / '.join(f'{x:.1f}' for x in secs) or 0} s, summed over its workers) plus once in "
+                f"({' / '.join(f'{x:.1f}' for x in secs) or 0} s, summed over its workers; training and "
+                f"evaluation inside the ClientApp took "
+                f"{' / '.join(f'{x:.1f}' for x in fl.extra.get('compute_seconds') or [])} s) plus once in "
                 f"the ServerApp for the initial arrays "
                 f"({_f(fl.extra.get('server_init_seconds'))} s); torch threads in its workers: "
                 f"{sorted(set(fl.extra.get('torch_threads') or []))}.")
@@ -1092,13 +1136,15 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
            "tasks into the object store, as client actors produce them, and their ObjectRefs are handed "
            "to `ServerActor.aggregate_refs` (fetch, validate, `FederatedServer.aggregate`: stack, strategy, "
            "write back), as the round loop does. Time: the call without tracing. Memory (a second call, "
-           "new updates): allocations made during the call by tracemalloc inside the actor; the actor's "
-           "private memory (USS) before and at peak; PSS of all processes (the benchmark process, Ray's "
-           "processes, the object store holding the N updates). M = N x D x 4 bytes = one stacked "
+           "new updates): allocations made during the call by tracemalloc inside the actor; the numpy "
+           "arrays the server object keeps from before the call (its states, the previous round's "
+           "task vectors); the actor's private memory (USS) before and at peak (it includes freed memory "
+           "the allocator keeps, which dominates at small sizes); PSS of all processes (the benchmark "
+           "process, Ray's processes, the object store holding the N updates). M = N x D x 4 bytes = one stacked "
            f"matrix of task vectors (and the size of the server's states). Machine memory: {total / GIB:.1f} GiB.",
            "",
            "| N | D | strategy | M | aggregate_refs (s) | allocations during call | / M "
-           "| actor USS before -> peak | need: store + actor before + allocations | / M "
+           "| actor USS before -> peak | need: store + kept arrays + allocations | / M "
            "| all processes peak (PSS) | fits in machine memory |",
            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -1117,7 +1163,7 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
         if not measured:
             continue
         ratios = [r.traced_peak / r.matrix for r in measured]  # type: ignore[operator]
-        kept = [(r.actor_uss_before or 0) / r.matrix for r in measured]
+        kept = [(r.held_before or 0) / r.matrix for r in measured]
         need = (measured[-1].need or 0) / measured[-1].matrix
         flat = max(ratios) <= 1.15 * min(ratios)
         verdict = ("constant across sizes, so memory is linear in N x D: no N^2 copies of task vectors"
@@ -1126,11 +1172,16 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
                 f"{', '.join(f'({r.n}, {r.d:g})' for r in measured)}: {', '.join(f'{x:.2f}' for x in ratios)}"
                 f" -- {verdict} (the N x N "
                 f"similarity/weight matrices are N^2 x 8 bytes, {measured[-1].n ** 2 * 8 / MIB:.1f} MiB at "
-                f"N={measured[-1].n}). The actor held {', '.join(f'{x:.2f}' for x in kept)} x M before "
-                "the call (its states, whatever it keeps between rounds, and the Python/Ray baseline). "
+                f"N={measured[-1].n}). Between rounds the server keeps numpy arrays of "
+                f"{', '.join(f'{x:.2f}' for x in kept)} x M (its states and what it keeps from the last "
+                f"round); the actor's baseline is {_bytes(measured[-1].actor_base)}. "
                 f"At N = 1000, D = 1e6 (M = {_bytes(big)}) the largest measured case predicts "
-                f"{need:.2f} x M = {_bytes(need * big)} (object store + actor before the call + the call's "
-                f"allocations), plus Ray's own processes, against {total / GIB:.1f} GiB of machine memory."]
+                f"{need:.2f} x M = {_bytes(need * big)} (object store + kept arrays + the call's "
+                f"allocations), plus the baselines of the actor and Ray's own processes (~1 GiB), against "
+                f"{total / GIB:.1f} GiB of machine memory."]
+    threads = next((r.threads for r in rows if r.threads), None)
+    if threads:
+        out += ["", f"The server actor (`num_cpus=0`) runs numpy with {threads}."]
     out += ["", "Where the allocations come from (`FederatedServer.aggregate` and the strategies, read "
             "from the code): `np.stack(vecs)` of the received task vectors (1 M); `self.states[idx]` (a "
             "copy, 1 M, even when every client participates); the strategy's new states (1 M: "
@@ -1255,10 +1306,18 @@ def explanations(cache: dict[tuple[str, str], Run]) -> list[str]:
         loads, secs = rel.extra.get("loads") or [], rel.extra.get("load_seconds") or []
         if len(loads) > 1 and sum(loads[1:]):
             per = sum(secs[1:]) / sum(loads[1:])
-            out.append(f"- Measured on {model}: flower-reload built the model {sum(loads[1:]) / (len(loads) - 1):.0f} "
-                       f"times per steady round, {per:.2f} s per build ({sum(secs[1:]) / (len(secs) - 1):.1f} s "
-                       f"per round, summed over its workers); its steady round was {rel.steady - fed.steady:+.2f} s "
-                       "longer than fedbip's.")
+            line = (f"- Measured on {model}: flower-reload built the model "
+                    f"{sum(loads[1:]) / (len(loads) - 1):.0f} times per steady round, {per:.2f} s per build "
+                    f"({sum(secs[1:]) / (len(secs) - 1):.1f} s per round, summed over its workers); its "
+                    f"steady round was {rel.steady - fed.steady:+.2f} s longer than fedbip's.")
+            cac = cache.get((model, "flower-cached"))
+            comp_r = rel.extra.get("compute_seconds") or []
+            comp_c = (cac.extra.get("compute_seconds") or []) if cac and not cac.error else []
+            if len(comp_r) > 1 and len(comp_c) > 1:
+                line += (f" Training + evaluation inside the ClientApp (summed over workers, steady rounds): "
+                         f"{np.mean(comp_r[1:]):.1f} s per round with a fresh model per message vs "
+                         f"{np.mean(comp_c[1:]):.1f} s with a kept one.")
+            out.append(line)
     out.append("")
     return out
 
@@ -1283,7 +1342,7 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run, ~1 minute)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run: minutes, not timings)")
     p.add_argument("--sections", type=_csv, default=list(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--out", type=Path, default=None, help=f"markdown report (default {DEFAULT_OUT}; none with --quick)")

@@ -112,6 +112,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location(f"fedbip_bench_{args.name}", root)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the module look themselves up here
     spec.loader.exec_module(module)
     return int(module.main(args.args) or 0)
 

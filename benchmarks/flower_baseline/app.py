@@ -104,13 +104,17 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"]["server-round"])
     trainer, load_s = build_trainer(job_path)
     data = client_data(job_path, trainer, cid)
+    t0 = time.perf_counter()
     trainer.load_state(_received_state(msg))
     metrics = trainer.train(data["train"], cfg.train.local_epochs, seed_for(cfg.seed, cid, rnd), 0.0)
+    state = trainer.current_state()
+    compute_s = time.perf_counter() - t0
     loss = float(metrics.get("train_loss", float("nan")))
     reply = RecordDict({
-        "arrays": ArrayRecord([trainer.current_state()]),
+        "arrays": ArrayRecord([state]),
         "metrics": MetricRecord({"num-examples": len(data["train"]), "train_loss": loss,
-                                 "load_seconds": load_s, "threads": _threads()}),
+                                 "load_seconds": load_s, "compute_seconds": compute_s,
+                                 "threads": _threads()}),
     })
     return Message(content=reply, reply_to=msg)
 
@@ -122,12 +126,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     cid = int(context.node_config["partition-id"])
     trainer, load_s = build_trainer(job_path)
     data = client_data(job_path, trainer, cid)
+    t0 = time.perf_counter()
     trainer.load_state(_received_state(msg))
     val, test = trainer.evaluate(data["val"]), trainer.evaluate(data["test"])
+    compute_s = time.perf_counter() - t0
     reply = RecordDict({
         "metrics": MetricRecord({"num-examples": int(test["n"]), "accuracy": float(test["accuracy"]),
                                  "val_accuracy": float(val["accuracy"]), "client": cid,
-                                 "load_seconds": load_s, "threads": _threads()}),
+                                 "load_seconds": load_s, "compute_seconds": compute_s,
+                                 "threads": _threads()}),
     })
     return Message(content=reply, reply_to=msg)
 
@@ -135,7 +142,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 # ---------------------------------------------------------------------------------- server
 class TimedFedAvg(FedAvg):
     """Flower's FedAvg, recording when each round ends (after its evaluation), the model
-    building time reported by the clients, and the unweighted mean test accuracy."""
+    building and compute (train / evaluate) seconds reported by the clients, and the unweighted
+    mean test accuracy."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -143,6 +151,7 @@ class TimedFedAvg(FedAvg):
         self.ends: list[float] = []
         self.loads: list[int] = []
         self.load_seconds: list[float] = []
+        self.compute_seconds: list[float] = []
         self.failures: list[int] = []
         self.threads: set[int] = set()
         self.accuracy: float | None = None
@@ -151,6 +160,7 @@ class TimedFedAvg(FedAvg):
         while len(self.loads) < server_round:
             self.loads.append(0)
             self.load_seconds.append(0.0)
+            self.compute_seconds.append(0.0)
             self.failures.append(0)
         for msg in replies:
             if msg.has_error():
@@ -160,6 +170,7 @@ class TimedFedAvg(FedAvg):
             secs = float(metrics.get("load_seconds", 0.0))
             self.loads[server_round - 1] += int(secs > 0)
             self.load_seconds[server_round - 1] += secs
+            self.compute_seconds[server_round - 1] += float(metrics.get("compute_seconds", 0.0))
             self.threads.add(int(metrics.get("threads", 0)))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -212,6 +223,7 @@ def main(grid: Grid, context: Context) -> None:
                    train_config=cfg, evaluate_config=ConfigRecord({"job": job_path}))
     result = {"start": strategy.first_start, "ends": strategy.ends, "accuracy": strategy.accuracy,
               "loads": strategy.loads, "load_seconds": strategy.load_seconds,
+              "compute_seconds": strategy.compute_seconds,
               "failures": strategy.failures, "server_init_seconds": init_seconds,
               "torch_threads": sorted(strategy.threads), "flwr": flwr.__version__,
               "ray": ray.__version__}

@@ -53,14 +53,31 @@ class RayHead:
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
              "--num-gpus=0", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dash_port}", "--disable-usage-stats", f"--temp-dir={self.tmp}"],
+             f"--dashboard-port={self.dash_port}", "--disable-usage-stats", f"--temp-dir={self.tmp}",
+             # every port explicit and free: another Ray on this machine (a test session, a
+             # notebook) must not make this head's job agent fail to bind its default port
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+             f"--ray-client-server-port={free_port()}"],
             check=True, env=env(), capture_output=True, timeout=120)
         wait_http(f"{self.dashboard}/api/version", 60)
+        self._wait_job_agent(90)
         return self
 
-    def submit(self, cwd: Path, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """``ray job submit`` (retried while the head's job agent is still starting)."""
+    def _wait_job_agent(self, timeout: float) -> None:
+        """Until the head's job agent answers (``ray job list`` succeeds)."""
         deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc = subprocess.run([str(BIN / "ray"), "job", "list", "--address", self.dashboard],
+                                  env=env(), capture_output=True, text=True, timeout=60)
+            if proc.returncode == 0:
+                return
+            time.sleep(2)
+
+    def submit(self, cwd: Path, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """``ray job submit`` (retried for a minute while the job agent is still starting)."""
+        deadline = time.time() + min(timeout, 120)
         while True:
             proc = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",

@@ -88,5 +88,6 @@ def test_quick_report_is_produced_and_sane(perf, ray_local, tmp_path):
     for agg in aggs:
         assert agg["skipped"] is None and agg["accepted"] == 16
         assert agg["seconds"] > 0 and agg["traced_peak"] > 0
+        assert agg["held_before"] >= 16 * 20_000 * 4  # the server's states at least
         # allocations stay a small multiple of one N x D matrix (no per-pair copies)
         assert agg["traced_peak"] < 8 * 16 * 20_000 * 4
