@@ -141,7 +141,10 @@ def run_case(
     deltas = rng.standard_normal((n, d), dtype=np.float32)
     deltas += rng.standard_normal((1, d), dtype=np.float32)  # shared direction: positive cosines
     counts = np.full(n, 100, dtype=np.int64)
-    strategy = make_strategy("fedbip")
+    # the same computation as the loop: cosine of per-round task vectors, clipped weights
+    strategy = make_strategy("fedbip", {"reference": "round", "lora_product": False,
+                                        "threshold": None, "relative_threshold": False,
+                                        "self_similarity": "one"})
 
     def ours() -> np.ndarray:
         inp = AggregationInput(states=states, deltas=deltas, counts=counts, layout=layout)
