@@ -57,3 +57,24 @@ def test_ray_job_submit_runs_a_federation_tracked_in_mlflow(servers):
     assert "matrices/similarity_round_00003.png" in mats and "matrices/round_00002.json" in mats
     adapters = {a.path for a in client.list_artifacts(run.info.run_id, "adapters/client_0001")}
     assert "adapters/client_0001/adapter_config.json" in adapters
+
+
+def test_ray_job_submit_runs_a_tune_search(servers):
+    head, mlf, tmp = servers
+    out = tmp / "tune"
+    proc = head.submit(REPO, "python", "jobs/tune.py", "--config", "jobs/configs/tune_tiny.yaml",
+                       "--output", str(out), "--set", f"tracking.tracking_uri={mlf.uri}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "best_config.yaml").is_file()
+    summary = json.loads((out / "tune_summary.json").read_text())
+    assert summary
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlf.uri)
+    exp = client.get_experiment_by_name("fedbip-tune-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) >= 1 and len(children) >= 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} <= {p.info.run_id for p in parents}
