@@ -7,7 +7,6 @@ vectors (D,) in the order of ``layout`` (trainable parameters sorted by name).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from fedbip_ray.config import Config
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.images import frame_pixels, rotate_groups
-from fedbip_ray.models.factory import get_state, trainable_parameters
+from fedbip_ray.models.factory import trainable_parameters
 from fedbip_ray.models.vision import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -27,6 +26,7 @@ from fedbip_ray.models.vision import (
     freeze_batchnorm,
     input_size,
 )
+from fedbip_ray.runtime.trainer import AdapterState, run_local_epochs
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def encode_frame(frame: pd.DataFrame, size: int, num_rotation_groups: int | None
     return ImageData(x.contiguous(), labels)
 
 
-class ImageTrainer:
+class ImageTrainer(AdapterState):
     """Holds one image model + adapter; loads any flat adapter state, trains, evaluates."""
 
     def __init__(self, cfg: Config, num_labels: int) -> None:
@@ -70,27 +70,6 @@ class ImageTrainer:
         self.model = build_image_model(cfg.model, num_labels, cfg.seed).to(self.device)
         self.params = trainable_parameters(self.model)
         self.layout = Layout.from_shapes({n: tuple(p.shape) for n, p in self.params.items()})
-
-    # -- state <-> parameters -------------------------------------------------------------
-    def initial_state(self) -> np.ndarray:
-        """The adapter's initial trainable state, flat (D,) float32."""
-        arrays = get_state(self.model)
-        return np.concatenate([arrays[n].ravel() for n in self.layout.names]).astype(np.float32)
-
-    def current_state(self) -> np.ndarray:
-        """The current trainable state, flat (D,) float32."""
-        with torch.no_grad():
-            flat = torch.cat([p.detach().float().reshape(-1) for p in self.params.values()])
-        return flat.cpu().numpy().astype(np.float32, copy=False)
-
-    @torch.no_grad()
-    def load_state(self, state: np.ndarray) -> None:
-        """Copy a flat (D,) state into the trainable parameters."""
-        if state.shape != (self.layout.size,):
-            raise ValueError(f"state has shape {state.shape}, adapter needs ({self.layout.size},)")
-        src = torch.from_numpy(np.array(state, dtype=np.float32, copy=True))
-        for name, p in self.params.items():
-            p.copy_(src[self.layout.index(name)].view(p.shape).to(device=p.device, dtype=p.dtype))
 
     # -- data -------------------------------------------------------------------------------
     def encode(self, frame: pd.DataFrame) -> ImageData:
@@ -109,38 +88,15 @@ class ImageTrainer:
     # -- training ---------------------------------------------------------------------------
     def train(self, data: ImageData, epochs: int, seed: int, prox_mu: float = 0.0) -> dict[str, Any]:
         """Train the loaded state in place for ``epochs`` local epochs (BatchNorm frozen)."""
-        tc = self.train_cfg
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        params = list(self.params.values())
-        anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-        if tc.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.model.train()
         freeze_batchnorm(self.model)
-        total, steps, start = 0.0, 0, time.perf_counter()
-        limit = tc.max_steps_per_round
-        for _ in range(epochs):
-            for x, y in self._batches(data, tc.batch_size, gen):
-                loss = torch.nn.functional.cross_entropy(self.model(x).float(), y)
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * prox_mu * prox
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-                if limit and steps >= limit:
-                    break
-            if limit and steps >= limit:
-                break
-        loss_mean = total / steps if steps else math.nan
-        if not math.isfinite(loss_mean):
-            loss_mean = float("nan")
-        return {"train_loss": loss_mean, "steps": steps, "train_seconds": time.perf_counter() - start}
+
+        def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x).float(), y)
+
+        return run_local_epochs(list(self.params.values()), self.train_cfg, epochs, seed, prox_mu,
+                                lambda gen: self._batches(data, self.train_cfg.batch_size, gen), loss_of)
 
     @torch.no_grad()
     def evaluate(self, data: ImageData) -> dict[str, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from fedbip_ray.config import ModelConfig, TrainConfig
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.models.factory import trainable_parameters
 from fedbip_ray.models.lm import build_causal_lm
-from fedbip_ray.runtime.trainer import LocalTrainer
+from fedbip_ray.runtime.trainer import LocalTrainer, run_local_epochs
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 MAX_NEW_TOKENS = 32  # hard bound on generated tokens per example
@@ -230,12 +229,6 @@ class CausalLMTrainer(LocalTrainer):
         return max(data.response_length(i) for i in rows) + 1
 
     # -- training ---------------------------------------------------------------------------
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        tc = self.train_cfg
-        if tc.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
-
     def _order(self, n: int, batch_size: int, gen: torch.Generator | None) -> Iterator[list[int]]:
         order = torch.randperm(n, generator=gen).tolist() if gen is not None else list(range(n))
         for start in range(0, n, batch_size):
@@ -243,34 +236,15 @@ class CausalLMTrainer(LocalTrainer):
 
     def train(self, data: LMExamples, epochs: int, seed: int, prox_mu: float = 0.0) -> dict[str, Any]:
         """Train the loaded adapter in place (mean response-token loss per batch)."""
-        tc = self.train_cfg
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        params = list(self.params.values())
-        anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-        opt = self._optimizer(params)
         self.model.train()
-        total, steps, start = 0.0, 0, time.perf_counter()
-        limit = tc.max_steps_per_round or math.inf
-        for _ in range(epochs):
-            for rows in self._order(len(data), tc.batch_size, gen):
-                loss_sum, count = self._response_loss(self._batch(data, rows), self._keep(data, rows))
-                loss = loss_sum / max(count, 1)
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * prox_mu * prox
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-                if steps >= limit:
-                    break
-            if steps >= limit:
-                break
-        mean = total / steps if steps else math.nan
-        return {"train_loss": mean if math.isfinite(mean) else math.nan, "steps": steps,
-                "train_seconds": time.perf_counter() - start}
+
+        def loss_of(rows: list[int]) -> torch.Tensor:
+            loss_sum, count = self._response_loss(self._batch(data, rows), self._keep(data, rows))
+            return loss_sum / max(count, 1)
+
+        return run_local_epochs(list(self.params.values()), self.train_cfg, epochs, seed, prox_mu,
+                                lambda gen: self._order(len(data), self.train_cfg.batch_size, gen),
+                                loss_of)
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,84 @@ def seed_for(*parts: int) -> int:
     return int(h % (2**31 - 1))
 
 
-class LocalTrainer:
+def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over the trainable parameters (AdamW or SGD, per ``train``)."""
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def run_local_epochs(
+    params: list[torch.nn.Parameter],
+    tc: TrainConfig,
+    epochs: int,
+    seed: int,
+    prox_mu: float,
+    batches: Callable[[torch.Generator], Iterable[Any]],
+    loss_of: Callable[[Any], torch.Tensor],
+) -> dict[str, Any]:
+    """The local training loop shared by every trainer (the model is already in train mode).
+
+    Seeds torch and the batch order with ``seed``, adds the FedProx term
+    ``prox_mu / 2 * ||w - w_received||^2`` when ``prox_mu > 0``, and stops after
+    ``tc.max_steps_per_round`` steps if set. Returns train_loss (mean), steps, train_seconds.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    opt = make_optimizer(params, tc)
+    limit = tc.max_steps_per_round or math.inf
+    total, steps, start = 0.0, 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in batches(gen):
+            loss = loss_of(batch)
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                loss = loss + 0.5 * prox_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+            if steps >= limit:
+                break
+        if steps >= limit:
+            break
+    mean = total / steps if steps else math.nan
+    return {"train_loss": mean if math.isfinite(mean) else math.nan, "steps": steps,
+            "train_seconds": time.perf_counter() - start}
+
+
+class AdapterState:
+    """Flat (D,) float32 views of a trainer's trainable parameters (needs ``model``,
+    ``params`` (name -> Parameter, layout order) and ``layout``)."""
+
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    layout: Layout
+
+    def initial_state(self) -> np.ndarray:
+        """The adapter's initial trainable state, flat (D,) float32."""
+        arrays = get_state(self.model)
+        return np.concatenate([arrays[n].ravel() for n in self.layout.names]).astype(np.float32)
+
+    def current_state(self) -> np.ndarray:
+        """The current trainable state, flat (D,) float32."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().float().reshape(-1) for p in self.params.values()])
+        return flat.cpu().numpy().astype(np.float32, copy=False)
+
+    @torch.no_grad()
+    def load_state(self, state: np.ndarray) -> None:
+        """Copy a flat (D,) state into the trainable parameters."""
+        if state.shape != (self.layout.size,):
+            raise ValueError(f"state has shape {state.shape}, adapter needs ({self.layout.size},)")
+        src = torch.from_numpy(np.array(state, dtype=np.float32, copy=True))
+        for name, p in self.params.items():
+            p.copy_(src[self.layout.index(name)].view(p.shape).to(device=p.device, dtype=p.dtype))
+
+
+class LocalTrainer(AdapterState):
     """Holds one base model + adapter; loads any flat adapter state, trains, evaluates.
 
     States are flat float32 vectors (D,) in the order of ``layout``.
@@ -51,27 +129,6 @@ class LocalTrainer:
         self.model = model.to(self.device)
         self.params = trainable_parameters(self.model)
         self.layout = Layout.from_shapes({n: tuple(p.shape) for n, p in self.params.items()})
-
-    # -- state <-> parameters -------------------------------------------------------------
-    def initial_state(self) -> np.ndarray:
-        """The adapter's initial trainable state, flat (D,) float32."""
-        arrays = get_state(self.model)
-        return np.concatenate([arrays[n].ravel() for n in self.layout.names]).astype(np.float32)
-
-    def current_state(self) -> np.ndarray:
-        with torch.no_grad():
-            flat = torch.cat([p.detach().float().reshape(-1) for p in self.params.values()])
-        return flat.cpu().numpy().astype(np.float32, copy=False)
-
-    @torch.no_grad()
-    def load_state(self, state: np.ndarray) -> None:
-        """Copy a flat (D,) state into the trainable parameters."""
-        if state.shape != (self.layout.size,):
-            raise ValueError(f"state has shape {state.shape}, adapter needs ({self.layout.size},)")
-        src = torch.from_numpy(np.array(state, dtype=np.float32, copy=True))
-        for name, p in self.params.items():
-            sl = self.layout.index(name)
-            p.copy_(src[sl].view(p.shape).to(device=p.device, dtype=p.dtype))
 
     # -- data -------------------------------------------------------------------------------
     def encode(self, frame: pd.DataFrame) -> Encoded:
@@ -105,37 +162,15 @@ class LocalTrainer:
     # -- training ---------------------------------------------------------------------------
     def train(self, data: Encoded, epochs: int, seed: int, prox_mu: float = 0.0) -> dict[str, Any]:
         """Train the loaded state in place for ``epochs`` local epochs. Returns metrics."""
-        tc = self.train_cfg
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        params = list(self.params.values())
-        anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-        if tc.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.model.train()
-        total, steps, start = 0.0, 0, time.perf_counter()
-        for _ in range(epochs):
-            for ids, mask, y in self._batches(data, tc.batch_size, gen):
-                out = self.model(input_ids=ids, attention_mask=mask)
-                loss = torch.nn.functional.cross_entropy(out.logits.float(), y)
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * prox_mu * prox
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-                if tc.max_steps_per_round and steps >= tc.max_steps_per_round:
-                    break
-            if tc.max_steps_per_round and steps >= tc.max_steps_per_round:
-                break
-        loss_mean = total / steps if steps else math.nan
-        if not math.isfinite(loss_mean):
-            loss_mean = float("nan")
-        return {"train_loss": loss_mean, "steps": steps, "train_seconds": time.perf_counter() - start}
+
+        def loss_of(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            ids, mask, y = batch
+            out = self.model(input_ids=ids, attention_mask=mask)
+            return torch.nn.functional.cross_entropy(out.logits.float(), y)
+
+        return run_local_epochs(list(self.params.values()), self.train_cfg, epochs, seed, prox_mu,
+                                lambda gen: self._batches(data, self.train_cfg.batch_size, gen), loss_of)
 
     @torch.no_grad()
     def evaluate(self, data: Encoded) -> dict[str, float]:
