@@ -224,8 +224,10 @@ def _lora_gram(
         a = np.concatenate([a, -ab], axis=1)
         b = np.concatenate([b, bb], axis=2)
         r = 2 * r
-    am = np.ascontiguousarray(a).reshape(n * r, d_in)  # rows (i, p): A_i[p, :]
-    bm = np.ascontiguousarray(b.transpose(0, 2, 1)).reshape(n * r, d_out)  # rows (i, p): B_i[:, p]
+    # float64 factors: the sum of r*r factor products cancels heavily when ΔW's are nearly
+    # collinear, and float32 then leaves errors ~1e-4 in the cosine (factors are small: r x d)
+    am = np.ascontiguousarray(a, dtype=np.float64).reshape(n * r, d_in)  # rows (i, p): A_i[p, :]
+    bm = np.ascontiguousarray(b.transpose(0, 2, 1), dtype=np.float64).reshape(n * r, d_out)
     g = np.empty((n, n), dtype=np.float64)
     block = max(1, _LORA_BLOCK_ELEMENTS // max(1, n * r * r))
     for i0 in range(0, n, block):
@@ -233,7 +235,7 @@ def _lora_gram(
         aa = am[i0 * r : i1 * r] @ am.T  # (b*r, n*r): (A_i A_kᵀ)[p, q]
         bbm = bm[i0 * r : i1 * r] @ bm.T  # (b*r, n*r): (B_iᵀ B_k)[p, q]
         aa *= bbm
-        g[i0:i1] = aa.reshape(i1 - i0, r, n, r).sum(axis=(1, 3), dtype=np.float64)
+        g[i0:i1] = aa.reshape(i1 - i0, r, n, r).sum(axis=(1, 3))
     return g
 
 
