@@ -258,20 +258,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_path(data: dict[str, Any], parts: Sequence[str], value: Any, label: str) -> None:
+    """Set ``data[parts[0]]...[parts[-1]] = value`` in place, creating sections as needed;
+    a non-section on the way raises ConfigError prefixed with ``label``."""
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{label}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``dotted.key=value`` applied."""
     out: dict[str, Any] = _deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{p}' is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_path(out, parts, value, f"override {text!r}")
     return out
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedbip_ray.config import Config, ConfigError, apply_overrides, config_from_dict
+from fedbip_ray.config import Config, ConfigError, apply_overrides, config_from_dict, set_path
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 #: Keys a search may not touch: the trial's resource reservation is computed from them, the
@@ -204,16 +204,7 @@ def load_tune_config(path: str | Path, overrides: Sequence[str] = ()
 def set_dotted(data: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
     """A copy of ``data`` with ``a.b.c`` set to ``value`` (sections created as needed)."""
     out = apply_overrides(dict(data), [])
-    parts = key.split(".")
-    node = out
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"config field '{key}': '{p}' is not a section")
-        node = child
-    node[parts[-1]] = value
+    set_path(out, key.split("."), value, f"config field '{key}'")
     return out
 
 
