@@ -86,8 +86,10 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
     if "[" not in spec:
         return spec, {}
     name, rest = spec.split("[", 1)
+    if not rest.endswith("]"):
+        raise ValueError(f"strategy spec {spec!r}: missing closing ']'")
     params = {}
-    for item in rest.rstrip("]").split(";"):
+    for item in rest[:-1].split(";"):
         if item.strip():
             k, v = item.split("=", 1)
             params[k.strip()] = yaml.safe_load(v)

@@ -200,6 +200,9 @@ class Config(_Frozen):
         _check_task_fit(self.model.name, self.model.task, self.data.dataset)
         if self.data.partition.shift == "rotation" and self.model.task != "image-classification":
             raise ValueError("data.partition.shift 'rotation' needs model.task 'image-classification'")
+        if self.privacy.clip_norm is not None and self.strategy.params.get("reference") == "gradient":
+            raise ValueError("strategy.params.reference 'gradient' sends gradient signals that "
+                             "privacy does not cover: use 'pretrained' or 'round' with privacy")
         return self
 
     def clients_per_round(self) -> int:

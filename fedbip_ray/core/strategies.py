@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors, clip_rows, mix_models
+from .gate import check_mixes
 from .similarity import (
     SCOPES,
     cosine_similarity,
@@ -57,7 +58,7 @@ __all__ = [
     "strategy_param_names",
 ]
 
-REFERENCES: tuple[str, ...] = ("round", "pretrained")
+REFERENCES: tuple[str, ...] = ("round", "pretrained", "gradient")
 
 
 # --------------------------------------------------------------------------- messages
@@ -76,6 +77,8 @@ class AggregationInput:
         groups: ``(N,)`` int true client groups (needed by ``oracle``; used for diagnostics).
         prev_similarity: ``(N, N)`` (or, for ``fedbip-layer``, ``(G, N, N)``) similarity of
             the previous round for these participants, for smoothing.
+        signals: ``(N, D)`` float32 optimizer-neutral signals (the negated sum of the loss
+            gradients over the round's local steps), needed for ``reference="gradient"``.
     """
 
     states: np.ndarray
@@ -85,6 +88,7 @@ class AggregationInput:
     init: np.ndarray | None = None
     groups: np.ndarray | None = None
     prev_similarity: np.ndarray | None = None
+    signals: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         states = np.asarray(self.states, dtype=np.float32)
@@ -120,6 +124,11 @@ class AggregationInput:
                     f"prev_similarity must have shape ({n}, {n}) or (G, {n}, {n}), got {prev.shape}"
                 )
             object.__setattr__(self, "prev_similarity", prev)
+        if self.signals is not None:
+            sig = np.asarray(self.signals, dtype=np.float32)
+            if sig.shape != (n, d):
+                raise ValueError(f"signals must have shape ({n}, {d}), got {sig.shape}")
+            object.__setattr__(self, "signals", sig)
 
     @property
     def n(self) -> int:
@@ -159,10 +168,17 @@ class ClientOptions:
     Attributes:
         prox_mu: coefficient of the proximal term ``mu/2 ||θ - θ̄||²`` (0 = off).
         finetune_epochs_before_eval: local epochs on the received model before evaluation.
+        gate_mixes: validation gate (see :mod:`fedbip_ray.core.gate`): after aggregation each
+            client keeps the best of ``local + λ (aggregate − local)`` over these ``λ`` on its
+            validation split (empty = off: the aggregate is kept as is).
+        send_gradient: clients also send the negated sum of their loss gradients over the
+            round (``AggregationInput.signals``).
     """
 
     prox_mu: float = 0.0
     finetune_epochs_before_eval: int = 0
+    gate_mixes: tuple[float, ...] = ()
+    send_gradient: bool = False
 
 
 @runtime_checkable
@@ -202,7 +218,12 @@ def _fedavg_states(inp: AggregationInput) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compared(inp: AggregationInput, reference: str, lora_product: bool) -> tuple[np.ndarray, Any]:
-    """``(vectors, base)`` handed to the similarity functions for a reference choice."""
+    """``(vectors, base)`` handed to the similarity functions for a reference choice (and
+    whether LoRA products apply: not to gradients)."""
+    if reference == "gradient":
+        if inp.signals is None:
+            raise ValueError("reference 'gradient' needs the clients' gradient signals")
+        return inp.signals, None
     if reference == "pretrained":
         if inp.init is None:
             raise ValueError("reference 'pretrained' needs AggregationInput.init")
@@ -332,12 +353,16 @@ class _FedBipOptions(_Base):
     Attributes:
         threshold, clip_negative, temperature, top_k: see :func:`personalized_weights`.
         reference: ``"round"`` compares per-round task vectors (the paper);
-            ``"pretrained"`` compares cumulative vectors ``θ - init``. The per-round deltas
-            are aggregated either way.
+            ``"pretrained"`` compares cumulative vectors ``θ - init``; ``"gradient"`` compares
+            an optimizer-neutral signal: the negated sum of each client's loss gradients over
+            the round (Adam's per-coordinate scaling left out; clients send it beside the task
+            vector, ``lora_product`` does not apply, ``smoothing`` accumulates it over rounds).
+            The per-round deltas are aggregated either way.
         center: subtract the mean task vector before the cosine.
         lora_product: compare LoRA modules by ``ΔW = B @ A`` (per-round change of ``ΔW`` for
             ``"round"``, ``ΔW`` itself for ``"pretrained"`` since LoRA's ``B`` starts at 0).
         smoothing: EMA weight ``beta`` on ``prev_similarity`` (0 = off).
+        gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
     """
 
     threshold: float | None = 0.0
@@ -350,8 +375,10 @@ class _FedBipOptions(_Base):
     smoothing: float = 0.0
     relative_threshold: bool = True
     self_similarity: str = "max-peer"
+    gate: tuple[float, ...] = (1.0, 0.5, 0.0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "gate", check_mixes(self.gate))
         if isinstance(self.top_k, float) and self.top_k.is_integer():
             object.__setattr__(self, "top_k", int(self.top_k))
         validate_weight_options(
@@ -370,6 +397,15 @@ class _FedBipOptions(_Base):
         _check_nonneg("smoothing", self.smoothing)
         if self.smoothing >= 1:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
+
+    @property
+    def _lora(self) -> bool:
+        """Compare LoRA modules as ``B @ A`` (never for gradient signals)."""
+        return bool(self.lora_product) and self.reference != "gradient"
+
+    @property
+    def client_options(self) -> ClientOptions:
+        return ClientOptions(gate_mixes=self.gate, send_gradient=self.reference == "gradient")
 
     def _weights(self, s: np.ndarray) -> np.ndarray:
         return personalized_weights(
@@ -420,14 +456,14 @@ class FedBipStrategy(_FedBipOptions):
             raise ValueError("scope 'modules' needs a non-empty modules list")
 
     def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        vectors, base = _compared(inp, self.reference, bool(self.lora_product))
+        vectors, base = _compared(inp, self.reference, self._lora)
         s = similarity_matrix(
             vectors,
             inp.layout,
             scope=self.scope,
             modules=self.modules,
             center=bool(self.center),
-            lora_product=bool(self.lora_product),
+            lora_product=self._lora,
             base=base,
         )
         prev = inp.prev_similarity
@@ -450,12 +486,12 @@ class FedBipLayerStrategy(_FedBipOptions):
     name: ClassVar[str] = "fedbip-layer"
 
     def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        vectors, base = _compared(inp, self.reference, bool(self.lora_product))
+        vectors, base = _compared(inp, self.reference, self._lora)
         keys, sims = per_module_similarity(
             vectors,
             inp.layout,
             center=bool(self.center),
-            lora_product=bool(self.lora_product),
+            lora_product=self._lora,
             base=base,
         )
         sims = self._smooth(inp.prev_similarity, sims)

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 
 from fedbip_ray.config import Config, ConfigError
+from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.data.shards import read_shard
 from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef
 from fedbip_ray.runtime.trainer import make_trainer, seed_for
@@ -128,20 +129,26 @@ class ClientActor:
         return self._data[client_id]
 
     def fit(self, client_id: int, state: np.ndarray, round_num: int, prox_mu: float = 0.0,
-            shard: ShardRef | None = None) -> ClientUpdate:
-        """Train ``state`` on the client's train split; return the task vector (D,) float32."""
+            shard: ShardRef | None = None, gradient: bool = False) -> ClientUpdate:
+        """Train ``state`` on the client's train split; return the task vector (D,) float32
+        (and, with ``gradient``, the negated gradient sum of the round as ``signal``)."""
         trainer = self._ready()
         data = self._client_data(client_id, shard)["train"]
         trainer.load_state(state)
-        metrics = trainer.train(
-            data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num), prox_mu
-        )
+        if gradient:
+            trainer.start_gradient_sum()
+        try:
+            metrics = trainer.train(
+                data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num), prox_mu
+            )
+        finally:
+            signal = trainer.stop_gradient_sum() if gradient else None
         tau = trainer.current_state() - np.asarray(state, dtype=np.float32)
         mode = parse_poison(os.environ.get(POISON_ENV)).get(client_id)
         if mode is not None:
             tau = poison_vector(tau, mode)
         return ClientUpdate(client_id, round_num, tau.astype(np.float32, copy=False),
-                            trainer.layout.to_dict(), len(data), metrics)
+                            trainer.layout.to_dict(), len(data), metrics, signal)
 
     def evaluate(self, client_id: int, state: np.ndarray, round_num: int,
                  splits: tuple[str, ...] = ("val", "test"), finetune_epochs: int = 0,
@@ -154,6 +161,18 @@ class ClientActor:
         if finetune_epochs > 0:
             trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
         return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
+
+    def score_mixes(self, client_id: int, pair: np.ndarray, mixes: tuple[float, ...],
+                    round_num: int, shard: ShardRef | None = None) -> list[dict[str, float]]:
+        """Validation scores of ``local + λ (aggregate − local)`` for each ``λ`` in ``mixes``;
+        ``pair`` is (2, D) [local, aggregate] (see :mod:`fedbip_ray.core.gate`)."""
+        trainer = self._ready()
+        data = self._client_data(client_id, shard)["val"]
+        scores = []
+        for cand in mix_candidates(pair[0], pair[1], mixes):
+            trainer.load_state(cand)
+            scores.append(trainer.evaluate(data))
+        return scores
 
     def export_adapter(self, client_id: int, state: np.ndarray) -> dict[str, bytes]:
         """The client's adapter in peft format (``PeftModel.from_pretrained`` loads it), as

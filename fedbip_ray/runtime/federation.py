@@ -28,6 +28,7 @@ import ray
 import yaml
 
 from fedbip_ray.config import Config, ConfigError, ModelConfig
+from fedbip_ray.core.gate import choose_mix
 from fedbip_ray.core.strategies import Strategy, make_strategy
 from fedbip_ray.data.shards import ShardSet, build_shards, format_summary
 from fedbip_ray.privacy.accounting import privacy_report
@@ -323,13 +324,13 @@ class FitOutcome:
 
 
 def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float,
-              deadline_s: float) -> FitOutcome:
+              deadline_s: float, gradient: bool = False) -> FitOutcome:
     """Submit every participant's fit, wait up to the deadline, cancel the stragglers.
 
     The update refs are not fetched here (``fetch_local=False``): the server pulls them.
     """
     refs = [ctx.actor_for(c).fit.remote(c, ctx.server.get_state.remote(c), rnd, prox_mu,
-                                        ctx.shard_refs[c]) for c in participants]
+                                        ctx.shard_refs[c], gradient) for c in participants]
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline_s, fetch_local=False)
     ready_set = set(ready)
     _cancel(pending)
@@ -338,6 +339,30 @@ def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float
         log.warning("round %d: stragglers past the %.3gs deadline: %s", rnd, deadline_s, stragglers)
     done = [(c, r) for c, r in zip(participants, refs, strict=True) if r in ready_set]
     return FitOutcome(done, stragglers)
+
+
+def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[float, ...],
+               deadline_s: float) -> dict[int, float]:
+    """Validation gate (:mod:`fedbip_ray.core.gate`): every aggregated client scores
+    ``local + λ (aggregate − local)`` for each ``λ`` on its validation split; the server keeps
+    the best. A client whose scoring fails or misses the deadline keeps its aggregate.
+    Returns the chosen ``λ`` per client."""
+    refs = {c: ctx.actor_for(c).score_mixes.remote(c, ctx.server.gate_pair.remote(c), mixes, rnd,
+                                                   ctx.shard_refs[c]) for c in clients}
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
+    _cancel(pending)
+    ready_set = set(ready)
+    chosen: dict[int, float] = {}
+    for cid, ref in refs.items():
+        try:
+            if ref not in ready_set:
+                raise TimeoutError(f"past the {deadline_s:.3g}s deadline")
+            chosen[cid] = choose_mix(ray.get(ref), mixes)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("round %d: validation gate of client %d failed (%s): aggregate kept", rnd,
+                        cid, one_line(exc) if isinstance(exc, TimeoutError) else failure_reason(exc))
+    ray.get(ctx.server.apply_gate.remote(chosen))
+    return chosen
 
 
 def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,
@@ -402,6 +427,10 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
                                "actors_replaced": float(actors_replaced)}
     if privacy is not None and privacy.get("epsilon") is not None:
         extra["dp_epsilon"] = float(privacy["epsilon"])
+    gate = report.get("gate") or {}
+    if gate:
+        extra["gate_mean_mix"] = float(np.mean(list(gate.values())))
+        extra["gate_local_fraction"] = float(np.mean([m == 0.0 for m in gate.values()]))
     for key, value in (report.get("diagnostics") or {}).items():
         extra[f"group_{key}"] = float(value)  # group recovery (true groups known)
     row: dict[str, Any] = {
@@ -426,6 +455,8 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
         "seconds": seconds,
         "extra": extra,
     }
+    if gate:
+        row["gate_mix"] = {str(c): m for c, m in sorted(gate.items())}
     if privacy is not None:
         row["privacy"] = privacy
     return row
@@ -586,7 +617,8 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
     strategy = build_strategy(cfg)
     t0 = time.perf_counter()
     participants = sample_clients(ctx.shards.num_clients, cfg.clients_per_round(), cfg.seed, rnd)
-    fit = fit_phase(ctx, rnd, participants, strategy.client_options.prox_mu, fed.round_deadline_s)
+    opts = strategy.client_options
+    fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient)
     need = min_reports(fed.min_report_fraction, len(participants))
     report = ray.get(ctx.server.aggregate_refs.remote(
         rnd, [c for c, _ in fit.done], [r for _, r in fit.done], need))
@@ -595,6 +627,11 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
         log.warning("round %d: %d of %d clients sent a valid update (%d needed): aggregation "
                     "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
     replaced = heal_actors(ctx, [int(c) for c in report.get("failed", {})])
+    mixes = strategy.client_options.gate_mixes
+    if mixes and report.get("aggregated"):
+        report["gate"] = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]], mixes,
+                                    fed.round_deadline_s)
+        report["bytes_out"] += 2 * 4 * dim * len(report["accepted"])  # [local, aggregate] pairs
     evals: dict[int, dict[str, dict]] = {}
     eval_failed: dict[int, str] = {}
     if rnd % fed.eval_every == 0 or rnd == fed.rounds:

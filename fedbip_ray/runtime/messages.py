@@ -12,7 +12,9 @@ import numpy as np
 class ClientUpdate:
     """What a client returns from ``fit``: its task vector tau = theta_after - theta_received.
 
-    ``vector`` is (D,) float32 in the order of ``layout`` (a ``Layout.to_dict()``).
+    ``vector`` is (D,) float32 in the order of ``layout`` (a ``Layout.to_dict()``);
+    ``signal`` (D,) float32 is the negated sum of the round's loss gradients, sent when the
+    strategy compares gradients (``reference="gradient"``), else None.
     """
 
     client_id: int
@@ -21,6 +23,7 @@ class ClientUpdate:
     layout: dict[str, Any]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    signal: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

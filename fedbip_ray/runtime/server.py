@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.core.similarity import group_recovery
 from fedbip_ray.core.strategies import (
     AggregationInput,
@@ -50,6 +51,8 @@ class FederatedServer:
         self.init: np.ndarray | None = None
         self.states: np.ndarray | None = None
         self.similarity: np.ndarray | None = None  # (num_clients, num_clients) smoothed, NaN unknown
+        # this round's own-training states for the validation gate: ({client: row}, (N_t, D))
+        self._gate_local: tuple[dict[int, int], np.ndarray | None] = ({}, None)
 
     # -- state ------------------------------------------------------------------------------
     def initialize(self, init: np.ndarray, layout: dict[str, Any]) -> int:
@@ -84,6 +87,18 @@ class FederatedServer:
                                  on_excess_norm=self.on_excess_norm)  # type: ignore[arg-type]
         return vec
 
+    def check_signal(self, update: ClientUpdate) -> np.ndarray:
+        """The update's gradient signal (D,) float32 when the strategy compares gradients,
+        checked like a task vector (shape, finiteness; no norm bound); raises UpdateRejected."""
+        assert self.layout is not None
+        if update.signal is None:
+            raise UpdateRejected("the strategy compares gradients but the update has no gradient signal")
+        try:
+            sig, _ = validate_update(np.asarray(update.signal), self.layout, self.layout)
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"gradient signal: {exc}") from None
+        return sig
+
     def round_strategy(self, round_num: int) -> Strategy:
         """The strategy for one round: the configured one, wrapped in DP clip + noise."""
         if not self.privacy:
@@ -102,13 +117,20 @@ class FederatedServer:
         bytes received.
         """
         assert self.states is not None and self.layout is not None
+        self._gate_local = ({}, None)
         ids, vecs, counts, rejected, nbytes = [], [], [], {}, 0
+        signals: list[np.ndarray] | None = [] if self.strategy.client_options.send_gradient else None
         for up in updates:
             nbytes += int(np.asarray(up.vector).nbytes)
+            if up.signal is not None:
+                nbytes += int(np.asarray(up.signal).nbytes)
             try:
                 if up.client_id in ids:
                     raise UpdateRejected("duplicate update in this round")
-                vecs.append(self.check(up, round_num))
+                vec = self.check(up, round_num)
+                if signals is not None:
+                    signals.append(self.check_signal(up))
+                vecs.append(vec)
                 ids.append(up.client_id)
                 counts.append(up.num_examples)
             except UpdateRejected as exc:
@@ -131,10 +153,13 @@ class FederatedServer:
             states=self.states[idx], deltas=np.stack(vecs).astype(np.float32, copy=False),
             counts=np.asarray(counts, dtype=np.int64), layout=self.layout, init=self.init,
             groups=self.groups[idx] if self.groups is not None else None, prev_similarity=prev,
+            signals=np.stack(signals) if signals else None,
         )
         result = self.round_strategy(round_num).aggregate(inp)
         if not np.isfinite(result.states).all():
             raise FloatingPointError(f"round {round_num}: aggregation produced non-finite states")
+        self._gate_local = ({int(c): k for k, c in enumerate(ids)}, inp.theta()
+                            if self.strategy.client_options.gate_mixes else None)
         self.states[idx] = result.states
         report["aggregated"] = True
         if result.similarity is not None and self.similarity is not None:
@@ -155,6 +180,29 @@ class FederatedServer:
             return {}
         rec = group_recovery(np.asarray(result.similarity), np.asarray(result.weights), g)
         return {k: float(v) for k, v in rec.items() if v == v}
+
+    # -- validation gate (fedbip_ray.core.gate) --------------------------------------------
+    def gate_pair(self, client_id: int) -> np.ndarray:
+        """(2, D) float32: [the client's own state after this round's training, its aggregate]."""
+        assert self.states is not None
+        rows, local = self._gate_local
+        if local is None or client_id not in rows:
+            raise KeyError(f"client {client_id} has no gate candidates this round")
+        return np.stack([local[rows[client_id]], self.states[client_id]])
+
+    def apply_gate(self, mixes: dict[int, float]) -> dict[int, float]:
+        """Set each client's state to ``local + λ (aggregate − local)`` for its chosen ``λ``
+        and drop the stored local states. Returns the ``λ`` applied per client."""
+        assert self.states is not None
+        rows, local = self._gate_local
+        applied: dict[int, float] = {}
+        for cid, lam in mixes.items():
+            if local is None or cid not in rows or lam == 1.0:
+                continue
+            self.states[cid] = mix_candidates(local[rows[cid]], self.states[cid], [lam])[0]
+            applied[int(cid)] = float(lam)
+        self._gate_local = ({}, None)
+        return applied
 
     def last_round(self) -> dict[str, Any] | None:
         """The accepted, validated task vectors of the latest aggregation (before DP noise):

@@ -104,6 +104,32 @@ class AdapterState:
             flat = torch.cat([p.detach().float().reshape(-1) for p in self.params.values()])
         return flat.cpu().numpy().astype(np.float32, copy=False)
 
+    def start_gradient_sum(self) -> None:
+        """Sum every trainable parameter's loss gradient over the coming backward passes
+        (post-accumulate hooks; the optimizer is untouched)."""
+        self.stop_gradient_sum()
+        self._grad_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params.values()]
+
+        def hook(buf: torch.Tensor) -> Callable[[torch.Tensor], None]:
+            def add(p: torch.Tensor) -> None:
+                if p.grad is not None:
+                    buf.add_(p.grad.detach().float())
+            return add
+
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(hook(b))
+                            for p, b in zip(self.params.values(), self._grad_sum, strict=True)]
+
+    def stop_gradient_sum(self) -> np.ndarray | None:
+        """Remove the hooks; the negated gradient sum since :meth:`start_gradient_sum`, flat
+        (D,) float32 (the descent direction, same sign convention as a task vector)."""
+        for h in getattr(self, "_grad_hooks", []):
+            h.remove()
+        self._grad_hooks = []
+        bufs, self._grad_sum = getattr(self, "_grad_sum", None), None
+        if bufs is None:
+            return None
+        return (-torch.cat([b.reshape(-1) for b in bufs])).cpu().numpy().astype(np.float32, copy=False)
+
     @torch.no_grad()
     def load_state(self, state: np.ndarray) -> None:
         """Copy a flat (D,) state into the trainable parameters."""

@@ -49,6 +49,12 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert set(rows[-1]["per_client_accuracy"]) == {"0", "1", "2", "3"}
     assert (out_bip / "config.yaml").is_file()
+    # the default fedbip gates every aggregated client on its validation split
+    for r in rows:
+        assert set(r["gate_mix"]) == {"0", "1", "2", "3"}
+        assert set(r["gate_mix"].values()) <= {1.0, 0.5, 0.0}
+        assert r["extra"]["gate_mean_mix"] == pytest.approx(np.mean(list(r["gate_mix"].values())))
+    assert all("gate_mix" not in json.loads(x) for x in (out_avg / "metrics.jsonl").read_text().splitlines())
     # clients with conflicting labels: personalization beats one global model
     assert s_bip["mean_accuracy"] > s_avg["mean_accuracy"] + 0.15
 
@@ -104,3 +110,17 @@ def test_gpu_request_on_cpu_cluster_fails_fast(ray_local, tmp_path):
     with pytest.raises(ConfigError, match="num_gpus_per_client=1: the Ray cluster has 0 GPUs"):
         run_federation(cfg, tmp_path / "gpu", echo=lambda s: None)
     assert time.perf_counter() - t0 < 60
+
+
+def test_gradient_reference_sends_a_signal_beside_each_task_vector(ray_local, tmp_path):
+    summary, out = _run(tmp_path, "grad", federation={"rounds": 2},
+                        strategy={"name": "fedbip", "params": {"reference": "gradient", "gate": []}})
+    assert summary["rounds_completed"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["accepted"] == [0, 1, 2, 3] and not r["rejected"]
+        # bytes_out: one state per client; bytes_in: task vector + gradient signal per client
+        assert r["bytes_in"] == 2 * r["bytes_out"]
+    sims = [json.loads(x) for x in (out / "similarity.jsonl").read_text().splitlines()]
+    s = np.asarray(sims[-1]["similarity"])
+    assert s.shape == (4, 4) and np.isfinite(s).all()

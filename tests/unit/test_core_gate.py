@@ -1,0 +1,100 @@
+"""Validation gate: candidate mixes, choice rule, option checks, strategy wiring."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fedbip_ray.core import make_strategy
+from fedbip_ray.core.gate import check_mixes, choose_mix, mix_candidates
+
+
+def test_mix_candidates_interpolates_between_local_and_aggregate():
+    local = np.array([0.0, 2.0, -1.0], dtype=np.float32)
+    agg = np.array([1.0, 0.0, 3.0], dtype=np.float32)
+    c = mix_candidates(local, agg, [1.0, 0.5, 0.0])
+    assert c.shape == (3, 3) and c.dtype == np.float32
+    np.testing.assert_allclose(c[0], agg)
+    np.testing.assert_allclose(c[1], [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(c[2], local)
+
+
+def test_mix_candidates_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="equal"):
+        mix_candidates(np.zeros(3), np.zeros(4), [1.0])
+
+
+def test_choose_mix_prefers_accuracy_then_loss_then_more_federation():
+    mixes = (1.0, 0.5, 0.0)
+    # accuracy decides
+    assert choose_mix([{"accuracy": 0.6, "loss": 0.1}, {"accuracy": 0.7, "loss": 0.9},
+                       {"accuracy": 0.65, "loss": 0.2}], mixes) == 0.5
+    # equal accuracy: lower loss decides
+    assert choose_mix([{"accuracy": 0.7, "loss": 0.5}, {"accuracy": 0.7, "loss": 0.4},
+                       {"accuracy": 0.7, "loss": 0.3}], mixes) == 0.0
+    # a full tie keeps the largest mix, whatever the order the mixes are given in
+    tie = {"accuracy": 0.7, "loss": 0.3}
+    assert choose_mix([tie, tie, tie], mixes) == 1.0
+    assert choose_mix([tie, tie, tie], (0.0, 1.0, 0.5)) == 1.0
+
+
+def test_choose_mix_nan_scores_count_as_worst_and_all_nan_keeps_aggregate():
+    nan = {"accuracy": math.nan, "loss": math.nan}
+    assert choose_mix([nan, {"accuracy": 0.1, "loss": 5.0}], (1.0, 0.0)) == 0.0
+    assert choose_mix([nan, nan], (1.0, 0.0)) == 1.0
+    with pytest.raises(ValueError, match="scores"):
+        choose_mix([nan], (1.0, 0.0))
+
+
+@pytest.mark.parametrize("bad", [[1.5], [-0.1], [0.5, 0.5], ["a"], "1.0", [True], [math.nan]])
+def test_check_mixes_rejects_bad_entries(bad):
+    with pytest.raises(ValueError, match="gate"):
+        check_mixes(bad)
+
+
+def test_check_mixes_sorts_and_empty_turns_off():
+    assert check_mixes([0.0, 1.0, 0.5]) == (1.0, 0.5, 0.0)
+    assert check_mixes([]) == () and check_mixes(None) == ()
+
+
+def test_fedbip_strategies_expose_the_gate_to_clients():
+    assert make_strategy("fedbip").client_options.gate_mixes == (1.0, 0.5, 0.0)
+    assert make_strategy("fedbip-layer", {"gate": [0.0, 1.0]}).client_options.gate_mixes == (1.0, 0.0)
+    assert make_strategy("fedbip", {"gate": []}).client_options.gate_mixes == ()
+    assert make_strategy("fedbip-paper").client_options.gate_mixes == ()
+    assert make_strategy("fedavg").client_options.gate_mixes == ()
+    with pytest.raises(ValueError, match="gate"):
+        make_strategy("fedbip", {"gate": [2.0]})
+
+
+def test_server_gate_pair_and_apply_gate():
+    from fedbip_ray.core.taskvector import Layout
+    from fedbip_ray.runtime.messages import ClientUpdate
+    from fedbip_ray.runtime.server import FederatedServer
+
+    layout = Layout.from_shapes({"a.weight": (2, 3), "head.weight": (2,)})
+    rng = np.random.default_rng(0)
+    srv = FederatedServer("fedbip", {"reference": "round", "lora_product": False}, 3)
+    init = rng.normal(size=layout.size).astype(np.float32)
+    srv.initialize(init, layout.to_dict())
+    taus = rng.normal(size=(3, layout.size)).astype(np.float32)
+    report = srv.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
+    assert report["aggregated"]
+    agg = srv.all_states().copy()
+    pair = srv.gate_pair(1)
+    np.testing.assert_allclose(pair[0], init + taus[1], rtol=1e-6)  # own training only
+    np.testing.assert_allclose(pair[1], agg[1])
+    applied = srv.apply_gate({0: 1.0, 1: 0.0, 2: 0.5})
+    assert applied == {1: 0.0, 2: 0.5}
+    states = srv.all_states()
+    np.testing.assert_allclose(states[0], agg[0])
+    np.testing.assert_allclose(states[1], init + taus[1], rtol=1e-6)
+    np.testing.assert_allclose(states[2], 0.5 * (init + taus[2]) + 0.5 * agg[2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match="no gate candidates"):
+        srv.gate_pair(1)  # consumed
+    # strategies without a gate keep no copies
+    plain = FederatedServer("fedavg", {}, 3)
+    plain.initialize(init, layout.to_dict())
+    plain.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
+    with pytest.raises(KeyError):
+        plain.gate_pair(0)
