@@ -886,7 +886,10 @@ def _measure_aggregation(row: AggRow, make: Any, layout: Any, strategy: str) -> 
     from fedbip_ray.runtime.server import ServerActor
 
     n, dim = row.n, row.d
-    server = ServerActor.options(num_cpus=0).remote(strategy, {}, n)
+    # the validation gate (a client-side step, and one more N x D copy held until it runs)
+    # is not part of the server's aggregation: measured without it
+    params = {"gate": []} if strategy.startswith("fedbip") else {}
+    server = ServerActor.options(num_cpus=0).remote(strategy, params, n)
     try:
         row.actor_base = float(ray.get(server.__ray_call__.remote(_uss)))
         row.threads = ray.get(server.__ray_call__.remote(_blas_threads))

@@ -436,8 +436,10 @@ class FedBipStrategy(_FedBipOptions):
     cumulative task vectors (``reference="pretrained"``) with LoRA modules as ``B @ A``; keep
     the peers more similar than the client's average peer (``threshold=0``,
     ``relative_threshold``), drop negatives, and weigh self like the most similar kept peer
-    (``self_similarity="max-peer"``). Per-round, flat task vectors of different clients are
-    nearly orthogonal under Adam, so the paper rule stays close to local training.
+    (``self_similarity="max-peer"``); gate every client on its validation split
+    (``gate=(1, 0.5, 0)``). Per-round, flat task vectors of different clients are nearly
+    orthogonal under Adam, so the paper rule stays close to local training; under strong label
+    skew cumulative vectors all look alike, and the gate keeps clients near their own models.
     """
 
     name: ClassVar[str] = "fedbip"
