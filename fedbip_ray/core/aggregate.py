@@ -53,7 +53,7 @@ def aggregate_task_vectors(
     return out
 
 
-def _as_index(idx: np.ndarray) -> slice | np.ndarray:
+def as_index(idx: np.ndarray) -> slice | np.ndarray:
     """A contiguous ascending index array as a slice (so that column blocks are views)."""
     i = np.asarray(idx, dtype=np.int64).ravel()
     if i.size and i[-1] - i[0] + 1 == i.size and np.all(np.diff(i) == 1):
@@ -97,7 +97,7 @@ def aggregate_layerwise(
         raise ValueError("group_index must partition range(D): every column exactly once")
     out = np.empty_like(s)
     for w, idx in zip(lw, flat, strict=True):
-        cols = _as_index(idx)
+        cols = as_index(idx)
         block = _weights(w, n, "layer weights") @ d[:, cols]
         block += s[:, cols]
         out[:, cols] = block

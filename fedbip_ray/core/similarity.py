@@ -46,10 +46,32 @@ _LORA_ROLES = {
 }
 # Rows of the (block) Gram computed at once in the LoRA product; bounds temporary memory.
 _LORA_BLOCK_ELEMENTS = 1 << 22
+# Columns of a plain Gram taken at once: N x block elements (bounds temporaries of sums/bases).
+_PLAIN_BLOCK_ELEMENTS = 1 << 24
+
+
+class SumOfMatrices:
+    """``a + b`` for two ``(N, D)`` float32 matrices, formed one column block at a time.
+
+    Lets the similarity functions compare ``θ = θ̄ + τ`` without an ``(N, D)`` copy: they
+    only read column slices (``m[:, s]``).
+    """
+
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.shape != b.shape or a.ndim != 2:
+            raise ValueError(f"summands must be (N, D) of one shape, got {a.shape} and {b.shape}")
+        self.a, self.b = a, b
+        self.shape = a.shape
+        self.dtype = np.result_type(a.dtype, b.dtype)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return self.a[key] + self.b[key]
 
 
 def _as_matrix(m: Any, name: str = "vectors") -> np.ndarray:
     """``m`` as a 2-D float numpy array (float32/float64 kept, anything else -> float32)."""
+    if isinstance(m, SumOfMatrices):
+        return m  # type: ignore[return-value]  # read by column slices only
     if hasattr(m, "detach"):
         m = as_float32(m)
     arr = np.asarray(m)
@@ -190,12 +212,20 @@ def _plans(layout: Layout, names: list[str], lora_product: bool) -> dict[str, _P
 
 
 def _plain_gram(x: np.ndarray, base: np.ndarray | None, slices: list[slice]) -> np.ndarray:
-    """Sum over ``slices`` of ``Xs Xsᵀ`` (``Xs = x[:, s] - base[:, s]``): ``(N, N)`` float64."""
+    """Sum over ``slices`` of ``Xs Xsᵀ`` (``Xs = x[:, s] - base[:, s]``): ``(N, N)`` float64.
+
+    Column blocks of at most ``_PLAIN_BLOCK_ELEMENTS / N`` keep temporaries small."""
     n = x.shape[0]
     g = np.zeros((n, n), dtype=np.float64)
+    block = max(1, _PLAIN_BLOCK_ELEMENTS // max(1, n))
+    views = isinstance(x, np.ndarray) and base is None  # slices are views: no temporaries
     for sl in slices:
-        xs = x[:, sl] if base is None else x[:, sl] - base[:, sl]
-        g += xs @ xs.T
+        width = sl.stop - sl.start
+        step = width if views else block
+        for c0 in range(sl.start, sl.stop, max(1, step)):
+            cs = slice(c0, min(sl.stop, c0 + step))
+            xs = x[:, cs] if base is None else x[:, cs] - base[:, cs]
+            g += xs @ xs.T
     return g
 
 

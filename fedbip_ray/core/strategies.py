@@ -20,6 +20,7 @@ from .aggregate import aggregate_layerwise, aggregate_task_vectors, clip_rows, m
 from .gate import check_mixes
 from .similarity import (
     SCOPES,
+    SumOfMatrices,
     cosine_similarity,
     per_module_similarity,
     similarity_matrix,
@@ -227,9 +228,9 @@ def _compared(inp: AggregationInput, reference: str, lora_product: bool) -> tupl
     if reference == "pretrained":
         if inp.init is None:
             raise ValueError("reference 'pretrained' needs AggregationInput.init")
-        return inp.theta(), inp.init
+        return SumOfMatrices(inp.states, inp.deltas), inp.init
     if lora_product:
-        return inp.theta(), inp.states
+        return SumOfMatrices(inp.states, inp.deltas), inp.states
     return inp.deltas, None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedbip_ray.core.aggregate import as_index
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.core.similarity import group_recovery
 from fedbip_ray.core.strategies import (
@@ -149,8 +150,9 @@ class FederatedServer:
         prev = self.similarity[np.ix_(idx, idx)] if self.similarity is not None else None
         if prev is not None and np.isnan(prev).any():
             prev = None
+        rows = as_index(idx)  # a view of the states when the participants are contiguous
         inp = AggregationInput(
-            states=self.states[idx], deltas=np.stack(vecs).astype(np.float32, copy=False),
+            states=self.states[rows], deltas=np.stack(vecs).astype(np.float32, copy=False),
             counts=np.asarray(counts, dtype=np.int64), layout=self.layout, init=self.init,
             groups=self.groups[idx] if self.groups is not None else None, prev_similarity=prev,
             signals=np.stack(signals) if signals else None,
