@@ -116,6 +116,7 @@ def select(history: list[dict]) -> dict[str, Any]:
     to95 = next(r["round"] for r in rows if r["mean_accuracy"] >= target)
     return {
         "selected_round": best["round"], "mean": best["mean_accuracy"], "worst10": best["worst10_accuracy"],
+        "val": best["mean_val_accuracy"],
         "final_mean": final["mean_accuracy"], "final_worst10": final["worst10_accuracy"],
         "rounds_to_95": to95, "curve": [(r["round"], r["mean_accuracy"]) for r in rows],
     }
@@ -143,6 +144,14 @@ def group_stats(out: Path) -> dict[str, float]:
     return {"group_share": rec["in_group_weight_share"], "ari": rec["adjusted_rand_index"]}
 
 
+def val_stats(out: Path) -> dict[str, float]:
+    """Mean validation accuracy at the selected (best-validation) round, from metrics.jsonl."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    return {"val": select([json.loads(x) for x in path.read_text().splitlines()])["val"]}
+
+
 def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdir: Path) -> dict[str, Any]:
     from fedbip_ray.runtime.federation import run_federation
 
@@ -166,16 +175,56 @@ def _ms(values: list[float]) -> str:
 
 def table(results: list[dict], setting: str) -> list[str]:
     lines = [f"### {setting}", "",
-             "| strategy | mean acc (val-selected) | worst-10% | final-round mean | rounds to 95% | wall s "
-             "| in-group weight share | ARI |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| strategy | seeds | mean acc (val-selected) | worst-10% | final-round mean | mean val acc "
+             "(selected round) | rounds to 95% | wall s | in-group weight share | ARI |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for strategy in dict.fromkeys(r["strategy"] for r in results if r["setting"] == setting):
         rs = [r for r in results if r["setting"] == setting and r["strategy"] == strategy]
         lines.append(
-            f"| {strategy} | {_ms([r['mean'] for r in rs])} | {_ms([r['worst10'] for r in rs])} | "
-            f"{_ms([r['final_mean'] for r in rs])} | {np.mean([r['rounds_to_95'] for r in rs]):.1f} | "
+            f"| {strategy} | {len(rs)} | {_ms([r['mean'] for r in rs])} | {_ms([r['worst10'] for r in rs])} | "
+            f"{_ms([r['final_mean'] for r in rs])} | {_ms([r.get('val') for r in rs])} | "
+            f"{np.mean([r['rounds_to_95'] for r in rs]):.1f} | "
             f"{np.mean([r['wall'] for r in rs]):.0f} | {_ms([r.get('group_share') for r in rs])} | "
             f"{_ms([r.get('ari') for r in rs])} |")
+    lines.append("")
+    return lines
+
+
+BASELINES = ["local", "fedavg", "fedavg-ft", "fedprox", "fedamp", "fedbip-paper"]
+
+
+def _mean_of(results: list[dict], setting: str, strategy: str, key: str) -> float | None:
+    v = [r[key] for r in results if r["setting"] == setting and r["strategy"] == strategy
+         and r.get(key) is not None]
+    return float(np.mean(v)) if v else None
+
+
+def goal_lines(results: list[dict], settings: list[str], method: str = "fedbip") -> list[str]:
+    """The goals checked against the measured means (over seeds) of ``method``."""
+    lines = [f"### Goals ({method}, means over seeds)", "",
+             "| setting | " + method + " | best baseline (not oracle) | vs best baseline | vs oracle "
+             "| vs fedavg | vs local | worst-10% vs local | rounds to 95%: " + method + " / fedavg |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for st in settings:
+        m = _mean_of(results, st, method, "mean")
+        if m is None:
+            continue
+        base = {b: _mean_of(results, st, b, "mean") for b in BASELINES}
+        base = {k: v for k, v in base.items() if v is not None}
+        best = max(base, key=base.get) if base else None
+        oracle = _mean_of(results, st, "oracle", "mean")
+        fa, lo = base.get("fedavg"), base.get("local")
+        w, wl = _mean_of(results, st, method, "worst10"), _mean_of(results, st, "local", "worst10")
+        r95, r95a = _mean_of(results, st, method, "rounds_to_95"), _mean_of(results, st, "fedavg", "rounds_to_95")
+
+        def diff(x: float | None, m: float = m) -> str:
+            return "n/a" if x is None else f"{m - x:+.3f}"
+
+        lines.append(
+            f"| {st} | {m:.3f} | {best or 'n/a'} {base.get(best, float('nan')):.3f} | {diff(base.get(best))} "
+            f"| {diff(oracle)} | {diff(fa)} | {diff(lo)} | "
+            f"{'n/a' if w is None or wl is None else f'{w - wl:+.3f}'} | "
+            f"{'n/a' if r95 is None or not r95a else f'{r95:.1f} / {r95a:.1f}'} |")
     lines.append("")
     return lines
 
@@ -209,6 +258,7 @@ def write_report(results: list[dict], settings: list[str], out: Path, command: s
              "round with the best mean validation accuracy (mean ± std over seeds). Worst-10% = mean of the "
              "lowest 10% of clients (at least one). Rounds to 95% = first round reaching 95% of the final "
              "round's mean accuracy.", ""]
+    lines += goal_lines(results, settings)
     for s in settings:
         lines += table(results, s)
         png = out.with_name(f"{out.stem}_{s}.png")
@@ -257,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 if key in done:
                     if "group_share" not in done[key]:
                         done[key].update(group_stats(run_dir(Path(args.workdir), setting, strategy, seed)))
+                    if done[key].get("val") is None:
+                        done[key].update(val_stats(run_dir(Path(args.workdir), setting, strategy, seed)))
                     results.append(done[key])
                     continue
                 if args.report_only:

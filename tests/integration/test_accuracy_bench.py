@@ -1,0 +1,66 @@
+"""CI miniature of ``benchmarks/accuracy.py``: a tiny setting, three strategies, one seed, two
+rounds on a real local Ray. Checks the harness end to end (runs, selection, report, plots,
+resume from the partial file), not accuracy levels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("fedbip_bench_accuracy", REPO / "benchmarks" / "accuracy.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_strategy_specs_with_list_values(acc):
+    assert acc.parse_strategy("fedbip") == ("fedbip", {})
+    assert acc.parse_strategy("fedbip[gate=[];top_k=3]") == ("fedbip", {"gate": [], "top_k": 3})
+    assert acc.parse_strategy("fedbip[gate=[1.0, 0.0]]") == ("fedbip", {"gate": [1.0, 0.0]})
+    with pytest.raises(ValueError, match="closing"):
+        acc.parse_strategy("fedbip[gate=1")
+
+
+def test_selection_uses_validation_only(acc):
+    rows = [{"round": 1, "mean_accuracy": 0.9, "worst10_accuracy": 0.8, "mean_val_accuracy": 0.5},
+            {"round": 2, "mean_accuracy": 0.6, "worst10_accuracy": 0.5, "mean_val_accuracy": 0.7},
+            {"round": 3, "mean_accuracy": None, "worst10_accuracy": None, "mean_val_accuracy": None}]
+    sel = acc.select(rows)
+    assert sel["selected_round"] == 2 and sel["mean"] == 0.6 and sel["val"] == 0.7
+    assert sel["final_mean"] == 0.6 and sel["rounds_to_95"] == 1  # round 1 already >= 0.95 x final
+
+
+def test_miniature_run_writes_tables_plots_and_resumes(acc, ray_local, tmp_path):
+    out = tmp_path / "acc.md"
+    args = ["--settings", "tiny-conflict", "--seeds", "0", "--strategies", "local,fedbip,oracle",
+            "--set", "federation.rounds=2", "--set", "data.examples_per_client=40",
+            "--out", str(out), "--workdir", str(tmp_path / "runs")]
+    assert acc.main(args) == 0
+    text = out.read_text()
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(r["strategy"] for r in results) == ["fedbip", "local", "oracle"]
+    for r in results:
+        assert 0 <= r["mean"] <= 1 and 0 <= r["worst10"] <= r["mean"] + 1e-9
+        assert r["selected_round"] in (1, 2) and 0 <= r["val"] <= 1
+        assert [c[0] for c in r["curve"]] == [1, 2]
+    fedbip = next(r for r in results if r["strategy"] == "fedbip")
+    assert 0 <= fedbip["group_share"] <= 1 and "ari" in fedbip  # groups are known here
+    assert "### Goals (fedbip" in text and "| tiny-conflict | " in text
+    assert text.count("| fedbip | 1 |") == 1 and "| oracle | 1 |" in text
+    assert (tmp_path / "acc_tiny-conflict.png").stat().st_size > 1000
+    assert not out.with_suffix(".partial.jsonl").exists()  # completed runs leave no partial file
+    # an interrupted benchmark resumes from its partial file without rerunning what it holds
+    partial = out.with_suffix(".partial.jsonl")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in results))
+    assert acc.main(args + ["--report-only"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text()) == results
