@@ -67,13 +67,15 @@ class PartitionConfig(_Frozen):
     interests; with ``shift: rotation`` group g sees images rotated by g * 360/num_groups
     degrees, a covariate shift);
     ``column`` (natural: by ``data.client_column``; one client per value, or with fewer values
-    than clients, several clients per value and the value index as group).
+    than clients, several clients per value and the value index as group);
+    ``pathological`` (label skew: ``classes_per_client`` classes per client).
     """
 
-    kind: Literal["iid", "dirichlet", "groups", "column"] = "groups"
+    kind: Literal["iid", "dirichlet", "groups", "column", "pathological"] = "groups"
     num_groups: int = Field(2, ge=1)
     shift: Literal["label-flip", "rotation", "none"] = "label-flip"
     alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(2, ge=1)
 
 
 class DataConfig(_Frozen):

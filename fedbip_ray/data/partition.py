@@ -58,6 +58,42 @@ def dirichlet(
     return parts
 
 
+def pathological(
+    labels: np.ndarray, num_clients: int, classes_per_client: int, per_client: int | None, seed: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Pathological label skew: each client holds ``classes_per_client`` classes only.
+
+    Client c gets the classes ``(c·k + j) mod K`` for ``j < k`` of a seeded class permutation
+    (so every class is used as evenly as the counts allow) and an equal share of ``per_client``
+    (default n // num_clients) from each. Sampling without replacement; a class that runs out
+    is refilled from a fresh permutation of its rows (clients sharing a class may then share
+    rows; a client never holds a row twice, so a class smaller than one client's share gives
+    that client all its rows). Returns (indices per client, group = the client's first class).
+    """
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.unique(labels))
+    k = min(int(classes_per_client), len(classes))
+    size = per_client or len(labels) // num_clients
+    rows = {c: np.flatnonzero(labels == c) for c in classes}
+    pools: dict[int, list[int]] = {c: [] for c in classes}
+    parts, groups = [], np.empty(num_clients, dtype=np.int64)
+    for c in range(num_clients):
+        mine = [classes[(c * k + j) % len(classes)] for j in range(k)]
+        groups[c] = mine[0]
+        chosen: list[int] = []
+        for cls, count in zip(mine, np.array_split(np.arange(size), k), strict=True):
+            need = len(count)
+            while need > 0:
+                if not pools[cls]:
+                    pools[cls] = list(rng.permutation(rows[cls]))
+                take = pools[cls][:need]
+                del pools[cls][:need]
+                chosen.extend(take)
+                need -= len(take)
+        parts.append(np.sort(np.unique(np.asarray(chosen, dtype=np.int64))))
+    return parts, groups
+
+
 def by_column(
     keys: np.ndarray, num_clients: int, per_client: int | None, seed: int
 ) -> tuple[list[np.ndarray], np.ndarray]:

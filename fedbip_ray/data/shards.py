@@ -53,6 +53,9 @@ def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[li
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ConfigError(f"data.num_clients: client {empty[0]} gets no examples from column partition")
+    elif kind == "pathological":
+        parts, groups = P.pathological(ds.frame["label"].to_numpy(), k,
+                                       cfg.partition.classes_per_client, per, seed)
     elif kind == "dirichlet":
         parts = P.dirichlet(ds.frame["label"].to_numpy(), k, cfg.partition.alpha, per, seed)
         groups = np.zeros(k, dtype=np.int64)

@@ -29,6 +29,23 @@ def test_dirichlet_small_alpha_skews_labels():
     assert np.mean(dominant) > 0.6
 
 
+def test_pathological_gives_each_client_k_classes():
+    labels = np.repeat(np.arange(10), 100)
+    parts, groups = P.pathological(labels, 8, classes_per_client=2, per_client=60, seed=0)
+    again, _ = P.pathological(labels, 8, classes_per_client=2, per_client=60, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, again, strict=True))
+    assert [len(p) for p in parts] == [60] * 8
+    for p, g in zip(parts, groups, strict=True):
+        counts = np.bincount(labels[p], minlength=10)
+        assert (counts > 0).sum() == 2 and sorted(counts[counts > 0]) == [30, 30]
+        assert counts[g] == 30  # group = the client's first class
+    # 8 clients x 2 classes over 10 classes: every class is used at least once
+    assert len(np.unique(labels[np.concatenate(parts)])) == 10
+    # more examples than a class holds: refilled, still k classes, no duplicate rows
+    big, _ = P.pathological(labels, 2, classes_per_client=1, per_client=150, seed=1)
+    assert all(len(np.unique(labels[p])) == 1 and len(p) == 100 for p in big)
+
+
 def test_label_shift_flips_binary_and_rolls_multiclass():
     y = np.array([0, 1, 1, 0])
     assert P.shift_labels(y, 1, 2).tolist() == [1, 0, 0, 1]
