@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class RunContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     shard_refs: dict[int, ShardRef] = field(default_factory=dict)
     first_round: int = 1
+    checkpoints: Any = None  # the run's CheckpointWriter
 
     def actor_index(self, client_id: int) -> int:
         return client_id % len(self.actors)
@@ -518,11 +520,35 @@ def _prepare_outputs(ctx: RunContext, ck: ckpt_io.Checkpoint | None) -> None:
         ckpt_io.clear(out / "checkpoints")
 
 
-def save_round_checkpoint(ctx: RunContext, rnd: int) -> Path:
-    """Fetch the server state and write round ``rnd``'s checkpoint (driver-side file I/O)."""
-    tensors, layout = ray.get(ctx.server.state_dict.remote())
-    return ckpt_io.write_checkpoint(ctx.output / "checkpoints", rnd, tensors, layout,
-                                    ctx.history, ctx.cfg.to_dict())
+class CheckpointWriter:
+    """Writes round checkpoints on one background thread, so the file I/O (safetensors,
+    fsync, sha256) overlaps the next round. At most one write is in flight: the next
+    :meth:`submit` (or :meth:`wait`) waits for it and re-raises its error. A run killed while
+    a write is in flight resumes from the previous checkpoint (writes are atomic)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedbip-checkpoint")
+        self._pending: Future[Path] | None = None
+
+    def submit(self, ctx: RunContext, rnd: int) -> None:
+        """Fetch the server state now (round ``rnd``'s) and write it in the background."""
+        self.wait()
+        tensors, layout = ray.get(ctx.server.state_dict.remote())
+        self._pending = self._pool.submit(ckpt_io.write_checkpoint, ctx.output / "checkpoints", rnd,
+                                          tensors, layout, list(ctx.history), ctx.cfg.to_dict())
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight (if any) is on disk; its path."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        """Finish the write in flight (an error is logged: the run is ending anyway)."""
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001 - reported, the previous checkpoint stays valid
+            log.error("checkpoint write failed: %s", one_line(exc))
+        self._pool.shutdown(wait=True)
 
 
 def _notify_error(callbacks: Sequence[Any], ctx: RunContext, exc: BaseException) -> None:
@@ -568,6 +594,8 @@ def run_federation(cfg: Config, output: str | Path, resume: bool = False,
             _notify_error(callbacks, ctx, exc)
             raise
         finally:
+            if ctx.checkpoints is not None:
+                ctx.checkpoints.close()
             _stop_actors(ctx)
     return summary
 
@@ -591,6 +619,7 @@ def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
         cb.on_start(ctx)
 
     fed = cfg.federation
+    writer = ctx.checkpoints = CheckpointWriter()
     for rnd in range(ctx.first_round, fed.rounds + 1):
         row, report = run_round(ctx, rnd, info_size(info))
         ctx.history.append(row)
@@ -599,11 +628,12 @@ def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
             _append_line(out / "similarity.jsonl", {"round": rnd, "clients": report["accepted"],
                                                     "similarity": report["similarity"],
                                                     "weights": report["weights"]})
-        save_round_checkpoint(ctx, rnd)
+        writer.submit(ctx, rnd)
         for cb in callbacks:
             cb.on_round(ctx, row, report)
         echo(format_round(row, fed.rounds))
 
+    writer.wait()
     summary = summarize(cfg, ctx.history, time.perf_counter() - start_wall)
     ckpt_io.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     for cb in callbacks:
