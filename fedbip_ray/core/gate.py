@@ -4,7 +4,8 @@ validation split says it helps.
 After aggregation, client ``i`` has two candidate models: ``local`` (where its own training
 this round took it, ``θ̄ᵢ + τᵢ``) and ``aggregate`` (the personalized mix the server computed).
 The gate scores the interpolations ``local + λ (aggregate − local)`` for a few ``λ`` in
-``[0, 1]`` on the client's validation split and keeps the best one. ``λ = 1`` is plain FedBip,
+``[0, 1]`` on the client's validation split and keeps the largest ``λ`` that is not clearly
+worse than the best (within one standard error of its accuracy). ``λ = 1`` is plain FedBip,
 ``λ = 0`` is local training for that round. When no peer is similar enough to help (e.g. strong
 label skew), the client falls back towards its own model instead of being pulled away from it.
 """
@@ -55,20 +56,24 @@ def mix_candidates(local: np.ndarray, aggregate: np.ndarray, mixes: Sequence[flo
     return lo[None, :] + lam * (ag - lo)[None, :]
 
 
-def _key(score: Mapping[str, float]) -> tuple[float, float]:
-    """Sort key: higher accuracy first, then lower loss; NaN counts as worst."""
-    acc, loss = float(score.get("accuracy", math.nan)), float(score.get("loss", math.nan))
-    return (acc if acc == acc else -math.inf, -loss if loss == loss else -math.inf)
-
-
 def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float]) -> float:
-    """The ``λ`` whose candidate scored best on validation (accuracy, then loss).
+    """The largest ``λ`` whose validation accuracy is within one standard error of the best.
 
-    Ties go to the larger ``λ`` (more federation); with no usable score at all (empty
-    validation split) the aggregate (the largest ``λ``) is kept.
+    ``scores[m]`` holds ``accuracy`` and ``n`` (validation examples) of the candidate for
+    ``mixes[m]``. The standard error ``sqrt(a (1 − a) / n)`` of the best accuracy ``a`` is the
+    noise of a small validation split: a client leaves the aggregate (``λ = 1``) only when its
+    own data says clearly that a smaller ``λ`` is better (the one-standard-error rule, biased
+    towards federation). Without ``n`` the best accuracy wins, ties to the larger ``λ``. NaN
+    scores never win; with none usable (empty validation split) the aggregate is kept.
     """
     if len(scores) != len(mixes) or not mixes:
         raise ValueError(f"{len(scores)} scores for {len(mixes)} gate mixes")
-    order = sorted(range(len(mixes)), key=lambda m: -float(mixes[m]))  # larger λ first
-    best = max(order, key=lambda m: _key(scores[m]))  # max keeps the first of equal keys
-    return float(mixes[best])
+    acc = [float(s.get("accuracy", math.nan)) for s in scores]
+    usable = [m for m, a in enumerate(acc) if a == a]
+    if not usable:
+        return float(max(mixes))
+    best = max(usable, key=lambda m: acc[m])
+    n = float(scores[best].get("n", 0) or 0)
+    a = acc[best]
+    se = math.sqrt(max(a * (1 - a), 0.0) / n) if n > 0 else 0.0
+    return float(max(mixes[m] for m in usable if acc[m] >= a - se - 1e-12))

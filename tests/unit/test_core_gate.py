@@ -24,23 +24,28 @@ def test_mix_candidates_rejects_mismatched_shapes():
         mix_candidates(np.zeros(3), np.zeros(4), [1.0])
 
 
-def test_choose_mix_prefers_accuracy_then_loss_then_more_federation():
+def test_choose_mix_leaves_the_aggregate_only_when_clearly_worse():
     mixes = (1.0, 0.5, 0.0)
-    # accuracy decides
-    assert choose_mix([{"accuracy": 0.6, "loss": 0.1}, {"accuracy": 0.7, "loss": 0.9},
-                       {"accuracy": 0.65, "loss": 0.2}], mixes) == 0.5
-    # equal accuracy: lower loss decides
-    assert choose_mix([{"accuracy": 0.7, "loss": 0.5}, {"accuracy": 0.7, "loss": 0.4},
-                       {"accuracy": 0.7, "loss": 0.3}], mixes) == 0.0
-    # a full tie keeps the largest mix, whatever the order the mixes are given in
-    tie = {"accuracy": 0.7, "loss": 0.3}
+    # 100 validation examples: SE of 0.9 is 0.03; the aggregate at 0.85 is clearly worse
+    assert choose_mix([{"accuracy": 0.85, "n": 100}, {"accuracy": 0.88, "n": 100},
+                       {"accuracy": 0.9, "n": 100}], mixes) == 0.5
+    assert choose_mix([{"accuracy": 0.80, "n": 100}, {"accuracy": 0.84, "n": 100},
+                       {"accuracy": 0.9, "n": 100}], mixes) == 0.0
+    # 20 examples: SE of 0.9 is 0.067, so 0.85 is not clearly worse and the aggregate stays
+    assert choose_mix([{"accuracy": 0.85, "n": 20}, {"accuracy": 0.8, "n": 20},
+                       {"accuracy": 0.9, "n": 20}], mixes) == 1.0
+    # without n: plain argmax, ties to the larger mix whatever the order of the mixes
+    assert choose_mix([{"accuracy": 0.6}, {"accuracy": 0.7}, {"accuracy": 0.65}], mixes) == 0.5
+    tie = {"accuracy": 0.7}
     assert choose_mix([tie, tie, tie], mixes) == 1.0
     assert choose_mix([tie, tie, tie], (0.0, 1.0, 0.5)) == 1.0
+    # a perfect score has no noise: only equally perfect candidates are eligible
+    assert choose_mix([{"accuracy": 0.95, "n": 20}, {"accuracy": 1.0, "n": 20}], (1.0, 0.0)) == 0.0
 
 
-def test_choose_mix_nan_scores_count_as_worst_and_all_nan_keeps_aggregate():
-    nan = {"accuracy": math.nan, "loss": math.nan}
-    assert choose_mix([nan, {"accuracy": 0.1, "loss": 5.0}], (1.0, 0.0)) == 0.0
+def test_choose_mix_nan_scores_never_win_and_all_nan_keeps_aggregate():
+    nan = {"accuracy": math.nan, "loss": math.nan, "n": 0}
+    assert choose_mix([nan, {"accuracy": 0.1, "n": 5}], (1.0, 0.0)) == 0.0
     assert choose_mix([nan, nan], (1.0, 0.0)) == 1.0
     with pytest.raises(ValueError, match="scores"):
         choose_mix([nan], (1.0, 0.0))
