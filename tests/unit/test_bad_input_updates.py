@@ -126,3 +126,18 @@ def test_failure_reason_is_one_line_naming_the_type():
 
     assert failure_reason(TaskError("wrapper")) == "RuntimeError: boom"
     assert failure_reason(ValueError("")) == "ValueError: "
+
+
+def test_gradient_signals_are_required_and_validated_when_compared():
+    srv = FederatedServer("fedbip", {"reference": "gradient", "gate": []}, 3)
+    srv.initialize(np.zeros(D, dtype=np.float32), LAYOUT.to_dict())
+    bad_nan = _vec(9)
+    bad_nan[1] = np.nan
+    ups = [ClientUpdate(0, 1, _vec(0), LAYOUT.to_dict(), 10, {}, _vec(10)),
+           ClientUpdate(1, 1, _vec(1), LAYOUT.to_dict(), 10, {}, None),
+           ClientUpdate(2, 1, _vec(2), LAYOUT.to_dict(), 10, {}, bad_nan)]
+    report = srv.aggregate(1, ups)
+    assert report["accepted"] == [0]
+    assert "no gradient signal" in report["rejected"][1]
+    assert report["rejected"][2].startswith("gradient signal:") and "NaN" in report["rejected"][2]
+    assert report["bytes_in"] == 5 * D * 4  # three task vectors and two signals arrived
