@@ -125,7 +125,10 @@ def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdi
              for r in rows if r.get("per_client_accuracy")]
     return {"setting": setting, "strategy": strategy, "seed": seed,
             "scores": task_scores(summary["per_client_accuracy"], tasks), "curve": curve,
-            "round_seconds": [r["seconds"] for r in rows], "wall": time.perf_counter() - t0}
+            "round_seconds": [r["seconds"] for r in rows], "wall": time.perf_counter() - t0,
+            "step_seconds": [r["extra"]["train_step_seconds"] for r in rows
+                             if "train_step_seconds" in r.get("extra", {})],
+            "client_peak_rss_mib": max((r["extra"].get("client_peak_rss_mib", 0.0) for r in rows), default=0.0)}
 
 
 def _ms(values: list[float]) -> str:
@@ -136,16 +139,21 @@ def _ms(values: list[float]) -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    """Markdown rows: strategy x (tasks, average, seconds per round, wall seconds)."""
-    lines = ["| strategy | " + " | ".join(TASKS) + " | **average** | s/round | wall s |",
-             "|---|" + "---|" * (len(TASKS) + 3)]
+    """Markdown rows: strategy x (tasks, average, seconds per round and per local training
+    step, the largest client actor's peak memory, wall seconds)."""
+    lines = ["| strategy | " + " | ".join(TASKS) + " | **average** | s/round | s/train step "
+             "| client peak RSS (MiB) | wall s |",
+             "|---|" + "---|" * (len(TASKS) + 5)]
     for strategy in dict.fromkeys(r["strategy"] for r in results):
         rs = [r for r in results if r["strategy"] == strategy]
         cells = [_ms([r["scores"].get(t, math.nan) for r in rs]) for t in (*TASKS, "average")]
         cells[-1] = f"**{cells[-1]}**"
         per_round = np.mean([s for r in rs for s in r["round_seconds"]])
+        steps = [s for r in rs for s in r.get("step_seconds", [])]
+        step = f"{np.mean(steps):.3f}" if steps else "n/a"
+        peak = max((r.get("client_peak_rss_mib", 0.0) for r in rs), default=0.0)
         lines.append(f"| {strategy} | " + " | ".join(cells)
-                     + f" | {per_round:.0f} | {np.mean([r['wall'] for r in rs]):.0f} |")
+                     + f" | {per_round:.0f} | {step} | {peak:.0f} | {np.mean([r['wall'] for r in rs]):.0f} |")
     return lines
 
 

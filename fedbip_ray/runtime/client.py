@@ -46,6 +46,13 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB; Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def parse_poison(text: str | None) -> dict[int, str]:
     """``"1:scale,3:nan"`` -> ``{1: "scale", 3: "nan"}``; malformed entries raise ValueError."""
     out: dict[int, str] = {}
@@ -143,6 +150,7 @@ class ClientActor:
             )
         finally:
             signal = trainer.stop_gradient_sum() if gradient else None
+        metrics["peak_rss_mib"] = peak_rss_mib()
         tau = trainer.current_state() - np.asarray(state, dtype=np.float32)
         mode = parse_poison(os.environ.get(POISON_ENV)).get(client_id)
         if mode is not None:

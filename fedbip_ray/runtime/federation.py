@@ -429,6 +429,11 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
                                "actors_replaced": float(actors_replaced)}
     if privacy is not None and privacy.get("epsilon") is not None:
         extra["dp_epsilon"] = float(privacy["epsilon"])
+    if report.get("train_steps"):
+        extra["train_step_seconds"] = float(report["train_seconds"]) / float(report["train_steps"])
+    peak = report.get("client_peak_rss_mib")
+    if peak is not None and peak == peak:
+        extra["client_peak_rss_mib"] = float(peak)
     gate = report.get("gate") or {}
     if gate:
         extra["gate_mean_mix"] = float(np.mean(list(gate.values())))

@@ -141,7 +141,8 @@ class FederatedServer:
                                   "bytes_in": nbytes, "similarity": None, "weights": None,
                                   "aggregated": False,
                                   "train_losses": [float(u.metrics.get("train_loss", float("nan")))
-                                                   for u in updates if u.client_id in ids]}
+                                                   for u in updates if u.client_id in ids],
+                                  **training_totals([u for u in updates if u.client_id in ids])}
         if not ids or len(ids) < min_accepted:
             log.warning("round %d: %d valid updates, %d needed: aggregation skipped, states kept",
                         round_num, len(ids), min_accepted)
@@ -233,6 +234,17 @@ class FederatedServer:
         self.similarity = (np.asarray(sim, dtype=np.float64).copy() if sim is not None
                            else np.full((self.num_clients, self.num_clients), np.nan))
         return lay.size
+
+
+def training_totals(updates: list[ClientUpdate]) -> dict[str, float]:
+    """Local training cost of a round's accepted updates: summed ``train_seconds`` and
+    ``steps``, and the largest client peak memory (``peak_rss_mib``) reported."""
+    def total(key: str) -> float:
+        return float(sum(float(u.metrics.get(key, 0.0) or 0.0) for u in updates))
+
+    peaks = [float(u.metrics["peak_rss_mib"]) for u in updates if "peak_rss_mib" in u.metrics]
+    return {"train_seconds": total("train_seconds"), "train_steps": total("steps"),
+            "client_peak_rss_mib": max(peaks) if peaks else float("nan")}
 
 
 def noise_seed(seed: int, round_num: int) -> int:

@@ -53,3 +53,28 @@ def test_causal_lm_federation_writes_scores_and_contract_files(ray_local, tmp_pa
     tasks = [pd.read_parquet(out / "shards" / f"client_{c:05d}.parquet")["task"].unique().tolist()
              for c in range(6)]
     assert sorted(t for [t] in tasks) == sorted(TASKS)
+
+
+def test_instruct_benchmark_quick_miniature(ray_local, tmp_path):
+    """CI miniature of ``benchmarks/instruct.py --quick`` (tiny random-init Llama)."""
+    import importlib.util
+
+    from ..conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fedbip_bench_instruct", REPO / "benchmarks" / "instruct.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "instruct.md"
+    assert mod.main(["--quick", "--strategies", "local,fedbip", "--set", "federation.rounds=1",
+                     "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    text = out.read_text()
+    raw = json.loads((tmp_path / "w" / "instruct.json").read_text())
+    assert sorted(r["strategy"] for r in raw) == ["fedbip", "local"]
+    for r in raw:
+        assert set(r["scores"]) >= {"sentiment", "sentiment-flipped", "average"}
+        assert all(0 <= v <= 1 for v in r["scores"].values())
+        assert r["step_seconds"] and all(s > 0 for s in r["step_seconds"])
+        assert r["client_peak_rss_mib"] > 100
+    assert "| s/train step | client peak RSS (MiB) |" in text and "| fedbip |" in text
+    assert out.with_name("instruct.png").stat().st_size > 1000
