@@ -77,14 +77,15 @@ class RayHead:
 
     def submit(self, cwd: Path, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit`` (retried for a minute while the job agent is still starting)."""
-        deadline = time.time() + min(timeout, 120)
+        start = time.time()
+        retry_until = start + 60  # the job agent may still be starting
         while True:
             proc = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
                  "--", *entrypoint], cwd=cwd, env=env(), capture_output=True, text=True,
-                timeout=max(30.0, deadline - time.time()))
+                timeout=max(30.0, start + timeout - time.time()))
             agent_down = "No available agent" in proc.stdout + proc.stderr
-            if not agent_down or time.time() > deadline - 60:
+            if not agent_down or time.time() > retry_until:
                 return proc
             time.sleep(3)
 
