@@ -249,11 +249,12 @@ def plot(results: list[dict], setting: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[dict], settings: list[str], out: Path, command: str, seeds: list[int]) -> str:
+def write_report(results: list[dict], settings: list[str], out: Path, command: str, seeds: list[int],
+                 preamble: str = "") -> str:
     lines = ["# Accuracy benchmark", "",
              f"Command: `{command}`  ",
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}; "
-             f"seeds {seeds}.", "",
+             f"seeds {seeds}.", "", *([preamble.strip(), ""] if preamble.strip() else []),
              "Mean client accuracy = mean over clients of each client's accuracy on its own test split, at the "
              "round with the best mean validation accuracy (mean ± std over seeds). Worst-10% = mean of the "
              "lowest 10% of clients (at least one). Rounds to 95% = first round reaching 95% of the final "
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default="/tmp/fedbip_accuracy")
+    ap.add_argument("--preamble", type=Path, default=None,
+                    help="markdown file inserted after the report's header (reading notes)")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the results recorded so far (an interrupted run's "
                          "partial file) without running anything")
@@ -324,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{setting:>16} {strategy:>13} seed {seed}: acc {res['mean']:.3f} "
                       f"worst10 {res['worst10']:.3f} final {res['final_mean']:.3f} ({res['wall']:.0f}s)", flush=True)
     ran = [s for s in settings if any(r["setting"] == s for r in results)]
-    print(write_report(results, ran, out, command, seeds))
+    preamble = args.preamble.read_text() if args.preamble else ""
+    print(write_report(results, ran, out, command, seeds, preamble))
     if not args.report_only:
         partial.unlink(missing_ok=True)
     return 0
