@@ -48,7 +48,9 @@ PROCESS_DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError,
 
 class RunCallback(Protocol):
     """Observers of a run (progress display, MLflow). A callback may also define
-    ``on_error(run, exc)``: called once when the run fails (then the error is re-raised)."""
+    ``on_error(run, exc)``: called once when the run fails (then the error is re-raised).
+    In ``on_round`` the round's checkpoint may still be being written: a callback that reads
+    it calls ``run.checkpoints.wait()`` first."""
 
     def on_start(self, run: RunContext) -> None: ...
     def on_round(self, run: RunContext, row: dict[str, Any], report: dict[str, Any]) -> None: ...

@@ -10,7 +10,9 @@ What it is, honestly: an open-loop approximation. Round 1 is exact (every τ¹ s
 same init, whatever the parameters); from round 2 on, a real run's clients would have trained
 from the candidate's states, not the recording's, so replay ranks candidates by what their
 aggregation does to the *recorded* trajectory. Its cost is one recorded run plus, per
-candidate, one aggregation per round and one validation pass per client.
+candidate, one aggregation per round and one validation pass per client. The validation gate
+(``gate``, a client-side step after aggregation) is not replayed: candidates are compared on
+their aggregation alone.
 
 Recording: if the server actor offers ``last_round()`` the recorder stores the server's own
 copy of the accepted task vectors. Otherwise it recovers them from the checkpoints: round t's
@@ -138,6 +140,8 @@ class TaskVectorRecorder:
 
         assert self.directory is not None, "on_start was not called"
         rnd = int(row["round"])
+        if getattr(run, "checkpoints", None) is not None:
+            run.checkpoints.wait()  # this round's checkpoint is written in the background
         after, init, layout = _checkpoint_states(Path(run.output), rnd)
         if self._prev is None:
             self._prev = (np.tile(init, (after.shape[0], 1)) if rnd == 1
@@ -151,6 +155,10 @@ class TaskVectorRecorder:
             return
         idx = np.asarray(ids, dtype=np.int64)
         deltas = _exported_deltas(run.server, rnd, ids)
+        if deltas is None and any(m != 1.0 for m in (report.get("gate") or {}).values()):
+            raise ConfigError(f"round {rnd}: cannot recover task vectors from checkpoints after the "
+                              "validation gate moved some states; record with "
+                              "strategy.params.gate=[]")
         if deltas is None:
             try:
                 deltas = recover_deltas(before[idx], after[idx], np.asarray(report["weights"]))

@@ -22,7 +22,7 @@ from ..conftest import tiny_config
 pytestmark = pytest.mark.ray
 
 # cumulative vectors, negatives clipped, self weight 1 (W invertible: recoverable from states)
-PARAMS = {"reference": "pretrained", "self_similarity": "one", "threshold": None}
+PARAMS = {"reference": "pretrained", "self_similarity": "one", "threshold": None, "gate": []}
 
 
 @pytest.fixture(scope="module")
