@@ -1186,14 +1186,17 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
     if threads:
         out += ["", f"The server actor (`num_cpus=0`) runs numpy with {threads}."]
     out += ["", "Where the allocations come from (`FederatedServer.aggregate` and the strategies, read "
-            "from the code): `np.stack(vecs)` of the received task vectors (1 M); `self.states[idx]` (a "
-            "copy, 1 M, even when every client participates); the strategy's new states (1 M: "
-            "`W @ deltas + states` for FedBip, `np.repeat` of the average for FedAvg); strategies that "
-            "compare parameters rather than task vectors (`reference: pretrained`, `lora_product`) also "
-            "form theta = states + deltas (1 M); the finiteness check `np.isfinite(result.states)` (a "
-            "bool array, M / 4). The N updates stay in the object store (1 M, read zero-copy), the "
-            "server's states are another M, and the server keeps the last round's stacked task "
-            "vectors until the next aggregation (`last_round()`, for replay tuning: 1 M between rounds)."]
+            "from the code): `np.stack(vecs)` of the received task vectors (1 M); the strategy's new "
+            "states (1 M: `W @ deltas + states` for FedBip, `np.repeat` of the average for FedAvg); the "
+            "finiteness check `np.isfinite(result.states)` (a bool array, M / 4). The participants' "
+            "states are passed as a view when they are contiguous (a copy, 1 M, otherwise), and "
+            "strategies that compare parameters (`reference: pretrained`, `lora_product`) form "
+            "theta = states + deltas one column block at a time, not as an N x D copy. The N updates "
+            "stay in the object store (1 M, read zero-copy), the server's states are another M, and "
+            "the server keeps the last round's stacked task vectors until the next aggregation "
+            "(`last_round()`, for replay tuning: 1 M between rounds). With the validation gate on "
+            "(not measured here) the server also keeps each participant's own-training state until "
+            "the gate has run (1 M)."]
     out.append("")
     return out
 
