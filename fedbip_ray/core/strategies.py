@@ -219,8 +219,8 @@ def _fedavg_states(inp: AggregationInput) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compared(inp: AggregationInput, reference: str, lora_product: bool) -> tuple[np.ndarray, Any]:
-    """``(vectors, base)`` handed to the similarity functions for a reference choice (and
-    whether LoRA products apply: not to gradients)."""
+    """``(vectors, base)`` handed to the similarity functions for a reference choice
+    (``lora_product`` already False for gradients)."""
     if reference == "gradient":
         if inp.signals is None:
             raise ValueError("reference 'gradient' needs the clients' gradient signals")

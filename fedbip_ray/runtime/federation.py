@@ -351,43 +351,41 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
     ``local + λ (aggregate − local)`` for each ``λ`` on its validation split; the server keeps
     the best. A client whose scoring fails or misses the deadline keeps its aggregate.
     Returns the chosen ``λ`` per client."""
-    refs = {c: ctx.actor_for(c).score_mixes.remote(c, ctx.server.gate_pair.remote(c), mixes, rnd,
-                                                   ctx.shard_refs[c]) for c in clients}
-    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
-    _cancel(pending)
-    ready_set = set(ready)
-    chosen: dict[int, float] = {}
-    for cid, ref in refs.items():
-        try:
-            if ref not in ready_set:
-                raise TimeoutError(f"past the {deadline_s:.3g}s deadline")
-            chosen[cid] = choose_mix(ray.get(ref), mixes)
-        except (ray.exceptions.RayError, TimeoutError) as exc:
-            log.warning("round %d: validation gate of client %d failed (%s): aggregate kept", rnd,
-                        cid, one_line(exc) if isinstance(exc, TimeoutError) else failure_reason(exc))
+    scores, errors = collect({c: ctx.actor_for(c).score_mixes.remote(
+        c, ctx.server.gate_pair.remote(c), mixes, rnd, ctx.shard_refs[c]) for c in clients}, deadline_s)
+    for cid, err in errors.items():
+        log.warning("round %d: validation gate of client %d failed (%s): aggregate kept", rnd, cid,
+                    err if isinstance(err, str) else failure_reason(err))
+    chosen = {cid: choose_mix(s, mixes) for cid, s in scores.items()}
     ray.get(ctx.server.apply_gate.remote(chosen))
     return chosen
 
 
-def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,
-               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str]]:
-    refs = {cid: ctx.actor_for(cid).evaluate.remote(cid, ctx.server.get_state.remote(cid), rnd,
-                                                    ("val", "test"), finetune_epochs, ctx.shard_refs[cid])
-            for cid in clients}
+def collect(refs: dict[int, Any], deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
+    """Wait up to ``deadline_s`` for one call per client, cancel the rest. Returns (results,
+    errors): an error is the call's Ray error, or a string for a call past the deadline."""
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
     _cancel(pending)
     ready_set = set(ready)
-    results: dict[int, dict] = {}
+    results: dict[int, Any] = {}
     errors: dict[int, BaseException | str] = {}
     for cid, ref in refs.items():
         if ref not in ready_set:
             errors[cid] = f"past the {deadline_s:.3g}s deadline"
             continue
         try:
-            results[cid] = ray.get(ref).splits
+            results[cid] = ray.get(ref)
         except ray.exceptions.RayError as exc:
             errors[cid] = exc
     return results, errors
+
+
+def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,
+               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str]]:
+    results, errors = collect({cid: ctx.actor_for(cid).evaluate.remote(
+        cid, ctx.server.get_state.remote(cid), rnd, ("val", "test"), finetune_epochs,
+        ctx.shard_refs[cid]) for cid in clients}, deadline_s)
+    return {cid: r.splits for cid, r in results.items()}, errors
 
 
 def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
@@ -664,16 +662,15 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
         log.warning("round %d: %d of %d clients sent a valid update (%d needed): aggregation "
                     "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
     replaced = heal_actors(ctx, [int(c) for c in report.get("failed", {})])
-    mixes = strategy.client_options.gate_mixes
-    if mixes and report.get("aggregated"):
-        report["gate"] = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]], mixes,
+    if opts.gate_mixes and report.get("aggregated"):
+        report["gate"] = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]], opts.gate_mixes,
                                     fed.round_deadline_s)
         report["bytes_out"] += 2 * 4 * dim * len(report["accepted"])  # [local, aggregate] pairs
     evals: dict[int, dict[str, dict]] = {}
     eval_failed: dict[int, str] = {}
     if rnd % fed.eval_every == 0 or rnd == fed.rounds:
         evals, eval_failed, more = evaluate_phase(
-            ctx, rnd, strategy.client_options.finetune_epochs_before_eval, fed.round_deadline_s)
+            ctx, rnd, opts.finetune_epochs_before_eval, fed.round_deadline_s)
         replaced += more
     privacy = round_privacy(cfg, ctx.history, bool(report.get("aggregated")))
     row = round_row(rnd, evals, report, participants, fit.stragglers, time.perf_counter() - t0,

@@ -137,12 +137,13 @@ class FederatedServer:
             except UpdateRejected as exc:
                 rejected[int(up.client_id)] = str(exc)
                 log.warning("round %d: rejected update of client %s: %s", round_num, up.client_id, exc)
+        accepted = [u for u in updates if u.client_id in ids]
         report: dict[str, Any] = {"round": round_num, "accepted": ids, "rejected": rejected,
                                   "bytes_in": nbytes, "similarity": None, "weights": None,
                                   "aggregated": False,
                                   "train_losses": [float(u.metrics.get("train_loss", float("nan")))
-                                                   for u in updates if u.client_id in ids],
-                                  **training_totals([u for u in updates if u.client_id in ids])}
+                                                   for u in accepted],
+                                  **training_totals(accepted)}
         if not ids or len(ids) < min_accepted:
             log.warning("round %d: %d valid updates, %d needed: aggregation skipped, states kept",
                         round_num, len(ids), min_accepted)

@@ -28,12 +28,20 @@ def servers():
         head.stop()
 
 
-def test_ray_job_submit_runs_a_federation_tracked_in_mlflow(servers):
+def submit_job(servers, script: str, config: str, name: str):
+    """``ray job submit`` of ``jobs/SCRIPT --config CONFIG`` tracked in the test's MLflow server;
+    asserts the job succeeded. Returns (completed process, output directory)."""
     head, mlf, tmp = servers
-    out = tmp / "run"
-    proc = head.submit(REPO, "python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml",
+    out = tmp / name
+    proc = head.submit(REPO, "python", f"jobs/{script}", "--config", config,
                        "--output", str(out), "--set", f"tracking.tracking_uri={mlf.uri}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+def test_ray_job_submit_runs_a_federation_tracked_in_mlflow(servers):
+    _, mlf, _ = servers
+    proc, out = submit_job(servers, "train.py", "jobs/configs/tiny.yaml", "run")
     assert "succeeded" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["strategy"] == "fedbip"
@@ -60,11 +68,8 @@ def test_ray_job_submit_runs_a_federation_tracked_in_mlflow(servers):
 
 
 def test_ray_job_submit_runs_a_tune_search(servers):
-    head, mlf, tmp = servers
-    out = tmp / "tune"
-    proc = head.submit(REPO, "python", "jobs/tune.py", "--config", "jobs/configs/tune_tiny.yaml",
-                       "--output", str(out), "--set", f"tracking.tracking_uri={mlf.uri}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, mlf, _ = servers
+    _, out = submit_job(servers, "tune.py", "jobs/configs/tune_tiny.yaml", "tune")
     assert (out / "best_config.yaml").is_file()
     summary = json.loads((out / "tune_summary.json").read_text())
     assert summary

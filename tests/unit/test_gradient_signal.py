@@ -27,15 +27,20 @@ def _data(trainer):
     return trainer.encode(frame)
 
 
-def test_sgd_task_vector_is_lr_times_the_gradient_signal():
-    tr = _trainer("sgd")
+def _train_with_signal(optimizer: str):
+    """One local epoch with the gradient sum on: (trainer, data, task vector, signal)."""
+    tr = _trainer(optimizer)
     data = _data(tr)
     start = tr.current_state().copy()
     tr.start_gradient_sum()
     tr.train(data, 1, seed=3)
     signal = tr.stop_gradient_sum()
-    tau = tr.current_state() - start
-    assert signal is not None and signal.shape == start.shape and signal.dtype == np.float32
+    return tr, data, tr.current_state() - start, signal
+
+
+def test_sgd_task_vector_is_lr_times_the_gradient_signal():
+    tr, data, tau, signal = _train_with_signal("sgd")
+    assert signal is not None and signal.shape == tau.shape and signal.dtype == np.float32
     assert np.abs(signal).max() > 0
     # plain SGD: tau = -lr * sum of gradients = lr * signal
     np.testing.assert_allclose(tau, 0.05 * signal, rtol=1e-3, atol=1e-6)
@@ -44,13 +49,7 @@ def test_sgd_task_vector_is_lr_times_the_gradient_signal():
 
 
 def test_adam_task_vector_is_not_the_gradient_direction():
-    tr = _trainer("adamw")
-    data = _data(tr)
-    start = tr.current_state().copy()
-    tr.start_gradient_sum()
-    tr.train(data, 1, seed=3)
-    signal = tr.stop_gradient_sum()
-    tau = tr.current_state() - start
+    _, _, tau, signal = _train_with_signal("adamw")
     cos = float(tau @ signal / (np.linalg.norm(tau) * np.linalg.norm(signal)))
     assert 0 < cos < 0.99  # same half-space, but Adam rescales every coordinate
 
