@@ -397,6 +397,22 @@ def fedbip_child(job_path: str) -> int:
     return 0
 
 
+def fedbip_phases(rows: Sequence[dict[str, Any]], times: Sequence[float]) -> list[dict[str, float]]:
+    """Per-round split of fedbip's round time, from metrics.jsonl (``extra.*_seconds``) in the
+    floor's terms: fit, aggregate, evaluate (validation gate included), and ``other`` = the
+    round clock minus those (metrics line, checkpoint request, callbacks, the driver)."""
+    out = []
+    for row, total in zip(rows, times, strict=False):
+        ex = row.get("extra", {})
+        if "fit_seconds" not in ex:
+            return []  # written by an older fedbip
+        split = {"fit": ex["fit_seconds"], "aggregate": ex.get("aggregate_seconds", 0.0),
+                 "evaluate": ex.get("gate_seconds", 0.0) + ex.get("eval_seconds", 0.0)}
+        split["other"] = total - sum(split.values())
+        out.append(split)
+    return out
+
+
 def _checkpoint_dim(output: Path) -> int | None:
     """D from the latest checkpoint's ``states`` tensor (None if not found)."""
     try:
@@ -439,9 +455,11 @@ def _fedbip_run(workload: str, cfg_dict: dict[str, Any], work: Path, inprocess: 
     res = json.loads(result.read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     acc = res["summary"].get("mean_accuracy")
-    return Run("fedbip", workload, round_times(res["start"], res["ends"]), wall, sampler.peak,
+    times = round_times(res["start"], res["ends"])
+    return Run("fedbip", workload, times, wall, sampler.peak,
                sampler.peak_procs, acc,
                extra={"metrics": rows, "peak_top": top_processes(sampler.peak_top),
+                      "phases": fedbip_phases(rows, times),
                       "dim": _checkpoint_dim(out),
                       "shards_digest": _digest(sorted((out / "shards").glob("client_*.parquet"))),
                       "num_clients": cfg_dict["data"]["num_clients"]})
@@ -981,7 +999,7 @@ def run_table(runs: Sequence[Run], reference: Run | None, ref_label: str) -> lis
 
 
 def peak_lines(runs: Sequence[Run]) -> list[str]:
-    """Largest process kinds at each run's memory peak, and the floor's phase split."""
+    """Largest process kinds at each run's memory peak, and each run's steady phase split."""
     out = []
     for r in runs:
         if r.extra.get("retried_after"):

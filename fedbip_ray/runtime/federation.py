@@ -408,6 +408,19 @@ def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
 
 
 # ---------------------------------------------------------------------------------- rows
+class PhaseClock:
+    """Wall seconds of a round's phases: each :meth:`lap` records the time since the last one."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self._last
+        self._last = now
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -434,6 +447,8 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
     peak = report.get("client_peak_rss_mib")
     if peak is not None and peak == peak:
         extra["client_peak_rss_mib"] = float(peak)
+    for phase, secs in (report.get("phase_seconds") or {}).items():
+        extra[f"{phase}_seconds"] = float(secs)
     gate = report.get("gate") or {}
     if gate:
         extra["gate_mean_mix"] = float(np.mean(list(gate.values())))
@@ -525,6 +540,12 @@ def _prepare_outputs(ctx: RunContext, ck: ckpt_io.Checkpoint | None) -> None:
         ckpt_io.clear(out / "checkpoints")
 
 
+def _fetch_and_write(ref: Any, directory: Path, rnd: int, history: list[dict[str, Any]],
+                     config: dict[str, Any]) -> Path:
+    tensors, layout = ray.get(ref)
+    return ckpt_io.write_checkpoint(directory, rnd, tensors, layout, history, config)
+
+
 class CheckpointWriter:
     """Writes round checkpoints on one background thread, so the file I/O (safetensors,
     fsync, sha256) overlaps the next round. At most one write is in flight: the next
@@ -536,11 +557,13 @@ class CheckpointWriter:
         self._pending: Future[Path] | None = None
 
     def submit(self, ctx: RunContext, rnd: int) -> None:
-        """Fetch the server state now (round ``rnd``'s) and write it in the background."""
+        """Ask the server for its state now (round ``rnd``'s: the server serves calls in the
+        order they are sent, so the next round cannot change it first); fetch and write it in
+        the background."""
         self.wait()
-        tensors, layout = ray.get(ctx.server.state_dict.remote())
-        self._pending = self._pool.submit(ckpt_io.write_checkpoint, ctx.output / "checkpoints", rnd,
-                                          tensors, layout, list(ctx.history), ctx.cfg.to_dict())
+        ref = ctx.server.state_dict.remote()
+        self._pending = self._pool.submit(_fetch_and_write, ref, ctx.output / "checkpoints", rnd,
+                                          list(ctx.history), ctx.cfg.to_dict())
 
     def wait(self) -> Path | None:
         """Block until the write in flight (if any) is on disk; its path."""
@@ -653,11 +676,14 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
     t0 = time.perf_counter()
     participants = sample_clients(ctx.shards.num_clients, cfg.clients_per_round(), cfg.seed, rnd)
     opts = strategy.client_options
+    clock = PhaseClock()
     fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient)
+    clock.lap("fit")
     need = min_reports(fed.min_report_fraction, len(participants))
     report = ray.get(ctx.server.aggregate_refs.remote(
         rnd, [c for c, _ in fit.done], [r for _, r in fit.done], need))
     report["bytes_out"] = len(participants) * 4 * dim
+    clock.lap("aggregate")
     if not report.get("aggregated"):
         log.warning("round %d: %d of %d clients sent a valid update (%d needed): aggregation "
                     "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
@@ -666,12 +692,15 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
         report["gate"] = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]], opts.gate_mixes,
                                     fed.round_deadline_s)
         report["bytes_out"] += 2 * 4 * dim * len(report["accepted"])  # [local, aggregate] pairs
+        clock.lap("gate")
     evals: dict[int, dict[str, dict]] = {}
     eval_failed: dict[int, str] = {}
     if rnd % fed.eval_every == 0 or rnd == fed.rounds:
         evals, eval_failed, more = evaluate_phase(
             ctx, rnd, opts.finetune_epochs_before_eval, fed.round_deadline_s)
         replaced += more
+        clock.lap("eval")
+    report["phase_seconds"] = clock.laps
     privacy = round_privacy(cfg, ctx.history, bool(report.get("aggregated")))
     row = round_row(rnd, evals, report, participants, fit.stragglers, time.perf_counter() - t0,
                     eval_failed, replaced, privacy)

@@ -54,6 +54,8 @@ class FederatedServer:
         self.similarity: np.ndarray | None = None  # (num_clients, num_clients) smoothed, NaN unknown
         # this round's own-training states for the validation gate: ({client: row}, (N_t, D))
         self._gate_local: tuple[dict[int, int], np.ndarray | None] = ({}, None)
+        self.keep_last = False
+        self._last: dict[str, Any] | None = None
 
     # -- state ------------------------------------------------------------------------------
     def initialize(self, init: np.ndarray, layout: dict[str, Any]) -> int:
@@ -160,7 +162,7 @@ class FederatedServer:
             signals=np.stack(signals) if signals else None,
         )
         result = self.round_strategy(round_num).aggregate(inp)
-        if not np.isfinite(result.states).all():
+        if not all_finite(result.states):
             raise FloatingPointError(f"round {round_num}: aggregation produced non-finite states")
         self._gate_local = ({int(c): k for k, c in enumerate(ids)}, inp.theta()
                             if self.strategy.client_options.gate_mixes else None)
@@ -171,7 +173,8 @@ class FederatedServer:
         report["similarity"] = None if result.similarity is None else np.asarray(result.similarity).tolist()
         report["weights"] = np.asarray(result.weights).tolist()
         report["diagnostics"] = self._diagnostics(idx, result)
-        self._last = {"round": round_num, "clients": list(ids), "deltas": inp.deltas}
+        if self.keep_last:
+            self._last = {"round": round_num, "clients": list(ids), "deltas": inp.deltas}
         return report
 
     def _diagnostics(self, idx: np.ndarray, result: Any) -> dict[str, float]:
@@ -208,10 +211,18 @@ class FederatedServer:
         self._gate_local = ({}, None)
         return applied
 
+    def keep_last_round(self, keep: bool = True) -> None:
+        """Keep each aggregation's stacked task vectors until the next one (N_t x D float32
+        between rounds) so that :meth:`last_round` can return them; off by default."""
+        self.keep_last = keep
+        if not keep:
+            self._last = None
+
     def last_round(self) -> dict[str, Any] | None:
         """The accepted, validated task vectors of the latest aggregation (before DP noise):
-        {"round", "clients", "deltas": (N_t, D) float32}; for replay tuning."""
-        return getattr(self, "_last", None)
+        {"round", "clients", "deltas": (N_t, D) float32} when :meth:`keep_last_round` is on
+        (replay tuning); None otherwise."""
+        return self._last
 
     # -- checkpoints (the driver writes them: safetensors + JSON, never pickle) -------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -235,6 +246,11 @@ class FederatedServer:
         self.similarity = (np.asarray(sim, dtype=np.float64).copy() if sim is not None
                            else np.full((self.num_clients, self.num_clients), np.nan))
         return lay.size
+
+
+def all_finite(x: np.ndarray, block_rows: int = 64) -> bool:
+    """``np.isfinite(x).all()`` for an (N, D) array without an N x D bool temporary."""
+    return all(bool(np.isfinite(x[i:i + block_rows]).all()) for i in range(0, len(x), block_rows))
 
 
 def training_totals(updates: list[ClientUpdate]) -> dict[str, float]:

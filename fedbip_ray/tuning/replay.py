@@ -111,8 +111,8 @@ class TaskVectorRecorder:
     """Run callback writing ``OUTPUT/replay/round_XXXXX.safetensors`` (``clients`` (N_t,) int64,
     ``deltas`` (N_t, D) float32, ``weights`` (N_t, N_t) float64) and ``meta.json``.
 
-    Reads only the run's own checkpoints (written by the driver every round) and the round
-    report; it fetches nothing from the actors.
+    Reads the run's own checkpoints (written by the driver every round), the round report and,
+    where the server actor offers it, the round's task vectors (``keep_last_round``).
     """
 
     def __init__(self, directory: str | Path | None = None) -> None:
@@ -134,6 +134,11 @@ class TaskVectorRecorder:
                 "counts": [int(s["train"]) for s in run.shards.summary],
                 "run_output": str(Path(run.output).resolve())}
         (self.directory / "meta.json").write_text(json.dumps(meta, indent=1))
+        keep = getattr(run.server, "keep_last_round", None)
+        if keep is not None:  # the server then keeps each round's task vectors for us
+            import ray
+
+            ray.get(keep.remote(True))
 
     def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
         from safetensors.numpy import save_file

@@ -25,13 +25,14 @@ from .test_faults import clean_config, clean_run
 pytestmark = pytest.mark.ray
 FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")
 VOLATILE = {"seconds"}  # row fields that may differ between two identical runs
-VOLATILE_EXTRA = {"train_step_seconds", "client_peak_rss_mib"}  # timings and memory
+VOLATILE_EXTRA = {"client_peak_rss_mib"}  # memory; every extra.*_seconds is a timing too
 
 
 def stable(row: dict) -> dict:
     """A metrics row without its timing and memory measurements."""
     out = {k: v for k, v in row.items() if k not in VOLATILE}
-    out["extra"] = {k: v for k, v in row.get("extra", {}).items() if k not in VOLATILE_EXTRA}
+    out["extra"] = {k: v for k, v in row.get("extra", {}).items()
+                    if k not in VOLATILE_EXTRA and not k.endswith("_seconds")}
     return out
 
 

@@ -53,6 +53,8 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
     for r in rows:
         assert 0 < r["extra"]["train_step_seconds"] < r["seconds"]
         assert r["extra"]["client_peak_rss_mib"] > 100  # a client actor holding a model
+        phases = [r["extra"][f"{p}_seconds"] for p in ("fit", "aggregate", "gate", "eval")]
+        assert min(phases) > 0 and sum(phases) <= r["seconds"]  # the round's wall time, split
         assert set(r["gate_mix"]) == {"0", "1", "2", "3"}
         assert set(r["gate_mix"].values()) <= {1.0, 0.5, 0.0}
         assert r["extra"]["gate_mean_mix"] == pytest.approx(np.mean(list(r["gate_mix"].values())))

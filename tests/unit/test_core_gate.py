@@ -103,3 +103,22 @@ def test_server_gate_pair_and_apply_gate():
     plain.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
     with pytest.raises(KeyError):
         plain.gate_pair(0)
+    assert plain.last_round() is None  # nor the round's task vectors, unless asked
+    plain.keep_last_round(True)
+    plain.aggregate(2, [ClientUpdate(c, 2, taus[c], layout.to_dict(), 10) for c in (0, 2)])
+    last = plain.last_round()
+    assert last["round"] == 2 and last["clients"] == [0, 2]
+    np.testing.assert_array_equal(last["deltas"], taus[[0, 2]])
+    plain.keep_last_round(False)
+    assert plain.last_round() is None
+
+
+def test_all_finite_matches_numpy_in_row_blocks():
+    from fedbip_ray.runtime.server import all_finite
+
+    x = np.ones((130, 5), dtype=np.float32)
+    assert all_finite(x) and all_finite(x[:0])
+    for row in (0, 63, 64, 129):
+        y = x.copy()
+        y[row, 3] = np.inf if row % 2 else np.nan
+        assert not all_finite(y)
