@@ -1206,13 +1206,14 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
     out += ["", "Where the allocations come from (`FederatedServer.aggregate` and the strategies, read "
             "from the code): `np.stack(vecs)` of the received task vectors (1 M); the strategy's new "
             "states (1 M: `W @ deltas + states` for FedBip, `np.repeat` of the average for FedAvg); the "
-            "finiteness check `np.isfinite(result.states)` (a bool array, M / 4). The participants' "
+            "finiteness check runs in blocks of 64 rows (no N x D bool array). The participants' "
             "states are passed as a view when they are contiguous (a copy, 1 M, otherwise), and "
             "strategies that compare parameters (`reference: pretrained`, `lora_product`) form "
             "theta = states + deltas one column block at a time, not as an N x D copy. The N updates "
-            "stay in the object store (1 M, read zero-copy), the server's states are another M, and "
-            "the server keeps the last round's stacked task vectors until the next aggregation "
-            "(`last_round()`, for replay tuning: 1 M between rounds). With the validation gate on "
+            "stay in the object store (1 M, read zero-copy), the server's states are another M. The "
+            "server keeps the last round's stacked task vectors until the next aggregation only "
+            "when a replay recorder asks for them (`keep_last_round`: 1 M more between rounds, not "
+            "measured here). With the validation gate on "
             "(not measured here) the server also keeps each participant's own-training state until "
             "the gate has run (1 M)."]
     out.append("")

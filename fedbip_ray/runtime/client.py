@@ -100,6 +100,8 @@ class ClientActor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.cfg = Config.model_validate(cfg)
         self._data: dict[int, dict[str, Any]] = {}
+        # {client: (round, (D,) state after its own training)} for this round's validation gate
+        self._trained: dict[int, tuple[int, np.ndarray]] = {}
         self.error: str | None = None
         self.trainer: Any = None
         try:
@@ -136,10 +138,13 @@ class ClientActor:
         return self._data[client_id]
 
     def fit(self, client_id: int, state: np.ndarray, round_num: int, prox_mu: float = 0.0,
-            shard: ShardRef | None = None, gradient: bool = False) -> ClientUpdate:
+            shard: ShardRef | None = None, gradient: bool = False, keep: bool = False) -> ClientUpdate:
         """Train ``state`` on the client's train split; return the task vector (D,) float32
-        (and, with ``gradient``, the negated gradient sum of the round as ``signal``)."""
+        (and, with ``gradient``, the negated gradient sum of the round as ``signal``). With
+        ``keep`` the trained state ``state + τ`` stays in the actor for this round's
+        :meth:`score_mixes` (so the server need not send it back)."""
         trainer = self._ready()
+        self._trained = {c: v for c, v in self._trained.items() if v[0] == round_num}
         data = self._client_data(client_id, shard)["train"]
         trainer.load_state(state)
         if gradient:
@@ -151,7 +156,10 @@ class ClientActor:
         finally:
             signal = trainer.stop_gradient_sum() if gradient else None
         metrics["peak_rss_mib"] = peak_rss_mib()
-        tau = trainer.current_state() - np.asarray(state, dtype=np.float32)
+        start = np.asarray(state, dtype=np.float32)
+        tau = trainer.current_state() - start
+        if keep:  # bit for bit what the server forms as its own state + τ
+            self._trained[client_id] = (round_num, start + tau)
         mode = parse_poison(os.environ.get(POISON_ENV)).get(client_id)
         if mode is not None:
             tau = poison_vector(tau, mode)
@@ -170,14 +178,22 @@ class ClientActor:
             trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
         return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
 
-    def score_mixes(self, client_id: int, pair: np.ndarray, mixes: tuple[float, ...],
-                    round_num: int, shard: ShardRef | None = None) -> list[dict[str, float]]:
-        """Validation scores of ``local + λ (aggregate − local)`` for each ``λ`` in ``mixes``;
-        ``pair`` is (2, D) [local, aggregate] (see :mod:`fedbip_ray.core.gate`)."""
+    def score_mixes(self, client_id: int, aggregate: np.ndarray, mixes: tuple[float, ...],
+                    round_num: int, shard: ShardRef | None = None,
+                    local: np.ndarray | None = None) -> list[dict[str, float]] | None:
+        """Validation scores of ``local + λ (aggregate − local)`` for each ``λ`` in ``mixes``
+        (see :mod:`fedbip_ray.core.gate`); ``aggregate`` and ``local`` are (D,). Without
+        ``local`` the state kept by this round's ``fit(keep=True)`` is used; None when there is
+        none (e.g. the actor was restarted): the caller then sends ``local``."""
         trainer = self._ready()
+        kept = self._trained.pop(client_id, None)
+        if local is None:
+            if kept is None or kept[0] != round_num:
+                return None
+            local = kept[1]
         data = self._client_data(client_id, shard)["val"]
         scores = []
-        for cand in mix_candidates(pair[0], pair[1], mixes):
+        for cand in mix_candidates(local, aggregate, mixes):
             trainer.load_state(cand)
             scores.append(trainer.evaluate(data))
         return scores

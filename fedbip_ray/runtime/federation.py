@@ -328,13 +328,14 @@ class FitOutcome:
 
 
 def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float,
-              deadline_s: float, gradient: bool = False) -> FitOutcome:
-    """Submit every participant's fit, wait up to the deadline, cancel the stragglers.
+              deadline_s: float, gradient: bool = False, keep: bool = False) -> FitOutcome:
+    """Submit every participant's fit, wait up to the deadline, cancel the stragglers
+    (``keep``: actors keep each trained state for the validation gate).
 
     The update refs are not fetched here (``fetch_local=False``): the server pulls them.
     """
     refs = [ctx.actor_for(c).fit.remote(c, ctx.server.get_state.remote(c), rnd, prox_mu,
-                                        ctx.shard_refs[c], gradient) for c in participants]
+                                        ctx.shard_refs[c], gradient, keep) for c in participants]
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline_s, fetch_local=False)
     ready_set = set(ready)
     _cancel(pending)
@@ -346,19 +347,32 @@ def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float
 
 
 def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[float, ...],
-               deadline_s: float) -> dict[int, float]:
+               deadline_s: float, send_local: Sequence[int] = ()) -> tuple[dict[int, float], int]:
     """Validation gate (:mod:`fedbip_ray.core.gate`): every aggregated client scores
     ``local + λ (aggregate − local)`` for each ``λ`` on its validation split; the server keeps
-    the best. A client whose scoring fails or misses the deadline keeps its aggregate.
-    Returns the chosen ``λ`` per client."""
-    scores, errors = collect({c: ctx.actor_for(c).score_mixes.remote(
-        c, ctx.server.gate_pair.remote(c), mixes, rnd, ctx.shard_refs[c]) for c in clients}, deadline_s)
+    the best. The actor kept ``local`` from ``fit``; the server sends it only to the clients in
+    ``send_local`` (their task vector was clipped) and to those whose actor lost it (restarted).
+    A client whose scoring fails or misses the deadline keeps its aggregate.
+    Returns (the chosen ``λ`` per client, how many clients were sent ``local``)."""
+    def call(c: int, with_local: bool) -> Any:
+        local = ctx.server.gate_local.remote(c) if with_local else None
+        return ctx.actor_for(c).score_mixes.remote(c, ctx.server.get_state.remote(c), mixes, rnd,
+                                                   ctx.shard_refs[c], local)
+
+    t0, resend = time.monotonic(), set(send_local)
+    scores, errors = collect({c: call(c, c in resend) for c in clients}, deadline_s)
+    lost = [c for c, s in scores.items() if s is None]
+    if lost:  # the actor no longer holds the client's trained state: send it
+        again, errors2 = collect({c: call(c, True) for c in lost},
+                                 max(1.0, deadline_s - (time.monotonic() - t0)))
+        scores = {**{c: s for c, s in scores.items() if s is not None}, **again}
+        errors.update(errors2)
     for cid, err in errors.items():
         log.warning("round %d: validation gate of client %d failed (%s): aggregate kept", rnd, cid,
                     err if isinstance(err, str) else failure_reason(err))
-    chosen = {cid: choose_mix(s, mixes) for cid, s in scores.items()}
+    chosen = {cid: choose_mix(s, mixes) for cid, s in scores.items() if s is not None}
     ray.get(ctx.server.apply_gate.remote(chosen))
-    return chosen
+    return chosen, len(resend) + len(lost)
 
 
 def collect(refs: dict[int, Any], deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
@@ -677,7 +691,8 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
     participants = sample_clients(ctx.shards.num_clients, cfg.clients_per_round(), cfg.seed, rnd)
     opts = strategy.client_options
     clock = PhaseClock()
-    fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient)
+    fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient,
+                    bool(opts.gate_mixes))
     clock.lap("fit")
     need = min_reports(fed.min_report_fraction, len(participants))
     report = ray.get(ctx.server.aggregate_refs.remote(
@@ -689,9 +704,10 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
                     "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
     replaced = heal_actors(ctx, [int(c) for c in report.get("failed", {})])
     if opts.gate_mixes and report.get("aggregated"):
-        report["gate"] = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]], opts.gate_mixes,
-                                    fed.round_deadline_s)
-        report["bytes_out"] += 2 * 4 * dim * len(report["accepted"])  # [local, aggregate] pairs
+        report["gate"], sent_local = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]],
+                                                opts.gate_mixes, fed.round_deadline_s,
+                                                report.get("modified", []))
+        report["bytes_out"] += 4 * dim * (len(report["accepted"]) + sent_local)  # aggregates (+ locals)
         clock.lap("gate")
     evals: dict[int, dict[str, dict]] = {}
     eval_failed: dict[int, str] = {}

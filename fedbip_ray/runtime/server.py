@@ -122,6 +122,7 @@ class FederatedServer:
         assert self.states is not None and self.layout is not None
         self._gate_local = ({}, None)
         ids, vecs, counts, rejected, nbytes = [], [], [], {}, 0
+        modified: list[int] = []  # accepted after the server changed the vector (norm clipping)
         signals: list[np.ndarray] | None = [] if self.strategy.client_options.send_gradient else None
         for up in updates:
             nbytes += int(np.asarray(up.vector).nbytes)
@@ -131,6 +132,8 @@ class FederatedServer:
                 if up.client_id in ids:
                     raise UpdateRejected("duplicate update in this round")
                 vec = self.check(up, round_num)
+                if vec is not up.vector:
+                    modified.append(int(up.client_id))
                 if signals is not None:
                     signals.append(self.check_signal(up))
                 vecs.append(vec)
@@ -141,6 +144,7 @@ class FederatedServer:
                 log.warning("round %d: rejected update of client %s: %s", round_num, up.client_id, exc)
         accepted = [u for u in updates if u.client_id in ids]
         report: dict[str, Any] = {"round": round_num, "accepted": ids, "rejected": rejected,
+                                  "modified": [c for c in modified if c in ids],
                                   "bytes_in": nbytes, "similarity": None, "weights": None,
                                   "aggregated": False,
                                   "train_losses": [float(u.metrics.get("train_loss", float("nan")))
@@ -189,13 +193,14 @@ class FederatedServer:
         return {k: float(v) for k, v in rec.items() if v == v}
 
     # -- validation gate (fedbip_ray.core.gate) --------------------------------------------
-    def gate_pair(self, client_id: int) -> np.ndarray:
-        """(2, D) float32: [the client's own state after this round's training, its aggregate]."""
-        assert self.states is not None
+    def gate_local(self, client_id: int) -> np.ndarray:
+        """(D,) float32: the client's own state after this round's training (its start state
+        plus its validated task vector); its aggregate is :meth:`get_state` until
+        :meth:`apply_gate`."""
         rows, local = self._gate_local
         if local is None or client_id not in rows:
             raise KeyError(f"client {client_id} has no gate candidates this round")
-        return np.stack([local[rows[client_id]], self.states[client_id]])
+        return local[rows[client_id]].copy()
 
     def apply_gate(self, mixes: dict[int, float]) -> dict[int, float]:
         """Set each client's state to ``local + λ (aggregate − local)`` for its chosen ``λ``

@@ -65,6 +65,7 @@ def test_excess_norm_is_clipped_when_configured():
     big = _vec(1, 1e6)
     report = srv.aggregate(1, [_update(0, big), _update(1, _vec(2, 0.1))])
     assert report["accepted"] == [0, 1] and report["rejected"] == {}
+    assert report["modified"] == [0]  # the gate must send client 0 the server's own state
     assert np.linalg.norm(srv.states[0]) == pytest.approx(2.0, rel=1e-5)  # `local`: own vector
     assert np.allclose(srv.states[0], big / np.linalg.norm(big) * 2.0, atol=1e-6)
 

@@ -86,9 +86,9 @@ def test_server_gate_pair_and_apply_gate():
     report = srv.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
     assert report["aggregated"]
     agg = srv.all_states().copy()
-    pair = srv.gate_pair(1)
-    np.testing.assert_allclose(pair[0], init + taus[1], rtol=1e-6)  # own training only
-    np.testing.assert_allclose(pair[1], agg[1])
+    assert report["modified"] == []
+    np.testing.assert_array_equal(srv.gate_local(1), init + taus[1])  # own training only, bit for bit
+    np.testing.assert_array_equal(srv.get_state(1), agg[1])  # the aggregate until the gate applies
     applied = srv.apply_gate({0: 1.0, 1: 0.0, 2: 0.5})
     assert applied == {1: 0.0, 2: 0.5}
     states = srv.all_states()
@@ -96,13 +96,13 @@ def test_server_gate_pair_and_apply_gate():
     np.testing.assert_allclose(states[1], init + taus[1], rtol=1e-6)
     np.testing.assert_allclose(states[2], 0.5 * (init + taus[2]) + 0.5 * agg[2], rtol=1e-5, atol=1e-6)
     with pytest.raises(KeyError, match="no gate candidates"):
-        srv.gate_pair(1)  # consumed
+        srv.gate_local(1)  # consumed
     # strategies without a gate keep no copies
     plain = FederatedServer("fedavg", {}, 3)
     plain.initialize(init, layout.to_dict())
     plain.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
     with pytest.raises(KeyError):
-        plain.gate_pair(0)
+        plain.gate_local(0)
     assert plain.last_round() is None  # nor the round's task vectors, unless asked
     plain.keep_last_round(True)
     plain.aggregate(2, [ClientUpdate(c, 2, taus[c], layout.to_dict(), 10) for c in (0, 2)])
