@@ -101,7 +101,7 @@ def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarra
                      layout: Mapping[str, Any], history: list[dict[str, Any]],
                      config: Mapping[str, Any]) -> Path:
     """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(round_num)
@@ -109,12 +109,16 @@ def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarra
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(arrays, str(tmp / TENSORS))
-    with (tmp / TENSORS).open("rb+") as fh:
+    blob = save(arrays)  # serialized once: written and hashed from memory
+    with (tmp / TENSORS).open("wb") as fh:
+        fh.write(blob)
+        fh.flush()
         os.fsync(fh.fileno())
+    digest = hashlib.sha256(blob).hexdigest()
+    del blob
     write_text_atomic(tmp / "layout.json", json.dumps(dict(layout)))
     meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
-            "sha256": {TENSORS: sha256_file(tmp / TENSORS)},
+            "sha256": {TENSORS: digest},
             "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
     write_text_atomic(tmp / "meta.json", json.dumps(meta))
     fsync_dir(tmp)

@@ -278,6 +278,12 @@ def noise_seed(seed: int, round_num: int) -> int:
 class ServerActor(FederatedServer):
     """The server as a Ray actor: fetches update refs itself (driver never touches them)."""
 
+    def get_state(self, client_id: int) -> np.ndarray:
+        """(D,) float32 personalized state of one client: a view, which Ray copies into the
+        object store as the call returns (before the actor runs its next call)."""
+        assert self.states is not None, "server not initialized"
+        return self.states[client_id]
+
     def aggregate_refs(self, round_num: int, client_ids: list[int], refs: list[Any],
                        min_accepted: int = 1) -> dict[str, Any]:
         """``refs`` are ObjectRefs of :class:`ClientUpdate`; failures are reported, not raised."""
