@@ -157,6 +157,25 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def paired_lines(results: list[dict], reference: str = "fedbip") -> list[str]:
+    """``reference`` minus every other strategy in average score, paired by seed (mean ± std over
+    the seeds both ran)."""
+    avg = {(r["strategy"], r["seed"]): r["scores"].get("average", math.nan) for r in results}
+    ref_seeds = {s for (st, s) in avg if st == reference}
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in results):
+        seeds = sorted(ref_seeds & {s for (st, s) in avg if st == strategy})
+        if strategy == reference or not seeds:
+            continue
+        diff = [avg[(reference, s)] - avg[(strategy, s)] for s in seeds]
+        out.append(f"| {strategy} | {np.mean(diff):+.3f} ± {np.std(diff):.3f} | "
+                   f"{sum(d > 0 for d in diff)}/{len(diff)} |")
+    if not out:
+        return []
+    return [f"{reference} minus each strategy, average score, paired by seed:", "",
+            "| strategy | difference | seeds where " + reference + " is higher |", "|---|---|---|", *out, ""]
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     """Average score (over tasks, then seeds) per round, one line per strategy."""
     import matplotlib
@@ -181,8 +200,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def write_report(results: list[dict], setting: str, out: Path, command: str, seeds: list[int],
-                 overrides: list[str]) -> str:
-    """Write ``out`` (markdown), the PNG next to it and the raw results as JSON."""
+                 overrides: list[str], preamble: str = "") -> str:
+    """Write ``out`` (markdown) and the PNG next to it (``preamble``: text after the header)."""
     cfg = run_config(setting, "local", seeds[0], overrides)
     png = out.with_suffix(".png")
     plot(results, png, f"instruct-tasks, {cfg.model.name}: average test score per round")
@@ -192,6 +211,7 @@ def write_report(results: list[dict], setting: str, out: Path, command: str, see
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}; "
         f"seeds {seeds}.", "",
+        *([preamble.strip(), ""] if preamble.strip() else []),
         f"Model `{cfg.model.name}` + LoRA r={cfg.model.peft.r} on "
         f"{', '.join(cfg.model.peft.target_modules or ('q_proj', 'v_proj'))}; {d.num_clients} clients, "
         f"one task each ({d.num_clients // len(TASKS)} per task), {d.examples_per_client} examples per client "
@@ -201,6 +221,7 @@ def write_report(results: list[dict], setting: str, out: Path, command: str, see
         "(exact match; ROUGE-L F1 for record-to-text), averaged over the task's clients; mean ± std "
         "over seeds. `sentiment` and `sentiment-flipped` share prompts with opposite answers.", "",
         *table(results), "",
+        *paired_lines(results),
         *([f"`{cfg.model.name}` is a random-init model: a smoke test of the pipeline, not a result. "
            "Its adapter trains the token embeddings and output layer, so mixing clients of different "
            "tasks quickly collapses it to the shared end-of-turn token (empty answers).", ""]
@@ -222,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default="/tmp/fedbip_instruct")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the report from <workdir>/<name>.json of a finished run (give the same --set)")
+    ap.add_argument("--preamble", type=Path, default=None, help="markdown placed after the header")
     args = ap.parse_args(argv)
     setting = args.setting or ("tiny" if args.quick else "smollm2")
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -230,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/instruct.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    preamble = args.preamble.read_text() if args.preamble else ""
+    raw = Path(args.workdir) / f"{out.stem}.json"
+    if args.report_only:
+        if not raw.is_file():
+            print(f"--report-only: {raw} not found (run the benchmark first)", file=sys.stderr)
+            return 2
+        results = json.loads(raw.read_text())
+        print(write_report(results, setting, out, command, sorted({r["seed"] for r in results}),
+                           args.overrides, preamble))
+        return 0
     partial = out.with_suffix(".partial.jsonl")
     done = {}
     if partial.is_file():  # resume an interrupted benchmark
@@ -255,10 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no run finished", file=sys.stderr)
         return 2
-    raw = Path(args.workdir) / f"{out.stem}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(results, indent=1))
-    print(write_report(results, setting, out, command, seeds, args.overrides))
+    print(write_report(results, setting, out, command, seeds, args.overrides, preamble))
     print(f"raw results: {raw}")
     partial.unlink(missing_ok=True)
     return 0

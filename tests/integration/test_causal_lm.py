@@ -78,3 +78,11 @@ def test_instruct_benchmark_quick_miniature(ray_local, tmp_path):
         assert r["client_peak_rss_mib"] > 100
     assert "| s/train step | client peak RSS (MiB) |" in text and "| fedbip |" in text
     assert out.with_name("instruct.png").stat().st_size > 1000
+    assert "| local | " in text.split("paired by seed")[1]  # fedbip minus local, paired by seed
+    # the report can be rebuilt from the raw results, with a preamble
+    (tmp_path / "pre.md").write_text("Notes on this run.")
+    assert mod.main(["--quick", "--report-only", "--set", "federation.rounds=1", "--preamble", str(tmp_path / "pre.md"),
+                     "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    rebuilt = out.read_text()
+    assert "Notes on this run." in rebuilt and rebuilt.replace("Notes on this run.\n\n", "").split(
+        "Model ")[1] == text.split("Model ")[1]
