@@ -148,7 +148,14 @@ class FederationConfig(_Frozen):
     round_deadline_s: float = Field(3600.0, gt=0)
     min_report_fraction: float = Field(0.5, gt=0, le=1)
     eval_every: int = Field(1, ge=1)
+    # write a checkpoint every k rounds (and always after the last); 0: only after the last
+    checkpoint_every: int = Field(1, ge=0)
     updates: UpdateCheckConfig = UpdateCheckConfig()
+
+    def checkpoint_due(self, round_num: int) -> bool:
+        """Whether round ``round_num``'s checkpoint is written."""
+        every = self.checkpoint_every
+        return round_num == self.rounds or (every > 0 and round_num % every == 0)
 
 
 class PrivacyConfig(_Frozen):

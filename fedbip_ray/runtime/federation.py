@@ -670,7 +670,8 @@ def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
             _append_line(out / "similarity.jsonl", {"round": rnd, "clients": report["accepted"],
                                                     "similarity": report["similarity"],
                                                     "weights": report["weights"]})
-        writer.submit(ctx, rnd)
+        if fed.checkpoint_due(rnd):
+            writer.submit(ctx, rnd)
         for cb in callbacks:
             cb.on_round(ctx, row, report)
         echo(format_round(row, fed.rounds))

@@ -107,6 +107,19 @@ def _exported_deltas(server: Any, round_num: int, clients: list[int]) -> np.ndar
     return np.asarray(last["deltas"], dtype=np.float32)
 
 
+def check_recordable(cfg: Config) -> None:
+    """ConfigError (one line) when a run with ``cfg`` cannot be recorded for replay."""
+    if cfg.strategy.name not in RECORDABLE:
+        raise ConfigError(f"strategy.name '{cfg.strategy.name}': task vectors can be recorded "
+                          f"only under {', '.join(RECORDABLE)}")
+    if cfg.federation.checkpoint_every != 1:
+        raise ConfigError(f"federation.checkpoint_every={cfg.federation.checkpoint_every}: "
+                          "recording task vectors reads every round's checkpoint (set it to 1)")
+    privacy = getattr(cfg, "privacy", None)
+    if privacy is not None and getattr(privacy, "enabled", False):
+        raise ConfigError("privacy.clip_norm: a run with DP noise cannot be recorded for replay")
+
+
 class TaskVectorRecorder:
     """Run callback writing ``OUTPUT/replay/round_XXXXX.safetensors`` (``clients`` (N_t,) int64,
     ``deltas`` (N_t, D) float32, ``weights`` (N_t, N_t) float64) and ``meta.json``.
@@ -121,12 +134,7 @@ class TaskVectorRecorder:
 
     def on_start(self, run: Any) -> None:
         cfg: Config = run.cfg
-        if cfg.strategy.name not in RECORDABLE:
-            raise ConfigError(f"strategy.name '{cfg.strategy.name}': task vectors can be recorded "
-                              f"only under {', '.join(RECORDABLE)}")
-        privacy = getattr(cfg, "privacy", None)
-        if privacy is not None and getattr(privacy, "enabled", False):
-            raise ConfigError("privacy.clip_norm: a run with DP noise cannot be recorded for replay")
+        check_recordable(cfg)
         self.directory = self.directory or Path(run.output) / RECORD_DIR
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"strategy": cfg.strategy.name, "params": dict(cfg.strategy.params),
@@ -312,6 +320,7 @@ def record_run(cfg: Config, output: str | Path, echo: Any = print) -> dict[str, 
     from fedbip_ray.runtime.federation import run_federation
     from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
+    check_recordable(cfg)  # before any actor starts
     callbacks: list[Any] = [TaskVectorRecorder()]
     if cfg.tracking.mlflow:
         callbacks.append(MlflowCallback(cfg, log_adapters=False))

@@ -86,3 +86,10 @@ def test_replay_search_picks_by_validation_and_writes_best_config(recorded, tmp_
     path.write_text(yaml.safe_dump(tune_cfg))
     with pytest.raises(ConfigError, match="differs from the config.*train.lr"):
         run_replay(path, ["train.lr=0.5"], out, tmp_path / "bad")
+
+
+def test_recording_needs_a_checkpoint_every_round(tmp_path):
+    cfg = config_from_dict(tiny_config(name="rec2", federation={"rounds": 2, "checkpoint_every": 2},
+                                       strategy={"name": "fedbip", "params": PARAMS}))
+    with pytest.raises(ConfigError, match="federation.checkpoint_every=2"):
+        record_run(cfg, tmp_path / "rec2", echo=lambda s: None)

@@ -29,6 +29,14 @@ def test_overrides_parse_yaml_values():
     assert cfg.tracking.mlflow is False
 
 
+@pytest.mark.parametrize(("every", "rounds", "due"), [
+    (1, 4, [1, 2, 3, 4]), (2, 5, [2, 4, 5]), (3, 3, [3]), (0, 4, [4]), (10, 4, [4]),
+])
+def test_checkpoint_cadence_always_includes_the_last_round(every, rounds, due):
+    fed = config_from_dict({"federation": {"rounds": rounds, "checkpoint_every": every}}).federation
+    assert [r for r in range(1, rounds + 1) if fed.checkpoint_due(r)] == due
+
+
 def test_config_is_frozen():
     cfg = config_from_dict({})
     with pytest.raises(ValidationError):
@@ -49,6 +57,7 @@ def test_config_is_frozen():
         ({}, ["federation.rounds"], "expected dotted.key=value"),
         ({}, ["seed=-1"], "config field 'seed'"),
         ({"resources": {"num_gpus_per_client": -1}}, [], "resources.num_gpus_per_client"),
+        ({"federation": {"checkpoint_every": -1}}, [], "federation.checkpoint_every"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_field(data, overrides, needle):
