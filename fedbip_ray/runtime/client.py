@@ -22,7 +22,6 @@ from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.data.shards import read_shard
 from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef
-from fedbip_ray.runtime.trainer import make_trainer, seed_for
 
 POISON_ENV = "FEDBIP_TEST_POISON"
 POISON_MODES = {
@@ -34,6 +33,14 @@ POISON_MODES = {
 # Errors that mean "this model/adapter config cannot be built": reported as one-line config
 # errors by the driver instead of killing (and restarting) the actor.
 _INPUT_ERRORS = (ConfigError, OSError, ValueError, KeyError, ImportError)
+
+
+def _trainers() -> Any:
+    """:mod:`fedbip_ray.runtime.trainer` (torch, transformers), imported inside the actor only:
+    the driver, which needs this class to start actors, never loads torch."""
+    from fedbip_ray.runtime import trainer
+
+    return trainer
 
 
 class TaskCancelled(RuntimeError):
@@ -105,7 +112,7 @@ class ClientActor:
         self.error: str | None = None
         self.trainer: Any = None
         try:
-            self.trainer = make_trainer(self.cfg, num_labels)
+            self.trainer = _trainers().make_trainer(self.cfg, num_labels)
         except _INPUT_ERRORS as exc:
             self.error = one_line(exc) if isinstance(exc, ConfigError) else (
                 f"model '{self.cfg.model.name}': {type(exc).__name__}: {one_line(exc)}")
@@ -151,7 +158,7 @@ class ClientActor:
             trainer.start_gradient_sum()
         try:
             metrics = trainer.train(
-                data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num), prox_mu
+                data, self.cfg.train.local_epochs, _trainers().seed_for(self.cfg.seed, client_id, round_num), prox_mu
             )
         finally:
             signal = trainer.stop_gradient_sum() if gradient else None
@@ -175,7 +182,7 @@ class ClientActor:
         data = self._client_data(client_id, shard)
         trainer.load_state(state)
         if finetune_epochs > 0:
-            trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
+            trainer.train(data["train"], finetune_epochs, _trainers().seed_for(self.cfg.seed, client_id, round_num, 7))
         return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
 
     def score_mixes(self, client_id: int, aggregate: np.ndarray, mixes: tuple[float, ...],

@@ -1,4 +1,4 @@
-"""fedbip_ray.core must import without ray, mlflow, transformers, peft or torch."""
+"""fedbip_ray.core imports no ray, mlflow, transformers, peft or torch; the driver no torch."""
 
 from __future__ import annotations
 
@@ -14,4 +14,18 @@ CHECK = (
 
 def test_core_imports_no_heavy_frameworks() -> None:
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+DRIVER = (
+    "import fedbip_ray.cli, fedbip_ray.runtime.federation, fedbip_ray.tracking.mlflow_logger, sys; "
+    "bad=[m for m in ('torch','transformers','peft') if m in sys.modules]; "
+    "assert not bad, bad"
+)
+
+
+def test_driver_side_imports_no_torch() -> None:
+    """The driver starts actors and moves refs: torch and transformers load in the actors
+    only (a driver with torch costs ~250 MB more on every run)."""
+    proc = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
