@@ -1067,7 +1067,11 @@ def flower_section(cache: dict[tuple[str, str], Run], models: Sequence[str],
            "**flower-reload** builds the model for every message, as Flower's Hugging Face app "
            "template does (`flwr new`, `client.huggingface.py.tpl`: the model is loaded in `client_fn`); "
            "**flower-cached** keeps one model per Ray worker process in a module-level cache (the "
-           "workaround of Flower's FlowerTune LLM template). Both cache the tokenized data per process. "
+           "workaround of Flower's FlowerTune LLM template); **flower-reload-gguf** (SmolLM2 only) builds "
+           "the model for every message from the packaged GGUF file, as `from_pretrained(dir, gguf_file=...)` "
+           "in `client_fn` does, without fedbip's one-time conversion cache (each build also writes the "
+           "converted copy into a fresh temporary directory and loads it from there). All cache the "
+           "tokenized data per process. "
            "Whole run = process launch to exit (imports, Ray start, model loads, rounds, shutdown); "
            "fedbip's also includes writing the shards (the Flower and floor runs read pre-written ones).",
            ""]
@@ -1099,10 +1103,11 @@ def flower_section(cache: dict[tuple[str, str], Run], models: Sequence[str],
                 f"({_f(fl.extra.get('server_init_seconds'))} s); torch threads in its workers: "
                 f"{sorted(set(fl.extra.get('torch_threads') or []))}.")
         by = {fl.runner: fl for fl in flowers if not fl.error}
-        if "flower-reload" in by and "flower-cached" in by:
-            rel, cac = by["flower-reload"], by["flower-cached"]
-            out.append(f"- Cost of building the model per message: flower-reload's steady round is "
-                       f"{rel.steady - cac.steady:+.2f} s longer than flower-cached's.")
+        for name in ("flower-reload", "flower-reload-gguf"):
+            if name in by and "flower-cached" in by:
+                out.append(f"- Cost of building the model per message: {name}'s steady round is "
+                           f"{by[name].steady - by['flower-cached'].steady:+.2f} s longer than "
+                           "flower-cached's.")
         wl = fed.extra.get("workload") or {}
         if wl.get("shard_seconds") is not None and not fed.error:
             out.append(f"- fedbip's whole run includes building the shards: {wl['shard_seconds']:.1f} s "
@@ -1326,12 +1331,12 @@ def explanations(cache: dict[tuple[str, str], Run]) -> list[str]:
            ""]
     for (model, runner), rel in cache.items():
         fed = cache.get((model, "fedbip"))
-        if runner != "flower-reload" or rel.error or fed is None or fed.error:
+        if runner not in ("flower-reload", "flower-reload-gguf") or rel.error or fed is None or fed.error:
             continue
         loads, secs = rel.extra.get("loads") or [], rel.extra.get("load_seconds") or []
         if len(loads) > 1 and sum(loads[1:]):
             per = sum(secs[1:]) / sum(loads[1:])
-            line = (f"- Measured on {model}: flower-reload built the model "
+            line = (f"- Measured on {model}: {runner} built the model "
                     f"{sum(loads[1:]) / (len(loads) - 1):.0f} times per steady round, {per:.2f} s per build "
                     f"({sum(secs[1:]) / (len(secs) - 1):.1f} s per round, summed over its workers); its "
                     f"steady round was {rel.steady - fed.steady:+.2f} s longer than fedbip's.")
@@ -1381,7 +1386,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="override the rounds of the overhead/Flower presets")
     p.add_argument("--overhead-models", type=_csv, default=None, help="default tiny-bert,minilm (quick: tiny-bert)")
     p.add_argument("--flower-models", type=_csv, default=None, help="default minilm,smollm2 (quick: tiny-bert,tiny-llama)")
-    p.add_argument("--flower-variants", type=_csv, default=["reload", "cached"], help="reload,cached")
+    p.add_argument("--flower-variants", type=_csv, default=["reload", "cached", "reload-gguf"],
+                   help="reload,cached,reload-gguf (reload-gguf: SmolLM2 only)")
     p.add_argument("--flower-python", default=DEFAULT_FLOWER_PYTHON, help="python of the Flower venv")
     p.add_argument("--pool-n", type=_csv_ints, default=None, help="clients per pool run (default 8,32,128,512; quick 8,32)")
     p.add_argument("--pool-per-round", type=int, default=8, help="clients per round in pool mode")
@@ -1393,6 +1399,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--agg-strategies", type=_csv, default=["fedbip", "fedavg"],
                    help="strategies of the server actor (default fedbip,fedavg)")
     p.add_argument("--agg-force", action="store_true", help="run sizes predicted not to fit in memory")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="a --json file of an earlier run: its successful runs and aggregation rows are "
+                        "reported instead of run again (the report lists them)")
     p.add_argument("--retries", type=int, default=1,
                    help="re-run a run that failed before its first round (default 1)")
     p.add_argument("--run-fedbip", help=argparse.SUPPRESS)
@@ -1409,6 +1418,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.agg_cases = args.agg_cases or _cases(
         "8x2e4,32x2e4" if q else "125x1e6,250x1e6,500x1e6,1000x2.5e5,1000x1e6")
     return args
+
+
+def load_reused(path: Path, args: argparse.Namespace) -> tuple[dict[tuple[str, str], Run], list[Run],
+                                                                list[AggRow], list[str]]:
+    """The sections of an earlier ``--json`` file that this run does not select (whole sections,
+    so that every table comes from one run): (comparison runs by (model, runner), pool runs,
+    aggregation rows, the names of the reused sections). The overhead and Flower sections share
+    their fedbip runs, so they are reused together or not at all."""
+    raw = json.loads(Path(path).read_text())
+    runs = [Run(**{k: v for k, v in d.items() if k not in ("steady", "startup")})
+            for d in raw.get("runs", [])]
+    secs = set(args.sections)
+    cache: dict[tuple[str, str], Run] = {}
+    pool: list[Run] = []
+    agg: list[AggRow] = []
+    names: list[str] = []
+    if not secs & {"overhead", "flower"}:
+        cache = {(r.workload, r.runner): r for r in runs if not r.workload.startswith("pool-")}
+        names += ["overhead", "flower"]
+    if "pool" not in secs:
+        pool = [r for r in runs if r.workload.startswith("pool-")]
+        names += ["pool"] if pool else []
+    if "aggregation" not in secs:
+        agg = [AggRow(**d) for d in raw.get("aggregation", [])]
+        names += ["aggregation"] if agg else []
+    return cache, pool, agg, names
+
+
+def _reused_command(path: Path) -> str:
+    return str(json.loads(Path(path).read_text()).get("command", "not recorded"))
+
+
+def flower_runners(model: str, variants: Sequence[str]) -> list[str]:
+    """The Flower runners of ``model``: ``reload-gguf`` exists for the GGUF-packaged SmolLM2 only."""
+    return [f"flower-{v}" for v in variants if v != "reload-gguf" or model == "smollm2"]
 
 
 def _command(argv: Sequence[str] | None) -> str:
@@ -1433,12 +1477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache: dict[tuple[str, str], Run] = {}
     pool: list[Run] = []
     agg: list[AggRow] = []
+    reused: list[str] = []
+    if args.reuse is not None:
+        cache, pool, agg, reused = load_reused(args.reuse, args)
+    shown = secs | set(reused)
     try:
         if "overhead" in secs:
             comparison_runs(args.overhead_models, lambda m: ["floor", "fedbip"], args, work, cache)
         if "flower" in secs:
             comparison_runs(args.flower_models,
-                            lambda m: ["fedbip", *(f"flower-{v}" for v in args.flower_variants)],
+                            lambda m: ["fedbip", *flower_runners(m, args.flower_variants)],
                             args, work, cache)
         if "pool" in secs:
             pool = pool_runs(args, work)
@@ -1456,22 +1504,26 @@ def main(argv: Sequence[str] | None = None) -> int:
              "included), sampled every 0.25 s by one psutil sampler (`TreeMemorySampler`) for every runner. "
              "A round ends when its evaluation (and, for fedbip, its checkpoint) is done; round r's time is "
              "the time since round r-1 ended (round 1: since the clients were ready).", ""]
+    if reused:
+        lines += [f"Sections reused from `{args.reuse}` (an earlier run, command: "
+                  f"`{_reused_command(args.reuse)}`), not run again: {', '.join(reused)}. Each "
+                  "section's tables come from one run.", ""]
     if args.inprocess:
         lines += ["fedbip runs were in-process (`--inprocess`): whole-run times are not measured and "
                   "peak memory includes the benchmark process.", ""]
-    if "overhead" in secs:
+    if "overhead" in shown:
         lines += overhead_section(cache, args.overhead_models)
-    if "flower" in secs:
+    if "flower" in shown:
         lines += flower_section(cache, args.flower_models, args.flower_variants)
-    if "pool" in secs:
+    if "pool" in shown:
         lines += pool_section(pool)
-    if "aggregation" in secs:
+    if "aggregation" in shown:
         lines += aggregation_section(agg)
-    if "bytes" in secs:
+    if "bytes" in shown:
         fed_runs = [r for (_, runner), r in cache.items() if runner == "fedbip"] + pool
         lines += bytes_section(fed_runs)
     lines += ["## 6. GPU", "", gpu_line(), ""]
-    if "flower" in secs:
+    if "flower" in shown:
         lines += explanations(cache)
     report = "\n".join(lines)
     print(report)
@@ -1480,7 +1532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_path.write_text(report)
         _log(f"wrote {out_path}")
     if args.json is not None:
-        raw = {"runs": [dataclasses.asdict(r) | {"steady": r.steady, "startup": r.startup}
+        raw = {"command": _command(argv),
+               "runs": [dataclasses.asdict(r) | {"steady": r.steady, "startup": r.startup}
                         for r in [*cache.values(), *pool]],
                "aggregation": [dataclasses.asdict(r) for r in agg]}
         _write_json(args.json, raw)

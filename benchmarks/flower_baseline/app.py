@@ -11,7 +11,11 @@ shards, the variant and where to write the results:
 
 * ``variant = "reload"``: the model is built for every message, as Flower's Hugging Face app
   template builds it in ``client_fn`` (Flower calls the ClientApp afresh for every message);
-* ``variant = "cached"``: one model per Ray worker process, kept in a module-level cache.
+* ``variant = "cached"``: one model per Ray worker process, kept in a module-level cache;
+* ``variant = "reload-gguf"`` (SmolLM2 only): like ``reload``, but without fedbip's conversion
+  cache: every build dequantizes the packaged GGUF file again, as a ClientApp calling
+  ``from_pretrained(dir, gguf_file=...)`` in ``client_fn`` does (each build also writes the
+  converted copy once into a fresh temporary directory, which it then loads).
 
 Tokenized client data is cached per worker process in both variants.
 """
@@ -61,7 +65,17 @@ def build_trainer(job_path: str) -> tuple[Any, float]:
     if job["variant"] == "cached" and "trainer" in _TRAINER:
         return _TRAINER["trainer"], 0.0
     t0 = time.perf_counter()
-    trainer = make_trainer(_config(job_path), int(job["num_labels"]))
+    if job["variant"] == "reload-gguf":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="fedbip-flower-gguf-") as tmp:
+            os.environ["FEDBIP_CACHE_DIR"] = tmp  # an empty conversion cache for this build
+            try:
+                trainer = make_trainer(_config(job_path), int(job["num_labels"]))
+            finally:
+                del os.environ["FEDBIP_CACHE_DIR"]
+    else:
+        trainer = make_trainer(_config(job_path), int(job["num_labels"]))
     seconds = time.perf_counter() - t0
     if job["variant"] == "cached":
         _TRAINER["trainer"] = trainer
