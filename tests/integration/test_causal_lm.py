@@ -86,3 +86,28 @@ def test_instruct_benchmark_quick_miniature(ray_local, tmp_path):
     rebuilt = out.read_text()
     assert "Notes on this run." in rebuilt and rebuilt.replace("Notes on this run.\n\n", "").split(
         "Model ")[1] == text.split("Model ")[1]
+
+
+def test_instruct_job_config_runs_through_the_cli_into_mlflow(ray_local, tmp_path):
+    """`fedbip run jobs/configs/instruct.yaml` (shrunk to a tiny Llama and one round): the
+    CLI path with MLflow on, into a local SQLite store."""
+    import mlflow
+
+    from fedbip_ray.cli import main
+
+    from ..conftest import REPO
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "instruct"
+    tiny = ["model.name=tiny-llama", "model.max_length=80", "model.peft.r=4",
+            "model.tiny={hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32}",
+            "data.examples_per_client=12", "federation.rounds=1", f"tracking.tracking_uri={store}"]
+    args = ["run", str(REPO / "jobs" / "configs" / "instruct.yaml"), "--output", str(out)]
+    assert main(args + [x for s in tiny for x in ("--set", s)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and len(summary["per_client_accuracy"]) == 12
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(experiment_names=["fedbip-instruct"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["model.task"] == "causal-lm"
+    assert abs(runs[0].data.metrics["mean_accuracy"] - summary["mean_accuracy"]) < 1e-9
