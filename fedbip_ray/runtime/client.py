@@ -173,6 +173,14 @@ class ClientActor:
         return ClientUpdate(client_id, round_num, tau.astype(np.float32, copy=False),
                             trainer.layout.to_dict(), len(data), metrics, signal)
 
+    @ray.method(num_returns=2)
+    def fit_receipt(self, *args: Any, **kwargs: Any) -> tuple[dict[str, int], ClientUpdate]:
+        """:meth:`fit` as two results: a small receipt that tells the driver the call is done
+        (fetched by the driver; an error there names an actor death), and the update, which
+        only the server fetches."""
+        update = self.fit(*args, **kwargs)
+        return {"client": update.client_id, "examples": update.num_examples}, update
+
     def evaluate(self, client_id: int, state: np.ndarray, round_num: int,
                  splits: tuple[str, ...] = ("val", "test"), finetune_epochs: int = 0,
                  shard: ShardRef | None = None) -> EvalResult:

@@ -1,5 +1,9 @@
-"""The round loop: sample clients, submit every fit, wait with a deadline, aggregate on the
-server actor, evaluate, write metrics and an atomic checkpoint every round.
+"""The round loop: sample clients, dispatch their fits to the client actors, wait with a
+deadline, aggregate on the server actor, evaluate, write metrics and an atomic checkpoint.
+
+Dispatch keeps one call in flight per client actor and hands a free actor the next client
+(its own first, else one queued on the busiest actor), so clients of unequal cost (data sizes,
+answer lengths) do not leave actors idle while one works through a long queue.
 
 Faults: a client whose actor dies, raises or misses ``federation.round_deadline_s`` is dropped
 from the round (``failed`` / ``stragglers`` in metrics.jsonl); the round aggregates the rest if
@@ -17,7 +21,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +81,7 @@ class RunContext:
     checkpoints: Any = None  # the run's CheckpointWriter
 
     def actor_index(self, client_id: int) -> int:
+        """The client's home actor (its calls go there unless another actor is idle first)."""
         return client_id % len(self.actors)
 
     def actor_for(self, client_id: int) -> Any:
@@ -297,11 +303,11 @@ def _actor_alive(actor: Any, timeout: float) -> bool:
             return True  # busy (e.g. still on a cancelled straggler call)
 
 
-def heal_actors(ctx: RunContext, client_ids: Sequence[int]) -> int:
-    """Wait for the actors of ``client_ids`` to be back; replace those that are dead for good.
-    Returns the number replaced."""
+def heal_actors(ctx: RunContext, actor_indices: Sequence[int]) -> int:
+    """Wait for the client actors ``actor_indices`` to be back; replace those that are dead for
+    good. Returns the number replaced."""
     replaced = 0
-    for i in sorted({ctx.actor_index(c) for c in client_ids}):
+    for i in sorted(set(actor_indices)):
         if not _actor_alive(ctx.actors[i], PING_TIMEOUT_S):
             log.warning("client actor %d is dead (restarts exhausted): starting a new one", i)
             ctx.actors[i] = _spawn_client(ctx.cfg, ctx.shards.num_labels)
@@ -319,52 +325,143 @@ def _cancel(refs: Sequence[Any]) -> None:
             pass
 
 
+def prefetch_states(ctx: RunContext, clients: Sequence[int]) -> dict[int, Any]:
+    """Refs of the clients' current states, asked from the server actor up front, so that a
+    call dispatched later does not wait for a server round trip."""
+    return {c: ctx.server.get_state.remote(c) for c in clients}
+
+
+@dataclass
+class Dispatch:
+    """What :func:`dispatch` ran: ``done`` maps each client whose call finished to
+    ``(payload ref, error)`` (error: the Ray error of its receipt, else None); ``ran_on`` the
+    actor index that ran (or was running) each started client; ``late`` the clients not done
+    by the deadline (cancelled, or never started); ``orphans`` the clients never started
+    because every actor had died; ``dead`` the actors whose process died during the phase."""
+
+    done: dict[int, tuple[Any, BaseException | None]] = field(default_factory=dict)
+    ran_on: dict[int, int] = field(default_factory=dict)
+    late: list[int] = field(default_factory=list)
+    orphans: list[int] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)
+
+
+def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int], tuple[Any, Any]],
+             deadline_s: float, prefer: Mapping[int, int] | None = None) -> Dispatch:
+    """Run ``call(actor index, client) -> (receipt ref, payload ref)`` for every client, with at
+    most one call in flight per client actor, so that clients of unequal cost keep every actor
+    busy: a free actor takes the next of its own clients (``prefer``, else ``c mod A``: its data
+    is already tokenized there), else the last queued client of the actor with the most left.
+    The driver fetches only receipts (small); an actor whose process died takes no more calls
+    in this phase. Calls still running at the deadline are cancelled."""
+    queues: dict[int, deque[int]] = {a: deque() for a in range(len(ctx.actors))}
+    for c in clients:
+        queues[(prefer or {}).get(c, ctx.actor_index(c)) % len(ctx.actors)].append(c)
+    out = Dispatch()
+    free = deque(range(len(ctx.actors)))
+    inflight: dict[Any, tuple[int, int, Any]] = {}  # receipt -> (client, actor, payload)
+    deadline = time.monotonic() + deadline_s
+
+    def take(a: int) -> int | None:
+        if queues[a]:
+            return queues[a].popleft()
+        donor = max(queues, key=lambda b: len(queues[b]))
+        return queues[donor].pop() if queues[donor] else None
+
+    while True:
+        while free:
+            a = free.popleft()
+            c = take(a)
+            if c is None:
+                break
+            receipt, payload = call(a, c)
+            inflight[receipt] = (c, a, payload)
+            out.ran_on[c] = a
+        left = deadline - time.monotonic()
+        if not inflight or left <= 0:
+            break
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=left)
+        for receipt in ready:
+            c, a, payload = inflight.pop(receipt)
+            error: BaseException | None = None
+            try:
+                ray.get(receipt)
+            except PROCESS_DEATH as exc:
+                error = exc
+                out.dead.add(a)
+            except ray.exceptions.RayError as exc:
+                error = exc
+            out.done[c] = (payload, error)
+            if a not in out.dead:
+                free.append(a)
+        if not ready:
+            break  # the deadline passed
+    _cancel([payload for _, _, payload in inflight.values()] + list(inflight))
+    queued = [c for q in queues.values() for c in q]
+    out.late = sorted([c for c, _, _ in inflight.values()]
+                      + (queued if len(out.dead) < len(ctx.actors) else []))
+    out.orphans = sorted(queued) if len(out.dead) == len(ctx.actors) else []
+    return out
+
+
 @dataclass(frozen=True)
 class FitOutcome:
-    """Which participants returned in time (with their update refs) and which did not."""
+    """Which participants returned in time (with their update refs) and which did not, and
+    the actor that ran each (the validation gate goes back to it)."""
 
     done: list[tuple[int, Any]]
     stragglers: list[int]
+    ran_on: dict[int, int] = field(default_factory=dict)
+    orphans: list[int] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)
 
 
 def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float,
               deadline_s: float, gradient: bool = False, keep: bool = False) -> FitOutcome:
-    """Submit every participant's fit, wait up to the deadline, cancel the stragglers
-    (``keep``: actors keep each trained state for the validation gate).
+    """Every participant's fit through :func:`dispatch` (``keep``: actors keep each trained
+    state for the validation gate). The update refs are not fetched here: the server pulls
+    them (a failed fit's ref carries its error to the server, which reports it)."""
+    states = prefetch_states(ctx, participants)
 
-    The update refs are not fetched here (``fetch_local=False``): the server pulls them.
-    """
-    refs = [ctx.actor_for(c).fit.remote(c, ctx.server.get_state.remote(c), rnd, prox_mu,
-                                        ctx.shard_refs[c], gradient, keep) for c in participants]
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline_s, fetch_local=False)
-    ready_set = set(ready)
-    _cancel(pending)
-    stragglers = [c for c, r in zip(participants, refs, strict=True) if r not in ready_set]
-    if stragglers:
-        log.warning("round %d: stragglers past the %.3gs deadline: %s", rnd, deadline_s, stragglers)
-    done = [(c, r) for c, r in zip(participants, refs, strict=True) if r in ready_set]
-    return FitOutcome(done, stragglers)
+    def call(a: int, c: int) -> tuple[Any, Any]:
+        receipt, update = ctx.actors[a].fit_receipt.remote(
+            c, states[c], rnd, prox_mu, ctx.shard_refs[c], gradient, keep)
+        return receipt, update
+
+    run = dispatch(ctx, participants, call, deadline_s)
+    if run.late:
+        log.warning("round %d: stragglers past the %.3gs deadline: %s", rnd, deadline_s, run.late)
+    if run.orphans:
+        log.warning("round %d: every client actor died; not started: %s", rnd, run.orphans)
+    done = [(c, run.done[c][0]) for c in participants if c in run.done]
+    return FitOutcome(done, run.late, run.ran_on, run.orphans, run.dead)
 
 
 def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[float, ...],
-               deadline_s: float, send_local: Sequence[int] = ()) -> tuple[dict[int, float], int]:
+               deadline_s: float, send_local: Sequence[int] = (),
+               ran_on: Mapping[int, int] | None = None) -> tuple[dict[int, float], int]:
     """Validation gate (:mod:`fedbip_ray.core.gate`): every aggregated client scores
     ``local + λ (aggregate − local)`` for each ``λ`` on its validation split; the server keeps
-    the best. The actor kept ``local`` from ``fit``; the server sends it only to the clients in
-    ``send_local`` (their task vector was clipped) and to those whose actor lost it (restarted).
+    the best. The actor that ran the client's ``fit`` (``ran_on``) kept ``local``; the server
+    sends it only to the clients in ``send_local`` (their task vector was clipped) and to those
+    whose call landed on an actor without it (restarted, or another actor took the call).
     A client whose scoring fails or misses the deadline keeps its aggregate.
     Returns (the chosen ``λ`` per client, how many clients were sent ``local``)."""
-    def call(c: int, with_local: bool) -> Any:
-        local = ctx.server.gate_local.remote(c) if with_local else None
-        return ctx.actor_for(c).score_mixes.remote(c, ctx.server.get_state.remote(c), mixes, rnd,
-                                                   ctx.shard_refs[c], local)
+    def call(with_local: bool) -> Callable[[int, int], tuple[Any, Any]]:
+        def run(a: int, c: int) -> tuple[Any, Any]:
+            local = ctx.server.gate_local.remote(c) if with_local or c in resend else None
+            ref = ctx.actors[a].score_mixes.remote(c, states[c], mixes, rnd, ctx.shard_refs[c], local)
+            return ref, ref
+        return run
 
     t0, resend = time.monotonic(), set(send_local)
-    scores, errors = collect({c: call(c, c in resend) for c in clients}, deadline_s)
+    states = prefetch_states(ctx, clients)
+    scores, errors = collect(dispatch(ctx, clients, call(False), deadline_s, ran_on), deadline_s)
     lost = [c for c, s in scores.items() if s is None]
     if lost:  # the actor no longer holds the client's trained state: send it
-        again, errors2 = collect({c: call(c, True) for c in lost},
-                                 max(1.0, deadline_s - (time.monotonic() - t0)))
+        again, errors2 = collect(dispatch(ctx, lost, call(True),
+                                          max(1.0, deadline_s - (time.monotonic() - t0)), ran_on),
+                                 deadline_s)
         scores = {**{c: s for c, s in scores.items() if s is not None}, **again}
         errors.update(errors2)
     for cid, err in errors.items():
@@ -375,17 +472,15 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
     return chosen, len(resend) + len(lost)
 
 
-def collect(refs: dict[int, Any], deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
-    """Wait up to ``deadline_s`` for one call per client, cancel the rest. Returns (results,
-    errors): an error is the call's Ray error, or a string for a call past the deadline."""
-    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
-    _cancel(pending)
-    ready_set = set(ready)
+def collect(run: Dispatch, deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
+    """(results, errors) of a :func:`dispatch` of calls with small results: an error is the
+    call's Ray error, or a string for a call past the deadline or never started."""
     results: dict[int, Any] = {}
-    errors: dict[int, BaseException | str] = {}
-    for cid, ref in refs.items():
-        if ref not in ready_set:
-            errors[cid] = f"past the {deadline_s:.3g}s deadline"
+    errors: dict[int, BaseException | str] = {c: f"past the {deadline_s:.3g}s deadline" for c in run.late}
+    errors.update({c: "no live client actor left in this phase" for c in run.orphans})
+    for cid, (ref, error) in run.done.items():
+        if error is not None:
+            errors[cid] = error
             continue
         try:
             results[cid] = ray.get(ref)
@@ -395,11 +490,17 @@ def collect(refs: dict[int, Any], deadline_s: float) -> tuple[dict[int, Any], di
 
 
 def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,
-               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str]]:
-    results, errors = collect({cid: ctx.actor_for(cid).evaluate.remote(
-        cid, ctx.server.get_state.remote(cid), rnd, ("val", "test"), finetune_epochs,
-        ctx.shard_refs[cid]) for cid in clients}, deadline_s)
-    return {cid: r.splits for cid, r in results.items()}, errors
+               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str], set[int]]:
+    states = prefetch_states(ctx, clients)
+
+    def call(a: int, c: int) -> tuple[Any, Any]:
+        ref = ctx.actors[a].evaluate.remote(c, states[c], rnd, ("val", "test"), finetune_epochs,
+                                            ctx.shard_refs[c])
+        return ref, ref
+
+    run = dispatch(ctx, clients, call, deadline_s)
+    results, errors = collect(run, deadline_s)
+    return {cid: r.splits for cid, r in results.items()}, errors, run.dead
 
 
 def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
@@ -407,12 +508,13 @@ def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
     """Evaluate every client; clients whose actor died are retried once on the restarted (or
     replaced) actor. Returns (results, failures {client: reason}, actors replaced)."""
     clients = list(range(ctx.shards.num_clients))
-    results, errors = _eval_pass(ctx, rnd, clients, finetune_epochs, deadline_s)
-    retry = [c for c, e in errors.items() if isinstance(e, PROCESS_DEATH)]
+    results, errors, dead = _eval_pass(ctx, rnd, clients, finetune_epochs, deadline_s)
+    retry = [c for c, e in errors.items() if isinstance(e, PROCESS_DEATH)
+             or e == "no live client actor left in this phase"]
     replaced = 0
     if retry:
-        replaced = heal_actors(ctx, retry)
-        again, errors2 = _eval_pass(ctx, rnd, retry, finetune_epochs, deadline_s)
+        replaced = heal_actors(ctx, sorted(dead))
+        again, errors2, _ = _eval_pass(ctx, rnd, retry, finetune_epochs, deadline_s)
         results.update(again)
         errors = {**{c: e for c, e in errors.items() if c not in retry}, **errors2}
     failures = {c: e if isinstance(e, str) else failure_reason(e) for c, e in sorted(errors.items())}
@@ -699,15 +801,19 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
     report = ray.get(ctx.server.aggregate_refs.remote(
         rnd, [c for c, _ in fit.done], [r for _, r in fit.done], need))
     report["bytes_out"] = len(participants) * 4 * dim
+    if fit.orphans:
+        report.setdefault("failed", {}).update(
+            {c: "no live client actor left in this round" for c in fit.orphans})
     clock.lap("aggregate")
     if not report.get("aggregated"):
         log.warning("round %d: %d of %d clients sent a valid update (%d needed): aggregation "
                     "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
-    replaced = heal_actors(ctx, [int(c) for c in report.get("failed", {})])
+    replaced = heal_actors(ctx, sorted(fit.dead | {fit.ran_on[int(c)] for c in report.get("failed", {})
+                                                   if int(c) in fit.ran_on}))
     if opts.gate_mixes and report.get("aggregated"):
         report["gate"], sent_local = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]],
                                                 opts.gate_mixes, fed.round_deadline_s,
-                                                report.get("modified", []))
+                                                report.get("modified", []), fit.ran_on)
         report["bytes_out"] += 4 * dim * (len(report["accepted"]) + sent_local)  # aggregates (+ locals)
         clock.lap("gate")
     evals: dict[int, dict[str, dict]] = {}
