@@ -490,7 +490,7 @@ def plan_workers(cfg_dict: dict[str, Any], cpus: int) -> tuple[int, int]:
 def floor_worker(conn: Any, cfg_dict: dict[str, Any], num_labels: int, paths: dict[int, str],
                  threads: int) -> None:
     """A plain worker process: loads the model once, then serves ``fit``/``evaluate`` requests
-    for its clients exactly as ``ClientActor.fit``/``evaluate`` do."""
+    for any client exactly as ``ClientActor.fit``/``evaluate`` do."""
     import torch
 
     torch.set_num_threads(threads)
@@ -544,10 +544,10 @@ def floor_child(job_path: str) -> int:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # what Ray sets for a num_cpus=threads actor
     ctx = mp.get_context("spawn")
     conns, procs = [], []
-    for w in range(workers):
-        mine = {c: job["shards"][c] for c in range(n) if c % workers == w}
+    shards = {c: job["shards"][c] for c in range(n)}
+    for _ in range(workers):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=floor_worker, args=(child, cfg, int(job["num_labels"]), mine, threads))
+        proc = ctx.Process(target=floor_worker, args=(child, cfg, int(job["num_labels"]), shards, threads))
         proc.start()
         conns.append(parent)
         procs.append(proc)
@@ -558,9 +558,28 @@ def floor_child(job_path: str) -> int:
     start, ends, accuracy = time.perf_counter(), [], None
 
     def scatter(kind: str, items: list[tuple[int, np.ndarray, int]]) -> list[Any]:
-        for w, conn in enumerate(conns):
-            conn.send((kind, [it for it in items if it[0] % workers == w]))
-        return [r for conn in conns for r in conn.recv()]
+        """One item in flight per worker; a free worker takes its own next client (c mod W),
+        else the last one queued for the busiest worker (as fedbip's dispatch does)."""
+        from multiprocessing.connection import wait
+
+        queues = {w: [it for it in items if it[0] % workers == w] for w in range(workers)}
+        out: list[Any] = []
+        busy: dict[Any, int] = {}
+
+        def feed(w: int) -> None:
+            donor = w if queues[w] else max(queues, key=lambda b: len(queues[b]))
+            if queues[donor]:
+                item = queues[donor].pop(0) if donor == w else queues[donor].pop()
+                conns[w].send((kind, [item]))
+                busy[conns[w]] = w
+
+        for w in range(workers):
+            feed(w)
+        while busy:
+            for conn in wait(list(busy)):
+                out.extend(conn.recv())
+                feed(busy.pop(conn))
+        return out
 
     phases = []
     for rnd in range(1, rounds + 1):
@@ -1033,7 +1052,8 @@ def overhead_section(cache: dict[tuple[str, str], Run], models: Sequence[str]) -
            "Parquet shards, the same seeds) in plain `multiprocessing` worker processes, as many as "
            "fedbip starts client actors, each with the torch thread count Ray gives an actor "
            "(`OMP_NUM_THREADS = num_cpus`), the model loaded once per worker, clients dealt to workers "
-           "as fedbip deals them to actors (client c -> worker c mod W), FedAvg in the parent. "
+           "as fedbip dispatches them to actors (one client in flight per worker; a free worker takes its "
+           "own next client, c mod W, else the last one queued for the busiest worker), FedAvg in the parent. "
            "fedbip rounds include aggregation in the server actor, moving states and task vectors "
            "through the object store, metrics.jsonl and the per-round checkpoint.", ""]
     for model in models:
@@ -1119,8 +1139,9 @@ def flower_section(cache: dict[tuple[str, str], Run], models: Sequence[str],
 
 def pool_section(runs: Sequence[Run]) -> list[str]:
     out = ["## 3. Many clients on a fixed pool of actors", "",
-           "fedbip deals clients round-robin to a fixed set of client actors (`resources.max_actors`; "
-           "client c -> actor c mod A, `RunContext.actor_for`); every actor holds the base model once and "
+           "fedbip dispatches clients to a fixed set of client actors (`resources.max_actors`; "
+           "client c's home actor is c mod A, a free actor also takes clients queued for a busy one, "
+           "`federation.dispatch`); every actor holds the base model once and "
            "receives each client's adapter state from the server actor with every call, so N only adds "
            "server-side states (N x D float32), per-client shards in the object store and each actor's "
            "cache of its clients' tokenized data. tiny-bert (LoRA + classifier, D below), 7 synthetic "
