@@ -446,21 +446,27 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
     sends it only to the clients in ``send_local`` (their task vector was clipped) and to those
     whose call landed on an actor without it (restarted, or another actor took the call).
     A client whose scoring fails or misses the deadline keeps its aggregate.
-    Returns (the chosen ``λ`` per client, how many clients were sent ``local``)."""
+    Returns (the chosen ``λ`` per client, how many times ``local`` was sent)."""
+    kept_on = dict(ran_on) if ran_on is not None else {c: ctx.actor_index(c) for c in clients}
+    sent: list[int] = []  # clients sent ``local``, once per send
+
     def call(with_local: bool) -> Callable[[int, int], tuple[Any, Any]]:
         def run(a: int, c: int) -> tuple[Any, Any]:
-            local = ctx.server.gate_local.remote(c) if with_local or c in resend else None
+            local = None
+            if with_local or c in resend or kept_on.get(c) != a:  # (another actor took the call)
+                local = ctx.server.gate_local.remote(c)
+                sent.append(c)
             ref = ctx.actors[a].score_mixes.remote(c, states[c], mixes, rnd, ctx.shard_refs[c], local)
             return ref, ref
         return run
 
     t0, resend = time.monotonic(), set(send_local)
     states = prefetch_states(ctx, clients)
-    scores, errors = collect(dispatch(ctx, clients, call(False), deadline_s, ran_on), deadline_s)
+    scores, errors = collect(dispatch(ctx, clients, call(False), deadline_s, kept_on), deadline_s)
     lost = [c for c, s in scores.items() if s is None]
     if lost:  # the actor no longer holds the client's trained state: send it
         again, errors2 = collect(dispatch(ctx, lost, call(True),
-                                          max(1.0, deadline_s - (time.monotonic() - t0)), ran_on),
+                                          max(1.0, deadline_s - (time.monotonic() - t0)), kept_on),
                                  deadline_s)
         scores = {**{c: s for c, s in scores.items() if s is not None}, **again}
         errors.update(errors2)
@@ -469,7 +475,7 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
                     err if isinstance(err, str) else failure_reason(err))
     chosen = {cid: choose_mix(s, mixes) for cid, s in scores.items() if s is not None}
     ray.get(ctx.server.apply_gate.remote(chosen))
-    return chosen, len(resend) + len(lost)
+    return chosen, len(sent)
 
 
 def collect(run: Dispatch, deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
@@ -567,6 +573,7 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
         extra[f"{phase}_seconds"] = float(secs)
     gate = report.get("gate") or {}
     if gate:
+        extra["gate_locals_sent"] = float(report.get("gate_locals_sent", 0))
         extra["gate_mean_mix"] = float(np.mean(list(gate.values())))
         extra["gate_local_fraction"] = float(np.mean([m == 0.0 for m in gate.values()]))
     for key, value in (report.get("diagnostics") or {}).items():
@@ -815,6 +822,7 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
                                                 opts.gate_mixes, fed.round_deadline_s,
                                                 report.get("modified", []), fit.ran_on)
         report["bytes_out"] += 4 * dim * (len(report["accepted"]) + sent_local)  # aggregates (+ locals)
+        report["gate_locals_sent"] = sent_local
         clock.lap("gate")
     evals: dict[int, dict[str, dict]] = {}
     eval_failed: dict[int, str] = {}
