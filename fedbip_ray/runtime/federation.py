@@ -484,7 +484,7 @@ def collect(run: Dispatch, deadline_s: float) -> tuple[dict[int, Any], dict[int,
     results: dict[int, Any] = {}
     errors: dict[int, BaseException | str] = {c: f"past the {deadline_s:.3g}s deadline" for c in run.late}
     errors.update({c: "no live client actor left in this phase" for c in run.orphans})
-    for cid, (ref, error) in run.done.items():
+    for cid, (ref, error) in sorted(run.done.items()):  # client order, whatever finished first
         if error is not None:
             errors[cid] = error
             continue
@@ -586,7 +586,7 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: dict[st
         "mean_val_accuracy": _mean(vvals),
         "per_client_accuracy": {str(c): a for c, a in acc.items()},
         "per_client_val_accuracy": {str(c): a for c, a in val.items()},
-        "test_loss": _mean([e["test"]["loss"] for e in evals.values()]),
+        "test_loss": _mean([e["test"]["loss"] for _, e in sorted(evals.items())]),
         "train_loss": _mean(losses),
         "participants": participants,
         "accepted": report.get("accepted", []),
