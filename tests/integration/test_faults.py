@@ -124,7 +124,11 @@ def test_stragglers_past_the_deadline_are_dropped(ray_local, tmp_path):
     for row in rows:
         assert row["stragglers"] == [0, 1, 2, 3] and row["accepted"] == []
         assert row["aggregated"] is False
-        assert len(row["eval_failed"]) == 4  # evaluation has the same deadline
+        # evaluation has the same deadline: with one call in flight per actor, at most the
+        # first call of each of the 2 actors can finish inside 0.05 s
+        assert len(row["eval_failed"]) >= 2, row["eval_failed"]
+        assert all("deadline" in why for why in row["eval_failed"].values())
+        assert set(row["per_client_accuracy"]) == {"0", "1", "2", "3"} - set(row["eval_failed"])
     assert summary["faults"]["stragglers"] == 8 and summary["rounds_completed"] == 2
     st = _states(tmp_path / "slow")
     assert np.array_equal(st["states"], np.tile(st["init"], (4, 1)))
