@@ -174,12 +174,12 @@ class ClientActor:
                             trainer.layout.to_dict(), len(data), metrics, signal)
 
     @ray.method(num_returns=2)
-    def fit_receipt(self, *args: Any, **kwargs: Any) -> tuple[dict[str, int], ClientUpdate]:
+    def fit_receipt(self, *args: Any, **kwargs: Any) -> tuple[int, ClientUpdate]:
         """:meth:`fit` as two results: a small receipt that tells the driver the call is done
-        (fetched by the driver; an error there names an actor death), and the update, which
-        only the server fetches."""
+        (the client id, fetched by the driver; an error there names an actor death), and the
+        update, which only the server fetches."""
         update = self.fit(*args, **kwargs)
-        return {"client": update.client_id, "examples": update.num_examples}, update
+        return update.client_id, update
 
     def evaluate(self, client_id: int, state: np.ndarray, round_num: int,
                  splits: tuple[str, ...] = ("val", "test"), finetune_epochs: int = 0,

@@ -41,11 +41,13 @@ from fedbip_ray.privacy.accounting import privacy_report
 from fedbip_ray.runtime import checkpoint as ckpt_io
 from fedbip_ray.runtime.client import ClientActor, one_line
 from fedbip_ray.runtime.messages import ShardRef
+from fedbip_ray.runtime.scheduling import home_queues, take_next
 from fedbip_ray.runtime.server import ServerActor, failure_reason
 
 log = logging.getLogger("fedbip.federation")
 TEST_ENV_PREFIX = "FEDBIP_TEST_"  # forwarded to client actors (test-only fault injection)
-PING_TIMEOUT_S = 300.0  # how long a restarting actor may take to come back
+PING_TIMEOUT_S = 300.0
+NO_LIVE_ACTOR = "no live client actor left in this phase"  # why a never-started call failed  # how long a restarting actor may take to come back
 # errors that mean "the actor's process died" (killed, OOM-killed, crashed), not "the call failed"
 PROCESS_DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError,
                  ray.exceptions.WorkerCrashedError)
@@ -354,24 +356,16 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
     is already tokenized there), else the last queued client of the actor with the most left.
     The driver fetches only receipts (small); an actor whose process died takes no more calls
     in this phase. Calls still running at the deadline are cancelled."""
-    queues: dict[int, deque[int]] = {a: deque() for a in range(len(ctx.actors))}
-    for c in clients:
-        queues[(prefer or {}).get(c, ctx.actor_index(c)) % len(ctx.actors)].append(c)
+    queues = home_queues(clients, len(ctx.actors), prefer)  # home: RunContext.actor_index
     out = Dispatch()
     free = deque(range(len(ctx.actors)))
     inflight: dict[Any, tuple[int, int, Any]] = {}  # receipt -> (client, actor, payload)
     deadline = time.monotonic() + deadline_s
 
-    def take(a: int) -> int | None:
-        if queues[a]:
-            return queues[a].popleft()
-        donor = max(queues, key=lambda b: len(queues[b]))
-        return queues[donor].pop() if queues[donor] else None
-
     while True:
         while free:
             a = free.popleft()
-            c = take(a)
+            c = take_next(queues, a)
             if c is None:
                 break
             receipt, payload = call(a, c)
@@ -406,14 +400,16 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
 
 @dataclass(frozen=True)
 class FitOutcome:
-    """Which participants returned in time (with their update refs) and which did not, and
-    the actor that ran each (the validation gate goes back to it)."""
+    """The participants whose fit returned in time, with their update refs, in participant
+    order; ``run`` says which actor ran each (the validation gate goes back to it), which were
+    late (stragglers) or never started, and which actors died."""
 
     done: list[tuple[int, Any]]
-    stragglers: list[int]
-    ran_on: dict[int, int] = field(default_factory=dict)
-    orphans: list[int] = field(default_factory=list)
-    dead: set[int] = field(default_factory=set)
+    run: Dispatch
+
+    @property
+    def stragglers(self) -> list[int]:
+        return self.run.late
 
 
 def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float,
@@ -424,9 +420,8 @@ def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float
     states = prefetch_states(ctx, participants)
 
     def call(a: int, c: int) -> tuple[Any, Any]:
-        receipt, update = ctx.actors[a].fit_receipt.remote(
-            c, states[c], rnd, prox_mu, ctx.shard_refs[c], gradient, keep)
-        return receipt, update
+        return ctx.actors[a].fit_receipt.remote(c, states[c], rnd, prox_mu, ctx.shard_refs[c],
+                                                gradient, keep)
 
     run = dispatch(ctx, participants, call, deadline_s)
     if run.late:
@@ -434,7 +429,7 @@ def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float
     if run.orphans:
         log.warning("round %d: every client actor died; not started: %s", rnd, run.orphans)
     done = [(c, run.done[c][0]) for c in participants if c in run.done]
-    return FitOutcome(done, run.late, run.ran_on, run.orphans, run.dead)
+    return FitOutcome(done, run)
 
 
 def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[float, ...],
@@ -483,7 +478,7 @@ def collect(run: Dispatch, deadline_s: float) -> tuple[dict[int, Any], dict[int,
     call's Ray error, or a string for a call past the deadline or never started."""
     results: dict[int, Any] = {}
     errors: dict[int, BaseException | str] = {c: f"past the {deadline_s:.3g}s deadline" for c in run.late}
-    errors.update({c: "no live client actor left in this phase" for c in run.orphans})
+    errors.update({c: NO_LIVE_ACTOR for c in run.orphans})
     for cid, (ref, error) in sorted(run.done.items()):  # client order, whatever finished first
         if error is not None:
             errors[cid] = error
@@ -496,7 +491,7 @@ def collect(run: Dispatch, deadline_s: float) -> tuple[dict[int, Any], dict[int,
 
 
 def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,
-               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str], set[int]]:
+               deadline_s: float) -> tuple[dict[int, dict], dict[int, BaseException | str], Dispatch]:
     states = prefetch_states(ctx, clients)
 
     def call(a: int, c: int) -> tuple[Any, Any]:
@@ -506,7 +501,7 @@ def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epoch
 
     run = dispatch(ctx, clients, call, deadline_s)
     results, errors = collect(run, deadline_s)
-    return {cid: r.splits for cid, r in results.items()}, errors, run.dead
+    return {cid: r.splits for cid, r in results.items()}, errors, run
 
 
 def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
@@ -514,12 +509,11 @@ def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
     """Evaluate every client; clients whose actor died are retried once on the restarted (or
     replaced) actor. Returns (results, failures {client: reason}, actors replaced)."""
     clients = list(range(ctx.shards.num_clients))
-    results, errors, dead = _eval_pass(ctx, rnd, clients, finetune_epochs, deadline_s)
-    retry = [c for c, e in errors.items() if isinstance(e, PROCESS_DEATH)
-             or e == "no live client actor left in this phase"]
+    results, errors, run = _eval_pass(ctx, rnd, clients, finetune_epochs, deadline_s)
+    retry = sorted([c for c, e in errors.items() if isinstance(e, PROCESS_DEATH)] + run.orphans)
     replaced = 0
     if retry:
-        replaced = heal_actors(ctx, sorted(dead))
+        replaced = heal_actors(ctx, sorted(run.dead))
         again, errors2, _ = _eval_pass(ctx, rnd, retry, finetune_epochs, deadline_s)
         results.update(again)
         errors = {**{c: e for c, e in errors.items() if c not in retry}, **errors2}
@@ -808,19 +802,19 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[dict[str, Any], dict
     report = ray.get(ctx.server.aggregate_refs.remote(
         rnd, [c for c, _ in fit.done], [r for _, r in fit.done], need))
     report["bytes_out"] = len(participants) * 4 * dim
-    if fit.orphans:
-        report.setdefault("failed", {}).update(
-            {c: "no live client actor left in this round" for c in fit.orphans})
+    if fit.run.orphans:
+        report.setdefault("failed", {}).update({c: NO_LIVE_ACTOR for c in fit.run.orphans})
     clock.lap("aggregate")
     if not report.get("aggregated"):
         log.warning("round %d: %d of %d clients sent a valid update (%d needed): aggregation "
                     "skipped, states kept", rnd, len(report["accepted"]), len(participants), need)
-    replaced = heal_actors(ctx, sorted(fit.dead | {fit.ran_on[int(c)] for c in report.get("failed", {})
-                                                   if int(c) in fit.ran_on}))
+    ran_on = fit.run.ran_on
+    replaced = heal_actors(ctx, sorted(fit.run.dead | {ran_on[int(c)] for c in report.get("failed", {})
+                                                       if int(c) in ran_on}))
     if opts.gate_mixes and report.get("aggregated"):
         report["gate"], sent_local = gate_phase(ctx, rnd, [int(c) for c in report["accepted"]],
                                                 opts.gate_mixes, fed.round_deadline_s,
-                                                report.get("modified", []), fit.ran_on)
+                                                report.get("modified", []), ran_on)
         report["bytes_out"] += 4 * dim * (len(report["accepted"]) + sent_local)  # aggregates (+ locals)
         report["gate_locals_sent"] = sent_local
         clock.lap("gate")
