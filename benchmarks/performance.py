@@ -562,15 +562,17 @@ def floor_child(job_path: str) -> int:
         else the last one queued for the busiest worker (as fedbip's dispatch does)."""
         from multiprocessing.connection import wait
 
-        queues = {w: [it for it in items if it[0] % workers == w] for w in range(workers)}
+        from fedbip_ray.runtime.scheduling import home_queues, take_next
+
+        by_client = {it[0]: it for it in items}
+        queues = home_queues(list(by_client), workers)
         out: list[Any] = []
         busy: dict[Any, int] = {}
 
         def feed(w: int) -> None:
-            donor = w if queues[w] else max(queues, key=lambda b: len(queues[b]))
-            if queues[donor]:
-                item = queues[donor].pop(0) if donor == w else queues[donor].pop()
-                conns[w].send((kind, [item]))
+            c = take_next(queues, w)
+            if c is not None:
+                conns[w].send((kind, [by_client[c]]))
                 busy[conns[w]] = w
 
         for w in range(workers):
@@ -1421,8 +1423,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="strategies of the server actor (default fedbip,fedavg)")
     p.add_argument("--agg-force", action="store_true", help="run sizes predicted not to fit in memory")
     p.add_argument("--reuse", type=Path, default=None,
-                   help="a --json file of an earlier run: its successful runs and aggregation rows are "
-                        "reported instead of run again (the report lists them)")
+                   help="a --json file of an earlier run: the sections not selected by --sections are "
+                        "reported from it instead of run again (the report names them)")
     p.add_argument("--retries", type=int, default=1,
                    help="re-run a run that failed before its first round (default 1)")
     p.add_argument("--run-fedbip", help=argparse.SUPPRESS)
@@ -1442,10 +1444,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_reused(path: Path, args: argparse.Namespace) -> tuple[dict[tuple[str, str], Run], list[Run],
-                                                                list[AggRow], list[str]]:
+                                                                list[AggRow], list[str], str]:
     """The sections of an earlier ``--json`` file that this run does not select (whole sections,
     so that every table comes from one run): (comparison runs by (model, runner), pool runs,
-    aggregation rows, the names of the reused sections). The overhead and Flower sections share
+    aggregation rows, the names of the reused sections, the file's command). The overhead and Flower sections share
     their fedbip runs, so they are reused together or not at all."""
     raw = json.loads(Path(path).read_text())
     runs = [Run(**{k: v for k, v in d.items() if k not in ("steady", "startup")})
@@ -1464,11 +1466,7 @@ def load_reused(path: Path, args: argparse.Namespace) -> tuple[dict[tuple[str, s
     if "aggregation" not in secs:
         agg = [AggRow(**d) for d in raw.get("aggregation", [])]
         names += ["aggregation"] if agg else []
-    return cache, pool, agg, names
-
-
-def _reused_command(path: Path) -> str:
-    return str(json.loads(Path(path).read_text()).get("command", "not recorded"))
+    return cache, pool, agg, names, str(raw.get("command", "not recorded"))
 
 
 def flower_runners(model: str, variants: Sequence[str]) -> list[str]:
@@ -1499,8 +1497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool: list[Run] = []
     agg: list[AggRow] = []
     reused: list[str] = []
+    reused_command = ""
     if args.reuse is not None:
-        cache, pool, agg, reused = load_reused(args.reuse, args)
+        cache, pool, agg, reused, reused_command = load_reused(args.reuse, args)
     shown = secs | set(reused)
     try:
         if "overhead" in secs:
@@ -1527,7 +1526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "the time since round r-1 ended (round 1: since the clients were ready).", ""]
     if reused:
         lines += [f"Sections reused from `{args.reuse}` (an earlier run, command: "
-                  f"`{_reused_command(args.reuse)}`), not run again: {', '.join(reused)}. Each "
+                  f"`{reused_command}`), not run again: {', '.join(reused)}. Each "
                   "section's tables come from one run.", ""]
     if args.inprocess:
         lines += ["fedbip runs were in-process (`--inprocess`): whole-run times are not measured and "

@@ -17,7 +17,7 @@ shards, the variant and where to write the results:
   ``from_pretrained(dir, gguf_file=...)`` in ``client_fn`` does (each build also writes the
   converted copy once into a fresh temporary directory, which it then loads).
 
-Tokenized client data is cached per worker process in both variants.
+Tokenized client data is cached per worker process in every variant.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
@@ -56,6 +58,17 @@ def _config(path: str) -> Any:
     return Config.model_validate(load_job(path)["config"])
 
 
+@contextmanager
+def _empty_conversion_cache() -> Iterator[None]:
+    """fedbip's model conversion cache pointed at a fresh empty directory (``reload-gguf``)."""
+    with tempfile.TemporaryDirectory(prefix="fedbip-flower-gguf-") as tmp:
+        os.environ["FEDBIP_CACHE_DIR"] = tmp
+        try:
+            yield
+        finally:
+            del os.environ["FEDBIP_CACHE_DIR"]
+
+
 def build_trainer(job_path: str) -> tuple[Any, float]:
     """(trainer, seconds spent building it): a new one per call for ``reload``, this process's
     one for ``cached``."""
@@ -65,16 +78,7 @@ def build_trainer(job_path: str) -> tuple[Any, float]:
     if job["variant"] == "cached" and "trainer" in _TRAINER:
         return _TRAINER["trainer"], 0.0
     t0 = time.perf_counter()
-    if job["variant"] == "reload-gguf":
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="fedbip-flower-gguf-") as tmp:
-            os.environ["FEDBIP_CACHE_DIR"] = tmp  # an empty conversion cache for this build
-            try:
-                trainer = make_trainer(_config(job_path), int(job["num_labels"]))
-            finally:
-                del os.environ["FEDBIP_CACHE_DIR"]
-    else:
+    with _empty_conversion_cache() if job["variant"] == "reload-gguf" else nullcontext():
         trainer = make_trainer(_config(job_path), int(job["num_labels"]))
     seconds = time.perf_counter() - t0
     if job["variant"] == "cached":
