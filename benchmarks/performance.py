@@ -1499,7 +1499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     reused: list[str] = []
     reused_command = ""
     if args.reuse is not None:
-        cache, pool, agg, reused, reused_command = load_reused(args.reuse, args)
+        try:
+            cache, pool, agg, reused, reused_command = load_reused(args.reuse, args)
+        except (OSError, ValueError, TypeError) as exc:
+            print(f"--reuse {args.reuse}: not a readable --json file of this benchmark "
+                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+            return 2
     shown = secs | set(reused)
     try:
         if "overhead" in secs:
