@@ -97,25 +97,45 @@ def checkpoint_name(round_num: int) -> str:
     return f"round_{round_num:05d}"
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64",
+                       "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(fh: Any, tensors: Mapping[str, np.ndarray]) -> str:
+    """Write ``tensors`` to the open binary file ``fh`` in the safetensors format, streaming
+    each array's bytes (no serialized copy in memory); returns the file's sha256 (hex)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, arr in arrays.items():
+        dtype = _SAFETENSORS_DTYPES.get(arr.dtype.name)
+        if dtype is None or arr.dtype.byteorder == ">":
+            raise ValueError(f"checkpoint tensor {name!r}: dtype {arr.dtype} is not supported")
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+    for chunk in (len(text).to_bytes(8, "little"), text,
+                  *(memoryview(a.reshape(-1)).cast("B") for a in arrays.values() if a.size)):
+        fh.write(chunk)
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarray],
                      layout: Mapping[str, Any], history: list[dict[str, Any]],
                      config: Mapping[str, Any]) -> Path:
     """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones."""
-    from safetensors.numpy import save
-
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(round_num)
     tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    blob = save(arrays)  # serialized once: written and hashed from memory
     with (tmp / TENSORS).open("wb") as fh:
-        fh.write(blob)
+        digest = write_safetensors(fh, tensors)
         fh.flush()
         os.fsync(fh.fileno())
-    digest = hashlib.sha256(blob).hexdigest()
-    del blob
     write_text_atomic(tmp / "layout.json", json.dumps(dict(layout)))
     meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
             "sha256": {TENSORS: digest},

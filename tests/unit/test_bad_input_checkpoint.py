@@ -3,12 +3,13 @@ corrupt checkpoint giving one ConfigError line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from fedbip_ray.config import ConfigError
 from fedbip_ray.core.taskvector import Layout
@@ -178,3 +179,18 @@ def test_config_difference_names_the_first_frozen_field():
     newer = json.loads(json.dumps(base))
     newer["privacy"] = {"clip_norm": None}
     assert C.config_difference(base, newer) is None  # a field added by a newer version
+
+
+def test_streamed_safetensors_match_the_library_and_their_digest(tmp_path):
+    tensors = {**_tensors(3), "empty": np.zeros((0, 4), dtype=np.float32),
+               "counts": np.arange(5, dtype=np.int64)}
+    path = tmp_path / "t.safetensors"
+    with path.open("wb") as fh:
+        digest = C.write_safetensors(fh, tensors)
+    back = load_file(str(path))
+    assert sorted(back) == sorted(tensors)
+    for name, arr in tensors.items():
+        assert back[name].dtype == arr.dtype and np.array_equal(back[name], arr), name
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="complex64"):
+        C.write_safetensors((tmp_path / "x").open("wb"), {"z": np.zeros(2, dtype=np.complex64)})
