@@ -557,30 +557,36 @@ def floor_child(job_path: str) -> int:
     strategy = make_strategy(cfg["strategy"]["name"], cfg["strategy"].get("params", {}))
     start, ends, accuracy = time.perf_counter(), [], None
 
+    seconds: dict[str, dict[int, float]] = {"fit": {}, "eval": {}}
+
     def scatter(kind: str, items: list[tuple[int, np.ndarray, int]]) -> list[Any]:
-        """One item in flight per worker; a free worker takes its own next client (c mod W),
-        else the last one queued for the busiest worker (as fedbip's dispatch does)."""
+        """One item in flight per worker, dispatched as fedbip's dispatch does: a free worker
+        takes its own next client (c mod W) longest first by the client's last call of this
+        kind, else the cheapest one queued for the worker with the most work left."""
         from multiprocessing.connection import wait
 
         from fedbip_ray.runtime.scheduling import home_queues, take_next
 
         by_client = {it[0]: it for it in items}
-        queues = home_queues(list(by_client), workers)
+        cost = seconds[kind]
+        queues = home_queues(list(by_client), workers, cost=cost)
         out: list[Any] = []
-        busy: dict[Any, int] = {}
+        busy: dict[Any, tuple[int, int, float]] = {}
 
         def feed(w: int) -> None:
-            c = take_next(queues, w)
+            c = take_next(queues, w, cost)
             if c is not None:
+                busy[conns[w]] = (w, c, time.monotonic())
                 conns[w].send((kind, [by_client[c]]))
-                busy[conns[w]] = w
 
         for w in range(workers):
             feed(w)
         while busy:
             for conn in wait(list(busy)):
                 out.extend(conn.recv())
-                feed(busy.pop(conn))
+                w, c, t = busy.pop(conn)
+                cost[c] = time.monotonic() - t
+                feed(w)
         return out
 
     phases = []

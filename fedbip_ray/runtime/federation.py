@@ -83,6 +83,8 @@ class RunContext:
     shard_refs: dict[int, ShardRef] = field(default_factory=dict)
     first_round: int = 1
     checkpoints: Any = None  # the run's CheckpointWriter
+    # {phase: {client: seconds its last call took}}: the dispatch order of the next phase
+    call_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def actor_index(self, client_id: int) -> int:
         """The client's home actor (its calls go there unless another actor is idle first)."""
@@ -341,35 +343,43 @@ class Dispatch:
     ``(payload ref, error)`` (error: the Ray error of its receipt, else None); ``ran_on`` the
     actor index that ran (or was running) each started client; ``late`` the clients not done
     by the deadline (cancelled, or never started); ``orphans`` the clients never started
-    because every actor had died; ``dead`` the actors whose process died during the phase."""
+    because every actor had died; ``dead`` the actors whose process died during the phase;
+    ``seconds`` the wall time of each call that finished without error."""
 
     done: dict[int, tuple[Any, BaseException | None]] = field(default_factory=dict)
     ran_on: dict[int, int] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
     late: list[int] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)
     dead: set[int] = field(default_factory=set)
 
 
 def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int], tuple[Any, Any]],
-             deadline_s: float, prefer: Mapping[int, int] | None = None) -> Dispatch:
+             deadline_s: float, prefer: Mapping[int, int] | None = None,
+             phase: str | None = None) -> Dispatch:
     """Run ``call(actor index, client) -> (receipt ref, payload ref)`` for every client, with at
     most one call in flight per client actor, so that clients of unequal cost keep every actor
     busy: a free actor takes the next of its own clients (``prefer``, else ``c mod A``: its data
-    is already tokenized there), else the last queued client of the actor with the most left.
-    The driver fetches only receipts (small); an actor whose process died takes no more calls
-    in this phase. Calls still running at the deadline are cancelled."""
-    queues = home_queues(clients, len(ctx.actors), prefer)  # home: RunContext.actor_index
+    is already tokenized there), longest first by what each client's last call of this
+    ``phase`` took, else the cheapest queued client of the actor with the most work left
+    (:mod:`fedbip_ray.runtime.scheduling`). The driver fetches only receipts (small); an actor
+    whose process died takes no more calls in this phase. Calls still running at the deadline
+    are cancelled. The seconds of this phase's calls are kept in ``ctx.call_seconds``."""
+    cost = ctx.call_seconds.setdefault(phase, {}) if phase else None
+    queues = home_queues(clients, len(ctx.actors), prefer, cost)  # home: RunContext.actor_index
     out = Dispatch()
     free = deque(range(len(ctx.actors)))
     inflight: dict[Any, tuple[int, int, Any]] = {}  # receipt -> (client, actor, payload)
+    started: dict[int, float] = {}
     deadline = time.monotonic() + deadline_s
 
     while True:
         while free:
             a = free.popleft()
-            c = take_next(queues, a)
+            c = take_next(queues, a, cost)
             if c is None:
                 break
+            started[c] = time.monotonic()
             receipt, payload = call(a, c)
             inflight[receipt] = (c, a, payload)
             out.ran_on[c] = a
@@ -387,11 +397,15 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
                 out.dead.add(a)
             except ray.exceptions.RayError as exc:
                 error = exc
+            else:
+                out.seconds[c] = time.monotonic() - started[c]
             out.done[c] = (payload, error)
             if a not in out.dead:
                 free.append(a)
         if not ready:
             break  # the deadline passed
+    if cost is not None:
+        cost.update(out.seconds)
     _cancel([payload for _, _, payload in inflight.values()] + list(inflight))
     queued = [c for q in queues.values() for c in q]
     out.late = sorted([c for c, _, _ in inflight.values()]
@@ -425,7 +439,7 @@ def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float
         return ctx.actors[a].fit_receipt.remote(c, states[c], rnd, prox_mu, ctx.shard_refs[c],
                                                 gradient, keep)
 
-    run = dispatch(ctx, participants, call, deadline_s)
+    run = dispatch(ctx, participants, call, deadline_s, phase="fit")
     if run.late:
         log.warning("round %d: stragglers past the %.3gs deadline: %s", rnd, deadline_s, run.late)
     if run.orphans:
@@ -459,7 +473,7 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
 
     t0, resend = time.monotonic(), set(send_local)
     states = prefetch_states(ctx, clients)
-    scores, errors = collect(dispatch(ctx, clients, call(False), deadline_s, kept_on), deadline_s)
+    scores, errors = collect(dispatch(ctx, clients, call(False), deadline_s, kept_on, "gate"), deadline_s)
     lost = [c for c, s in scores.items() if s is None]
     if lost:  # the actor no longer holds the client's trained state: send it
         again, errors2 = collect(dispatch(ctx, lost, call(True),
@@ -501,7 +515,7 @@ def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epoch
                                             ctx.shard_refs[c])
         return ref, ref
 
-    run = dispatch(ctx, clients, call, deadline_s)
+    run = dispatch(ctx, clients, call, deadline_s, phase="evaluate")
     results, errors = collect(run, deadline_s)
     return {cid: r.splits for cid, r in results.items()}, errors, run
 

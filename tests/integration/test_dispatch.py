@@ -80,3 +80,18 @@ def test_calls_past_the_deadline_are_late_and_cancelled(ray_local):
     results, errors = collect(run, 3.0)
     assert results == {0: 0} and run.late == [1, 2]
     assert errors[1] == errors[2] == "past the 3s deadline"
+
+
+def test_the_second_phase_runs_longest_first_from_the_first_phases_seconds(ray_local):
+    # homes: 0, 2, 4 -> actor 0; 1, 3, 5 -> actor 1. Client 4 is the slow one.
+    ctx = _ctx(2)
+    seconds = {0: 0.3, 1: 0.3, 2: 0.3, 3: 0.3, 4: 1.2, 5: 0.4}
+    first = dispatch(ctx, list(seconds), _call(ctx, seconds), deadline_s=60, phase="fit")
+    took = ctx.call_seconds["fit"]
+    assert set(took) == set(seconds) and took == first.seconds
+    assert all(took[c] >= s for c, s in seconds.items()) and took[4] > max(took[c] for c in (0, 2))
+    assert all(first.ran_on[c] == c % 2 for c in seconds)  # client order: 4 came last on actor 0
+    second = dispatch(ctx, list(seconds), _call(ctx, seconds), deadline_s=60, phase="fit")
+    assert collect(second, 60)[1] == {}
+    # actor 0 starts with client 4 (longest); actor 1, done with its own, takes one of 0 and 2
+    assert second.ran_on[4] == 0 and 1 in {second.ran_on[0], second.ran_on[2]}

@@ -117,7 +117,11 @@ def test_bad_updates_and_client_errors_are_isolated_logged_and_counted(ray_local
 
 
 def test_stragglers_past_the_deadline_are_dropped(ray_local, tmp_path):
-    cfg = config_from_dict(tiny_config(federation={"rounds": 2, "round_deadline_s": 0.05}))
+    # one example per evaluation batch and 80 of them per client: every evaluation call takes
+    # well over the 0.05 s deadline, whatever the machine
+    cfg = config_from_dict(tiny_config(data={"examples_per_client": 200},
+                                       train={"eval_batch_size": 1},
+                                       federation={"rounds": 2, "round_deadline_s": 0.05}))
     t0 = time.perf_counter()
     summary = run_federation(cfg, tmp_path / "slow", echo=lambda s: None)
     rows = _rows(tmp_path / "slow")
