@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -1061,7 +1062,8 @@ def overhead_section(cache: dict[tuple[str, str], Run], models: Sequence[str]) -
            "fedbip starts client actors, each with the torch thread count Ray gives an actor "
            "(`OMP_NUM_THREADS = num_cpus`), the model loaded once per worker, clients dealt to workers "
            "as fedbip dispatches them to actors (one client in flight per worker; a free worker takes its "
-           "own next client, c mod W, else the last one queued for the busiest worker), FedAvg in the parent. "
+           "own next client, c mod W, longest first by the client's last call of the phase, else the "
+           "cheapest one queued for the worker with the most work left), FedAvg in the parent. "
            "fedbip rounds include aggregation in the server actor, moving states and task vectors "
            "through the object store, metrics.jsonl and the per-round checkpoint.", ""]
     for model in models:
@@ -1254,6 +1256,84 @@ def aggregation_section(rows: Sequence[AggRow]) -> list[str]:
     return out
 
 
+def bytes_per_round(r: Run) -> tuple[float, float, float, float | None]:
+    """(participants k, bytes_in, bytes_out, minimum 2 x k x D x 4) per round, means over the
+    run's metrics.jsonl rows."""
+    rows, dim = r.extra["metrics"], r.extra.get("dim")
+    k = float(np.mean([len(x.get("participants", [])) for x in rows]))
+    b_in = float(np.mean([x.get("bytes_in", 0) for x in rows]))
+    b_out = float(np.mean([x.get("bytes_out", 0) for x in rows]))
+    return k, b_in, b_out, (2 * k * dim * 4 if dim else None)
+
+
+def goals_section(cache: dict[tuple[str, str], Run], pool: Sequence[Run],
+                  agg: Sequence[AggRow]) -> list[str]:
+    """The goals of this benchmark, each with the figures below that decide it."""
+    rows: list[tuple[str, str]] = []
+
+    def ok(value: float, limit: float) -> str:
+        shown = f"{value:.3f}" if round(value, 2) == limit else f"{value:.2f}"  # 1.053 is not 1.05
+        return f"{shown}x ({'met' if value <= limit else 'NOT met'})"
+
+    over = [(m, fed.steady / floor.steady) for (m, runner), fed in cache.items() if runner == "fedbip"
+            and (floor := cache.get((m, "floor"))) and not fed.error and not floor.error]
+    if over:
+        rows.append(("steady rounds at most 1.05x the compute floor",
+                     "; ".join(f"{m} {ok(x, 1.05)}" for m, x in over)))
+    flower = [(m, runner, fed, fl) for (m, runner), fl in cache.items() if runner.startswith("flower-")
+              and (fed := cache.get((m, "fedbip"))) and not fed.error and not fl.error]
+    for label, key, limit in (("steady rounds no slower than Flower's", "steady", 1.0),
+                              ("whole run at most 0.9x Flower's", "whole", 0.9),
+                              ("peak memory at most 0.7x Flower's", "peak_pss", 0.7)):
+        if flower:
+            rows.append((label, "; ".join(
+                f"{m} vs {runner[len('flower-'):]} {ok(getattr(fed, key) / getattr(fl, key), limit)}"
+                for m, runner, fed, fl in flower)))
+    small = [(runner, fed, fl) for m, runner, fed, fl in flower if m == "smollm2"]
+    if small:
+        rows.append(("SmolLM2 steady round at most 0.5x Flower's", "; ".join(
+            f"vs {runner[len('flower-'):]} {ok(fed.steady / fl.steady, 0.5)}" for runner, fed, fl in small)))
+    good = [r for r in pool if not r.error]
+    if len(good) >= 2:
+        lo, hi = good[0], good[-1]
+        grow = hi.peak_pss / lo.peak_pss
+        train = [float(np.mean(r.rounds[1:-1])) for r in good if len(r.rounds) > 2]
+        rows.append(("pool mode: peak memory flat in N (at most 1.25x from the smallest to the largest N)",
+                     f"N={lo.extra['num_clients']} -> {hi.extra['num_clients']}: {_gb(lo.peak_pss)} -> "
+                     f"{_gb(hi.peak_pss)} GiB, {ok(grow, 1.25)}"))
+        if train:
+            rows.append(("pool mode: round time linear in participating clients",
+                         f"{good[0].extra.get('per_round')} clients per round at every N: steady train round "
+                         f"{min(train):.2f}-{max(train):.2f} s from N={lo.extra['num_clients']} to "
+                         f"{hi.extra['num_clients']} (the last round evaluates all N clients: see section 3)"))
+    for strategy in dict.fromkeys(r.strategy for r in agg):
+        done = [r for r in agg if r.strategy == strategy and r.traced_peak]
+        biggest = max(done, key=lambda r: r.matrix, default=None)
+        if biggest is None:
+            continue
+        ratios = [r.traced_peak / r.matrix for r in done]  # type: ignore[operator]
+        flat = max(ratios) <= 1.15 * min(ratios)
+        skipped = [f"N={r.n}, D={r.d:g} skipped ({r.skipped.partition(': ')[2] or r.skipped})" for r in agg
+                   if r.strategy == strategy and r.skipped]
+        rows.append((f"aggregation ({strategy}) without N^2 copies, up to N = 1000, D = 1e6",
+                     f"{'met' if flat else 'NOT met'}: allocations {min(ratios):.2f}-{max(ratios):.2f} x M; "
+                     f"largest N={biggest.n}, D={biggest.d:g}: {_f(biggest.seconds)} s, all processes "
+                     f"{_gb(biggest.total_pss_peak)} GiB" + (f"; {'; '.join(skipped)}" if skipped else "")))
+    ratios = [(f"{r.workload}", (bi + bo) / m) for r in [*[r for (_, n), r in cache.items() if n == "fedbip"], *pool]
+              if not r.error and r.extra.get("metrics") and r.extra.get("dim")
+              for _, bi, bo, m in [bytes_per_round(r)] if m]
+    if ratios:
+        worst = max(x for _, x in ratios)
+        rows.append(("bytes per round close to 2 x k x D x 4 (at most 1.05x)",
+                     f"{ok(worst, 1.05)} at worst over {len(ratios)} runs"))
+    rows.append(("GPU throughput", "not measured: " + ("the runs used CPU settings" if "visible to torch"
+                                                         in gpu_line() else "no GPU on this machine")))
+    out = ["## Goals", "", "| goal | result |", "|---|---|"]
+    out += [f"| {goal} | {result} |" for goal, result in rows]
+    out.append("")
+    return out
+
+
 def bytes_section(runs: Sequence[Run]) -> list[str]:
     out = ["## 5. Bytes moved per round", "",
            "From `metrics.jsonl`: `bytes_in` = task-vector bytes the server received, `bytes_out` = "
@@ -1269,10 +1349,7 @@ def bytes_section(runs: Sequence[Run]) -> list[str]:
             continue
         rows = r.extra["metrics"]
         dim = r.extra.get("dim")
-        k = float(np.mean([len(x.get("participants", [])) for x in rows]))
-        b_in = float(np.mean([x.get("bytes_in", 0) for x in rows]))
-        b_out = float(np.mean([x.get("bytes_out", 0) for x in rows]))
-        minimum = 2 * k * dim * 4 if dim else None
+        k, b_in, b_out, minimum = bytes_per_round(r)
         n_eval = [len(x.get("per_client_accuracy") or {}) for x in rows]
         evals = max(n_eval) * dim * 4 if dim and n_eval else None
         out.append(f"| {r.runner} {r.workload} | {dim} | {k:g} | {_bytes(b_in)} | {_bytes(b_out)} "
@@ -1354,6 +1431,14 @@ def explanations(cache: dict[tuple[str, str], Run]) -> list[str]:
            "message routing through the in-process LinkState: the ServerApp's `InMemoryGrid` pushes the "
            "messages and polls for replies, the simulation engine's worker loop pulls them and submits "
            "each to a Ray actor, which calls the ClientApp.",
+           "- **Scheduling.** fedbip keeps one call in flight per client actor and runs each actor's "
+           "clients longest first by what the client's last call of the phase took; an actor with "
+           "nothing left takes the cheapest client queued for the actor with the most work left "
+           "(`fedbip_ray/runtime/scheduling.py`). With clients of unequal cost (SmolLM2: tasks with "
+           "longer answers take longer to generate), a phase then ends with short calls on both "
+           "actors instead of one long call while the other actor idles. Flower's simulation engine "
+           "hands each message to the next free actor in the order its ServerApp sent them. The floor "
+           "dispatches as fedbip does, so section 1 measures orchestration, not scheduling.",
            "- **Round 1.** fedbip's actors import torch/transformers and build the model before round 1 "
            "(start-up); Flower's workers do their first imports inside round 1, so compare steady rounds "
            "(rounds >= 2) and whole runs.",
@@ -1377,6 +1462,21 @@ def explanations(cache: dict[tuple[str, str], Run]) -> list[str]:
                          f"{np.mean(comp_r[1:]):.1f} s per round with a fresh model per message vs "
                          f"{np.mean(comp_c[1:]):.1f} s with a kept one.")
             out.append(line)
+    for (model, runner), fl in cache.items():
+        fed = cache.get((model, "fedbip"))
+        if runner != "flower-cached" or fl.error or fed is None or fed.error:
+            continue
+        held = re.search(r"ray::ClientActor(?: x\d+)? (\d+)", fed.extra.get("peak_top") or "")
+        if held:
+            clients = int(held.group(1)) * MIB
+            budget = 0.7 * fl.peak_pss
+            out.append(f"- Memory on {model}: at fedbip's peak its client actors alone held "
+                       f"{_gb(clients)} GiB ({clients / fl.peak_pss:.2f}x of flower-cached's whole peak, "
+                       f"{_gb(fl.peak_pss)} GiB): the model and its training and evaluation working set, "
+                       "the same trainer code in both. 0.7x of Flower's peak is "
+                       f"{_gb(budget)} GiB, which leaves {_gb(max(0.0, budget - clients))} GiB for "
+                       "everything that is not a client actor (the driver, the server actor and Ray's "
+                       f"processes: {_gb(fed.peak_pss - clients)} GiB in fedbip's run).")
     out.append("")
     return out
 
@@ -1450,11 +1550,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_reused(path: Path, args: argparse.Namespace) -> tuple[dict[tuple[str, str], Run], list[Run],
-                                                                list[AggRow], list[str], str]:
+                                                                list[AggRow], dict[str, str]]:
     """The sections of an earlier ``--json`` file that this run does not select (whole sections,
     so that every table comes from one run): (comparison runs by (model, runner), pool runs,
-    aggregation rows, the names of the reused sections, the file's command). The overhead and Flower sections share
-    their fedbip runs, so they are reused together or not at all."""
+    aggregation rows, {reused section: the command of the run that measured it}). The overhead and
+    Flower sections share their fedbip runs, so they are reused together or not at all."""
     raw = json.loads(Path(path).read_text())
     runs = [Run(**{k: v for k, v in d.items() if k not in ("steady", "startup")})
             for d in raw.get("runs", [])]
@@ -1472,7 +1572,9 @@ def load_reused(path: Path, args: argparse.Namespace) -> tuple[dict[tuple[str, s
     if "aggregation" not in secs:
         agg = [AggRow(**d) for d in raw.get("aggregation", [])]
         names += ["aggregation"] if agg else []
-    return cache, pool, agg, names, str(raw.get("command", "not recorded"))
+    sources = raw.get("sources") or {}
+    command = str(raw.get("command", "not recorded"))
+    return cache, pool, agg, {n: str(sources.get(n, command)) for n in names}
 
 
 def flower_runners(model: str, variants: Sequence[str]) -> list[str]:
@@ -1502,11 +1604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache: dict[tuple[str, str], Run] = {}
     pool: list[Run] = []
     agg: list[AggRow] = []
-    reused: list[str] = []
-    reused_command = ""
+    reused: dict[str, str] = {}
     if args.reuse is not None:
         try:
-            cache, pool, agg, reused, reused_command = load_reused(args.reuse, args)
+            cache, pool, agg, reused = load_reused(args.reuse, args)
         except (OSError, ValueError, TypeError) as exc:
             print(f"--reuse {args.reuse}: not a readable --json file of this benchmark "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
@@ -1530,15 +1631,18 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"Command: `{_command(argv)}`", "",
              f"Machine: {machine_line()}", "",
              gpu_line(), "",
-             f"Benchmark wall time: {time.perf_counter() - t_start:.0f} s. Peak memory = PSS summed over the "
+             (f"Benchmark wall time: {time.perf_counter() - t_start:.0f} s. " if secs - {"bytes"} else
+              "Every section below is reused (nothing was run by this command). ") +
+             "Peak memory = PSS summed over the "
              "measured process and all its descendants (Ray's GCS, raylet, object store and workers "
              "included), sampled every 0.25 s by one psutil sampler (`TreeMemorySampler`) for every runner. "
              "A round ends when its evaluation (and, for fedbip, its checkpoint) is done; round r's time is "
              "the time since round r-1 ended (round 1: since the clients were ready).", ""]
     if reused:
-        lines += [f"Sections reused from `{args.reuse}` (an earlier run, command: "
-                  f"`{reused_command}`), not run again: {', '.join(reused)}. Each "
-                  "section's tables come from one run.", ""]
+        lines += [f"Sections reused from `{args.reuse}`, not run again (each section's tables come "
+                  "from one run; the command of that run):", "",
+                  *[f"- {name}: `{cmd}`" for name, cmd in reused.items()], ""]
+    lines += goals_section(cache, pool, agg)
     if args.inprocess:
         lines += ["fedbip runs were in-process (`--inprocess`): whole-run times are not measured and "
                   "peak memory includes the benchmark process.", ""]
@@ -1564,6 +1668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"wrote {out_path}")
     if args.json is not None:
         raw = {"command": _command(argv),
+               "sources": {**{n: _command(argv) for n in ("overhead", "flower", "pool", "aggregation")
+                              if n in secs}, **reused},
                "runs": [dataclasses.asdict(r) | {"steady": r.steady, "startup": r.startup}
                         for r in [*cache.values(), *pool]],
                "aggregation": [dataclasses.asdict(r) for r in agg]}

@@ -98,3 +98,14 @@ def test_quick_report_is_produced_and_sane(perf, ray_local, tmp_path):
         assert 16 * 20_000 * 4 <= agg["held_before"] < 1.5 * 16 * 20_000 * 4
         # allocations stay a small multiple of one N x D matrix (no per-pair copies)
         assert agg["traced_peak"] < 8 * 16 * 20_000 * 4
+
+    assert "## Goals" in text and "| steady rounds at most 1.05x the compute floor | tiny-bert " in text
+    assert "| bytes per round close to 2 x k x D x 4 (at most 1.05x) | 1.00x (met)" in text
+    # the report rebuilt from the JSON alone (nothing run again) names where each section came from
+    again = tmp_path / "again.md"
+    assert perf.main(["--sections", "bytes", "--reuse", str(raw), "--out", str(again)]) == 0
+    rebuilt = again.read_text()
+    for name in ("overhead", "pool", "aggregation"):
+        assert f"- {name}: `python benchmarks/performance.py --quick --inprocess" in rebuilt
+    assert "## 4. Server-side aggregation" in rebuilt and "## Goals" in rebuilt
+    assert json.loads(raw.read_text())["sources"]["overhead"].startswith("python benchmarks/performance.py --quick")
