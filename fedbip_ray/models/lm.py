@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
-from fedbip_ray.models.factory import resolve_model_path
+from fedbip_ray.models.names import resolve_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

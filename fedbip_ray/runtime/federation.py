@@ -213,7 +213,7 @@ def preflight_model(model: ModelConfig) -> None:
     Aliases are checked by the actors (one-line error via ``info``); a directory must hold a
     config.json; any other name must be a valid model id already in the local HF cache.
     """
-    from fedbip_ray.models.factory import MODEL_ALIASES, resolve_model_path
+    from fedbip_ray.models.names import MODEL_ALIASES, resolve_model_path  # no torch in the driver
 
     name = model.name
     if model.task == "image-classification" or name in MODEL_ALIASES:

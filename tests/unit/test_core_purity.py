@@ -29,3 +29,25 @@ def test_driver_side_imports_no_torch() -> None:
     only (a driver with torch costs ~250 MB more on every run)."""
     proc = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+PREFLIGHT = (
+    "import sys, tempfile; from pathlib import Path; "
+    "from fedbip_ray.config import config_from_dict; "
+    "from fedbip_ray.runtime.federation import build_strategy, preflight_model; "
+    "from fedbip_ray.data.shards import build_shards; "
+    "from fedbip_ray.models.names import minilm_path; "
+    "cfg = config_from_dict({'model': {'name': 'minilm'}, 'data': {'dataset': 'synthetic-text', "
+    "'num_clients': 3, 'examples_per_client': 20}}); "
+    "preflight_model(cfg.model); preflight_model(cfg.model.model_copy(update={'name': str(minilm_path())})); "
+    "build_strategy(cfg); build_shards(cfg.data, 0, Path(tempfile.mkdtemp()) / 'shards'); "
+    "bad=[m for m in ('torch','transformers','peft') if m in sys.modules]; "
+    "assert not bad, bad"
+)
+
+
+def test_driver_side_run_preparation_loads_no_torch() -> None:
+    """What the driver does before it starts actors (model preflight of an alias and of a
+    model directory, strategy, shards) runs without torch too."""
+    proc = subprocess.run([sys.executable, "-c", PREFLIGHT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
