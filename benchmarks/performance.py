@@ -1319,15 +1319,17 @@ def goals_section(cache: dict[tuple[str, str], Run], pool: Sequence[Run],
                      f"{'met' if flat else 'NOT met'}: allocations {min(ratios):.2f}-{max(ratios):.2f} x M; "
                      f"largest N={biggest.n}, D={biggest.d:g}: {_f(biggest.seconds)} s, all processes "
                      f"{_gb(biggest.total_pss_peak)} GiB" + (f"; {'; '.join(skipped)}" if skipped else "")))
-    ratios = [(f"{r.workload}", (bi + bo) / m) for r in [*[r for (_, n), r in cache.items() if n == "fedbip"], *pool]
-              if not r.error and r.extra.get("metrics") and r.extra.get("dim")
-              for _, bi, bo, m in [bytes_per_round(r)] if m]
+    ratios = []
+    for r in [*(r for (_, runner), r in cache.items() if runner == "fedbip"), *pool]:
+        if not r.error and r.extra.get("metrics") and r.extra.get("dim"):
+            _, b_in, b_out, minimum = bytes_per_round(r)
+            ratios.append((b_in + b_out) / minimum)
     if ratios:
-        worst = max(x for _, x in ratios)
+        worst = max(ratios)
         rows.append(("bytes per round close to 2 x k x D x 4 (at most 1.05x)",
                      f"{ok(worst, 1.05)} at worst over {len(ratios)} runs"))
-    rows.append(("GPU throughput", "not measured: " + ("the runs used CPU settings" if "visible to torch"
-                                                         in gpu_line() else "no GPU on this machine")))
+    rows.append(("GPU throughput", "not measured: " + ("the runs used CPU settings" if cuda_device()
+                                                         else "no GPU on this machine")))
     out = ["## Goals", "", "| goal | result |", "|---|---|"]
     out += [f"| {goal} | {result} |" for goal, result in rows]
     out.append("")
@@ -1373,17 +1375,21 @@ def _total_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def gpu_line() -> str:
-    """Whether a GPU was visible to this process and to nvidia-smi."""
+def cuda_device() -> str | None:
+    """The name of the GPU torch sees in this process (None: none)."""
     try:
         import torch
 
-        cuda = torch.cuda.is_available()
-        name = torch.cuda.get_device_name(0) if cuda else None
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - informational
-        cuda, name = False, None
+        return None
+
+
+def gpu_line() -> str:
+    """Whether a GPU was visible to this process and to nvidia-smi."""
+    name = cuda_device()
     smi = shutil.which("nvidia-smi")
-    if cuda:
+    if name:
         return f"GPU: {name} visible to torch; the runs above used CPU settings (num_gpus_per_client=0)."
     return ("GPU: none. `torch.cuda.is_available()` is False"
             f"{'' if smi else ' and there is no nvidia-smi'} on this machine, so every figure is CPU-only; "

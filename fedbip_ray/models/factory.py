@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
-from fedbip_ray.models.names import MODEL_ALIASES, minilm_path, resolve_model_path  # noqa: F401 - re-exported
+from fedbip_ray.models.names import minilm_path, resolve_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

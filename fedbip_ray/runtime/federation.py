@@ -48,8 +48,8 @@ from fedbip_ray.runtime.server import ServerActor, failure_reason
 
 log = logging.getLogger("fedbip.federation")
 TEST_ENV_PREFIX = "FEDBIP_TEST_"  # forwarded to client actors (test-only fault injection)
-PING_TIMEOUT_S = 300.0
-NO_LIVE_ACTOR = "no live client actor left in this phase"  # why a never-started call failed  # how long a restarting actor may take to come back
+PING_TIMEOUT_S = 300.0  # how long a restarting actor may take to come back
+NO_LIVE_ACTOR = "no live client actor left in this phase"  # why a never-started call failed
 # errors that mean "the actor's process died" (killed, OOM-killed, crashed), not "the call failed"
 PROCESS_DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError,
                  ray.exceptions.WorkerCrashedError)
@@ -369,8 +369,7 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
     queues = home_queues(clients, len(ctx.actors), prefer, cost)  # home: RunContext.actor_index
     out = Dispatch()
     free = deque(range(len(ctx.actors)))
-    inflight: dict[Any, tuple[int, int, Any]] = {}  # receipt -> (client, actor, payload)
-    started: dict[int, float] = {}
+    inflight: dict[Any, tuple[int, int, Any, float]] = {}  # receipt -> (client, actor, payload, start)
     deadline = time.monotonic() + deadline_s
 
     while True:
@@ -379,16 +378,16 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
             c = take_next(queues, a, cost)
             if c is None:
                 break
-            started[c] = time.monotonic()
+            t0 = time.monotonic()
             receipt, payload = call(a, c)
-            inflight[receipt] = (c, a, payload)
+            inflight[receipt] = (c, a, payload, t0)
             out.ran_on[c] = a
         left = deadline - time.monotonic()
         if not inflight or left <= 0:
             break
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=left)
         for receipt in ready:
-            c, a, payload = inflight.pop(receipt)
+            c, a, payload, t0 = inflight.pop(receipt)
             error: BaseException | None = None
             try:
                 ray.get(receipt)
@@ -398,7 +397,7 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
             except ray.exceptions.RayError as exc:
                 error = exc
             else:
-                out.seconds[c] = time.monotonic() - started[c]
+                out.seconds[c] = time.monotonic() - t0
             out.done[c] = (payload, error)
             if a not in out.dead:
                 free.append(a)
@@ -406,9 +405,9 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Callable[[int, int],
             break  # the deadline passed
     if cost is not None:
         cost.update(out.seconds)
-    _cancel([payload for _, _, payload in inflight.values()] + list(inflight))
+    _cancel([payload for _, _, payload, _ in inflight.values()] + list(inflight))
     queued = [c for q in queues.values() for c in q]
-    out.late = sorted([c for c, _, _ in inflight.values()]
+    out.late = sorted([c for c, _, _, _ in inflight.values()]
                       + (queued if len(out.dead) < len(ctx.actors) else []))
     out.orphans = sorted(queued) if len(out.dead) == len(ctx.actors) else []
     return out
