@@ -10,6 +10,7 @@ Every update is validated (layout, finiteness, norm) before it can reach aggrega
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,10 @@ from fedbip_ray.core.strategies import (
     AggregationInput,
     GaussianNoiseStrategy,
     Strategy,
-    make_strategy,
 )
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.core.validation import UpdateRejected, validate_update
-from fedbip_ray.runtime.messages import ClientUpdate
+from fedbip_ray.runtime.messages import AggregationReport, ClientUpdate, ServerSettings
 
 log = logging.getLogger("fedbip.server")
 
@@ -34,20 +34,18 @@ log = logging.getLogger("fedbip.server")
 class FederatedServer:
     """Holds ``states`` (num_clients, D) float32: each client's personalized adapter.
 
-    ``groups`` (num_clients,) are the true groups when known (oracle strategy, diagnostics).
-    ``privacy`` is ``{"clip_norm": C, "noise_multiplier": z}`` for client-level DP (or None);
-    ``seed`` seeds the per-round DP noise.
+    ``settings.groups`` (num_clients,) are the true groups when known (oracle strategy,
+    diagnostics); ``settings.privacy`` turns on client-level DP; ``settings.seed`` seeds the
+    per-round DP noise.
     """
 
-    def __init__(self, strategy: str, params: dict[str, Any], num_clients: int,
-                 groups: list[int] | None = None, max_norm: float | None = None,
-                 on_excess_norm: str = "reject", privacy: dict[str, float] | None = None,
-                 seed: int = 0) -> None:
-        self.strategy = make_strategy(strategy, params)
-        self.num_clients = num_clients
-        self.groups = np.asarray(groups, dtype=np.int64) if groups is not None else None
-        self.max_norm, self.on_excess_norm = max_norm, on_excess_norm
-        self.privacy, self.seed = privacy, seed
+    def __init__(self, settings: ServerSettings) -> None:
+        self.strategy = settings.strategy
+        self.num_clients = settings.num_clients
+        self.groups = (np.asarray(settings.groups, dtype=np.int64)
+                       if settings.groups is not None else None)
+        self.max_norm, self.on_excess_norm = settings.max_norm, settings.on_excess_norm
+        self.privacy, self.seed = settings.privacy, settings.seed
         self.layout: Layout | None = None
         self.init: np.ndarray | None = None
         self.states: np.ndarray | None = None
@@ -58,9 +56,9 @@ class FederatedServer:
         self._last: dict[str, Any] | None = None
 
     # -- state ------------------------------------------------------------------------------
-    def initialize(self, init: np.ndarray, layout: dict[str, Any]) -> int:
+    def initialize(self, init: np.ndarray, layout: Layout) -> int:
         """Every client starts from the same initial adapter ``init`` (D,). Returns D."""
-        self.layout = Layout.from_dict(layout)
+        self.layout = layout
         self.init = np.asarray(init, dtype=np.float32).copy()
         self.states = np.tile(self.init, (self.num_clients, 1))
         self.similarity = np.full((self.num_clients, self.num_clients), np.nan)
@@ -85,8 +83,9 @@ class FederatedServer:
             raise UpdateRejected(f"unknown client id {update.client_id}")
         if update.num_examples <= 0:
             raise UpdateRejected(f"num_examples must be positive, got {update.num_examples}")
-        vec, _ = validate_update(np.asarray(update.vector), Layout.from_dict(update.layout),
-                                 self.layout, max_norm=self.max_norm,
+        if not isinstance(update.layout, Layout):
+            raise UpdateRejected(f"update layout is a {type(update.layout).__name__}, not a Layout")
+        vec, _ = validate_update(np.asarray(update.vector), update.layout, self.layout, max_norm=self.max_norm,
                                  on_excess_norm=self.on_excess_norm)  # type: ignore[arg-type]
         return vec
 
@@ -106,79 +105,91 @@ class FederatedServer:
         """The strategy for one round: the configured one, wrapped in DP clip + noise."""
         if not self.privacy:
             return self.strategy
-        return GaussianNoiseStrategy(self.strategy, clip=float(self.privacy["clip_norm"]),
-                                     noise_multiplier=float(self.privacy["noise_multiplier"]),
+        return GaussianNoiseStrategy(self.strategy, clip=self.privacy.clip_norm,
+                                     noise_multiplier=self.privacy.noise_multiplier,
                                      seed=noise_seed(self.seed, round_num))
 
-    def aggregate(self, round_num: int, updates: list[ClientUpdate],
-                  min_accepted: int = 1) -> dict[str, Any]:
-        """Validate ``updates`` and apply the strategy to the clients that sent a valid one.
-
-        With fewer than ``min_accepted`` valid updates the aggregation is skipped and every
-        state is kept (``report["aggregated"]`` is False). Returns a report: accepted/rejected
-        client ids, the similarity and weight matrices (participants x participants) and the
-        bytes received.
-        """
-        assert self.states is not None and self.layout is not None
-        self._gate_local = ({}, None)
-        ids, vecs, counts, rejected, nbytes = [], [], [], {}, 0
-        modified: list[int] = []  # accepted after the server changed the vector (norm clipping)
-        signals: list[np.ndarray] | None = [] if self.strategy.client_options.send_gradient else None
+    def _validated(self, round_num: int, updates: list[ClientUpdate]) -> _Validated:
+        """Check every update (duplicates, round, id, layout, finiteness, norm, signal)."""
+        out = _Validated()
+        send_gradient = self.strategy.client_options.send_gradient
         for up in updates:
-            nbytes += int(np.asarray(up.vector).nbytes)
+            out.nbytes += int(np.asarray(up.vector).nbytes)
             if up.signal is not None:
-                nbytes += int(np.asarray(up.signal).nbytes)
+                out.nbytes += int(np.asarray(up.signal).nbytes)
             try:
-                if up.client_id in ids:
+                if up.client_id in out.ids:
                     raise UpdateRejected("duplicate update in this round")
                 vec = self.check(up, round_num)
-                if vec is not up.vector:
-                    modified.append(int(up.client_id))
-                if signals is not None:
-                    signals.append(self.check_signal(up))
-                vecs.append(vec)
-                ids.append(up.client_id)
-                counts.append(up.num_examples)
+                signal = self.check_signal(up) if send_gradient else None
             except UpdateRejected as exc:
-                rejected[int(up.client_id)] = str(exc)
-                log.warning("round %d: rejected update of client %s: %s", round_num, up.client_id, exc)
-        accepted = [u for u in updates if u.client_id in ids]
-        report: dict[str, Any] = {"round": round_num, "accepted": ids, "rejected": rejected,
-                                  "modified": [c for c in modified if c in ids],
-                                  "bytes_in": nbytes, "similarity": None, "weights": None,
-                                  "aggregated": False,
-                                  "train_losses": [float(u.metrics.get("train_loss", float("nan")))
-                                                   for u in accepted],
-                                  **training_totals(accepted)}
-        if not ids or len(ids) < min_accepted:
-            log.warning("round %d: %d valid updates, %d needed: aggregation skipped, states kept",
-                        round_num, len(ids), min_accepted)
-            return report
-        idx = np.asarray(ids, dtype=np.int64)
+                out.rejected[int(up.client_id)] = str(exc)
+                log.warning("round %d: rejected update of client %s: %s", round_num,
+                            up.client_id, exc)
+                continue
+            if vec is not up.vector:
+                out.modified.append(int(up.client_id))
+            if signal is not None:
+                out.signals.append(signal)
+            out.vecs.append(vec)
+            out.ids.append(int(up.client_id))
+            out.accepted.append(up)
+        return out
+
+    def _input(self, v: _Validated) -> AggregationInput:
+        """The strategy's input for the accepted clients ``v.ids`` (N_t of them)."""
+        assert self.states is not None and self.layout is not None
+        idx = np.asarray(v.ids, dtype=np.int64)
         prev = self.similarity[np.ix_(idx, idx)] if self.similarity is not None else None
         if prev is not None and np.isnan(prev).any():
             prev = None
-        rows = as_index(idx)  # a view of the states when the participants are contiguous
-        inp = AggregationInput(
-            states=self.states[rows], deltas=np.stack(vecs).astype(np.float32, copy=False),
-            counts=np.asarray(counts, dtype=np.int64), layout=self.layout, init=self.init,
+        return AggregationInput(
+            states=self.states[as_index(idx)],  # a view when the participants are contiguous
+            deltas=np.stack(v.vecs).astype(np.float32, copy=False),
+            counts=np.asarray([u.num_examples for u in v.accepted], dtype=np.int64),
+            layout=self.layout, init=self.init,
             groups=self.groups[idx] if self.groups is not None else None, prev_similarity=prev,
-            signals=np.stack(signals) if signals else None,
+            signals=np.stack(v.signals) if v.signals else None,
         )
+
+    def aggregate(self, round_num: int, updates: list[ClientUpdate],
+                  min_accepted: int = 1) -> AggregationReport:
+        """Validate ``updates`` and apply the strategy to the clients that sent a valid one.
+
+        With fewer than ``min_accepted`` valid updates the aggregation is skipped and every
+        state is kept (``report.aggregated`` is False). The report holds accepted/rejected
+        client ids, the similarity and weight matrices (accepted x accepted) and the bytes
+        received.
+        """
+        assert self.states is not None and self.layout is not None
+        self._gate_local = ({}, None)
+        v = self._validated(round_num, updates)
+        report = AggregationReport(
+            round=round_num, accepted=v.ids, rejected=v.rejected, modified=v.modified,
+            bytes_in=v.nbytes,
+            train_losses=[float(u.metrics.get("train_loss", float("nan"))) for u in v.accepted],
+            **training_totals(v.accepted))
+        if not v.ids or len(v.ids) < min_accepted:
+            log.warning("round %d: %d valid updates, %d needed: aggregation skipped, states kept",
+                        round_num, len(v.ids), min_accepted)
+            return report
+        inp = self._input(v)
         result = self.round_strategy(round_num).aggregate(inp)
         if not all_finite(result.states):
             raise FloatingPointError(f"round {round_num}: aggregation produced non-finite states")
-        self._gate_local = ({int(c): k for k, c in enumerate(ids)}, inp.theta()
+        idx = np.asarray(v.ids, dtype=np.int64)
+        self._gate_local = ({c: k for k, c in enumerate(v.ids)}, inp.theta()
                             if self.strategy.client_options.gate_mixes else None)
         self.states[idx] = result.states
-        report["aggregated"] = True
+        report.aggregated = True
         if result.similarity is not None and self.similarity is not None:
             self.similarity[np.ix_(idx, idx)] = result.similarity
-        report["similarity"] = None if result.similarity is None else np.asarray(result.similarity).tolist()
-        report["weights"] = np.asarray(result.weights).tolist()
-        report["diagnostics"] = self._diagnostics(idx, result)
+        if result.similarity is not None:
+            report.similarity = np.asarray(result.similarity, dtype=np.float64)
+        report.weights = np.asarray(result.weights, dtype=np.float64)
+        report.diagnostics = self._diagnostics(idx, result)
         if self.keep_last:
-            self._last = {"round": round_num, "clients": list(ids), "deltas": inp.deltas}
+            self._last = {"round": round_num, "clients": list(v.ids), "deltas": inp.deltas}
         return report
 
     def _diagnostics(self, idx: np.ndarray, result: Any) -> dict[str, float]:
@@ -230,17 +241,16 @@ class FederatedServer:
         return self._last
 
     # -- checkpoints (the driver writes them: safetensors + JSON, never pickle) -------------
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """({"states": (N, D) f32, "init": (D,) f32, "similarity": (N, N) f64}, layout dict)."""
+    def state_dict(self) -> tuple[dict[str, np.ndarray], Layout]:
+        """({"states": (N, D) f32, "init": (D,) f32, "similarity": (N, N) f64}, layout)."""
         assert self.states is not None and self.init is not None and self.layout is not None
         tensors = {"states": self.states, "init": self.init}
         if self.similarity is not None:
             tensors["similarity"] = self.similarity.astype(np.float64)
-        return tensors, self.layout.to_dict()
+        return tensors, self.layout
 
-    def load_state_dict(self, tensors: dict[str, np.ndarray], layout: dict[str, Any]) -> int:
+    def load_state_dict(self, tensors: dict[str, np.ndarray], lay: Layout) -> int:
         """Restore what :meth:`state_dict` returned (shapes checked). Returns D."""
-        lay = Layout.from_dict(layout)
         states = np.asarray(tensors["states"], dtype=np.float32)
         if states.shape != (self.num_clients, lay.size):
             raise ValueError(f"checkpoint holds states {states.shape}, run needs "
@@ -256,6 +266,19 @@ class FederatedServer:
 def all_finite(x: np.ndarray, block_rows: int = 64) -> bool:
     """``np.isfinite(x).all()`` for an (N, D) array without an N x D bool temporary."""
     return all(bool(np.isfinite(x[i:i + block_rows]).all()) for i in range(0, len(x), block_rows))
+
+
+@dataclass
+class _Validated:
+    """The accepted updates of one round, in arrival order, and why the others were not."""
+
+    ids: list[int] = field(default_factory=list)
+    vecs: list[np.ndarray] = field(default_factory=list)  # (D,) float32 each
+    signals: list[np.ndarray] = field(default_factory=list)
+    accepted: list[ClientUpdate] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    modified: list[int] = field(default_factory=list)  # accepted after norm clipping
+    nbytes: int = 0
 
 
 def training_totals(updates: list[ClientUpdate]) -> dict[str, float]:
@@ -285,7 +308,7 @@ class ServerActor(FederatedServer):
         return self.states[client_id]
 
     def aggregate_refs(self, round_num: int, client_ids: list[int], refs: list[Any],
-                       min_accepted: int = 1) -> dict[str, Any]:
+                       min_accepted: int = 1) -> AggregationReport:
         """``refs`` are ObjectRefs of :class:`ClientUpdate`; failures are reported, not raised."""
         updates, failed = [], {}
         for cid, ref in zip(client_ids, refs, strict=True):
@@ -300,7 +323,7 @@ class ServerActor(FederatedServer):
                 continue
             updates.append(up)
         report = self.aggregate(round_num, updates, min_accepted)
-        report["failed"] = failed
+        report.failed = failed
         return report
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedbip_ray.config import Config
+from fedbip_ray.runtime.messages import AggregationReport
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 HEATMAP_EVERY = 5
@@ -183,7 +184,7 @@ class MlflowCallback:
         self.client.log_artifact(self.run_id, str(run.output / "config.yaml"))
         self.client.log_artifact(self.run_id, str(run.output / "shards" / "clients.json"), "data")
 
-    def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
+    def on_round(self, run: Any, row: dict[str, Any], report: AggregationReport) -> None:
         from mlflow.entities import Metric
 
         step, ts = int(row["round"]), int(__import__("time").time() * 1000)
@@ -204,21 +205,22 @@ class MlflowCallback:
         metrics = [Metric(k, float(v), ts, step) for k, v in values.items() if v == v]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
-        if report.get("similarity") is not None:
+        if report.similarity is not None:
             last = step == run.cfg.federation.rounds
             self._log_matrices(step, report, png=last or step % HEATMAP_EVERY == 0 or step == 1)
 
-    def _log_matrices(self, step: int, report: dict[str, Any], png: bool) -> None:
-        clients = report["accepted"]
+    def _log_matrices(self, step: int, report: AggregationReport, png: bool) -> None:
+        clients = report.accepted
+        assert report.similarity is not None and report.weights is not None
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             (d / f"round_{step:05d}.json").write_text(json.dumps(
-                {"round": step, "clients": clients, "similarity": report["similarity"],
-                 "weights": report["weights"]}))
+                {"round": step, "clients": clients, "similarity": report.similarity.tolist(),
+                 "weights": report.weights.tolist()}))
             if png:
-                heatmap_png(np.asarray(report["similarity"]), clients, f"task-vector cosine, round {step}",
+                heatmap_png(report.similarity, clients, f"task-vector cosine, round {step}",
                             d / f"similarity_round_{step:05d}.png")
-                heatmap_png(np.asarray(report["weights"]), clients, f"personalized weights, round {step}",
+                heatmap_png(report.weights, clients, f"personalized weights, round {step}",
                             d / f"weights_round_{step:05d}.png")
             self.client.log_artifacts(self.run_id, tmp, "matrices")
 

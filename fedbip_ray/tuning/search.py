@@ -25,7 +25,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune import CLIReporter
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
 from fedbip_ray.config import Config, ConfigError, config_from_dict, dump_config
+from fedbip_ray.runtime.cluster import ensure_ray, plan_actors
+from fedbip_ray.runtime.federation import run_federation
+from fedbip_ray.runtime.messages import AggregationReport
+from fedbip_ray.runtime.rows import worst_fraction_mean
+from fedbip_ray.tracking.mlflow_logger import (
+    MlflowCallback,
+    absolute_tracking_uri,
+    flatten,
+    git_tags,
+    run_status_for,
+    tracking_uri,
+)
 from fedbip_ray.tuning.space import (
     ParamSpec,
     TuneSettings,
@@ -69,7 +89,6 @@ def trial_bundles(cfg: Config, settings: TuneSettings, cluster: Mapping[str, flo
     per client actor with the client's CPUs/GPUs. By default the cluster's actor capacity is
     split evenly over ``max_concurrent`` trials. ConfigError if one trial cannot fit at all.
     """
-    from fedbip_ray.runtime.federation import plan_actors
 
     rc = cfg.resources
     capacity = plan_actors(cfg, dict(cluster))  # ConfigError if not even one actor fits
@@ -89,7 +108,6 @@ def trial_bundles(cfg: Config, settings: TuneSettings, cluster: Mapping[str, flo
 
 def round_metrics(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """What a trial reports for one round (None for a round without evaluation)."""
-    from fedbip_ray.runtime.federation import worst_fraction_mean
 
     if row.get("mean_val_accuracy") is None:
         return None
@@ -128,7 +146,6 @@ def pick_best(trials: Sequence[Mapping[str, Any]], metric: str, mode: str, round
 
 def tune_domains(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
     """Ray Tune sampling domains for the parsed space (same semantics as :func:`sample_space`)."""
-    from ray import tune
 
     out: dict[str, Any] = {}
     for key, spec in space.items():
@@ -153,7 +170,6 @@ def short_name(key: str) -> str:
 
 def make_reporter(settings: TuneSettings) -> Any:
     """The console progress table: trial status, round, validation metrics and parameters."""
-    from ray.tune import CLIReporter
 
     metrics = {"round": "round", "mean_val_accuracy": "val_acc",
                "worst10_val_accuracy": "worst10_val", "train_loss": "train_loss"}
@@ -178,7 +194,7 @@ class TuneReportCallback:
     def on_start(self, run: Any) -> None:
         pass
 
-    def on_round(self, run: Any, row: dict[str, Any], report: dict[str, Any]) -> None:
+    def on_round(self, run: Any, row: dict[str, Any], report: AggregationReport) -> None:
         metrics = round_metrics(row)
         if metrics is None:
             return
@@ -195,7 +211,6 @@ class TuneReportCallback:
 
 
 def _report(metrics: dict[str, Any]) -> None:
-    from ray import tune
 
     tune.report(metrics)
 
@@ -203,10 +218,7 @@ def _report(metrics: dict[str, Any]) -> None:
 def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors: int,
                          root: str, parent_run_id: str | None, log_adapters: bool) -> None:
     """One Tune trial: the base run config + ``params`` as one federation."""
-    from ray import tune
 
-    from fedbip_ray.runtime.federation import run_federation
-    from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
     trial_id = tune.get_context().get_trial_id()
     run_data = apply_params(data, params)
@@ -223,7 +235,6 @@ class ParentRun:
     """The MLflow run that groups a search's trials (children carry ``mlflow.parentRunId``)."""
 
     def __init__(self, cfg: Config, uri: str) -> None:
-        from mlflow.tracking import MlflowClient
 
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -235,9 +246,7 @@ class ParentRun:
         self.cfg = cfg
 
     def start(self, settings: TuneSettings, output: Path) -> str:
-        from mlflow.entities import Param
 
-        from fedbip_ray.tracking.mlflow_logger import flatten, git_tags
 
         tags = {"mlflow.runName": f"{self.cfg.name}-tune", "fedbip.kind": "tune",
                 "strategy": self.cfg.strategy.name, "output_dir": str(output), **git_tags()}
@@ -289,7 +298,6 @@ class ParentRun:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, exc: BaseException) -> None:
-        from fedbip_ray.tracking.mlflow_logger import run_status_for
 
         try:
             self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {exc}"[:500])
@@ -320,9 +328,6 @@ def collect_trials(results: Any, rounds: int) -> list[dict[str, Any]]:
 
 def _fit(settings: TuneSettings, data: dict[str, Any], actors: int, bundles: list[dict[str, float]],
          output: Path, parent_run_id: str | None, rounds: int) -> Any:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores CLIReporter
     trainable = tune.with_resources(
@@ -363,8 +368,6 @@ def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings
         value = best["last"].get("mean_accuracy")
         return (float(value) if _finite(value) else None,
                 f"trial {best['trial_id']} round {best['last'].get('round')}", None)
-    from fedbip_ray.runtime.federation import run_federation
-    from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
     cbs = [MlflowCallback(best_cfg, parent_run_id, log_adapters=True)] if best_cfg.tracking.mlflow else []
     summary = run_federation(best_cfg, output / "best_rerun", callbacks=cbs, echo=log.info)
@@ -374,10 +377,7 @@ def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings
 def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
              output: str | Path | None = None) -> dict[str, Any]:
     """Run the search described by a tune config; return (and write) ``tune_summary.json``."""
-    import ray
 
-    from fedbip_ray.runtime.federation import ensure_ray
-    from fedbip_ray.tracking.mlflow_logger import absolute_tracking_uri, tracking_uri
 
     start = time.perf_counter()
     data, cfg, settings = load_tune_config(config_path, overrides)

@@ -11,7 +11,9 @@ import pytest
 import ray
 
 from fedbip_ray.config import config_from_dict
-from fedbip_ray.runtime.federation import PROCESS_DEATH, RunContext, collect, dispatch
+from fedbip_ray.runtime.cluster import PROCESS_DEATH
+from fedbip_ray.runtime.context import RunContext
+from fedbip_ray.runtime.dispatch import collect, dispatch
 
 from ..conftest import tiny_config
 

@@ -10,8 +10,10 @@ import pytest
 from fedbip_ray.config import config_from_dict
 from fedbip_ray.data.shards import build_shards
 from fedbip_ray.runtime.client import ClientActor
-from fedbip_ray.runtime.federation import RunContext, gate_phase
-from fedbip_ray.runtime.messages import ShardRef
+from fedbip_ray.core.taskvector import Layout
+from fedbip_ray.runtime.context import RunContext
+from fedbip_ray.runtime.messages import ServerSettings, ShardRef
+from fedbip_ray.runtime.phases import gate_phase
 from fedbip_ray.runtime.server import ServerActor
 
 from ..conftest import tiny_config
@@ -53,13 +55,13 @@ def test_gate_phase_sends_the_trained_state_only_to_clients_whose_actor_lost_it(
     cfg, shards, refs, _, init, _ = fitted
     # a fresh actor stands for a restarted one: it holds no trained states
     fresh = ClientActor.options(num_cpus=1).remote(cfg.to_dict(), shards.num_labels)
-    server = ServerActor.options(num_cpus=0).remote("fedbip", {}, 2)
+    server = ServerActor.options(num_cpus=0).remote(ServerSettings.of("fedbip", {}, 2))
     try:
-        layout = ray.get(fresh.info.remote())["layout"]
+        layout = Layout.from_dict(ray.get(fresh.info.remote())["layout"])
         ray.get(server.initialize.remote(init, layout))
         ups = [fresh.fit.remote(c, init, 1, 0.0, refs[c], False, c == 0) for c in (0, 1)]
         report = ray.get(server.aggregate_refs.remote(1, [0, 1], ups))
-        assert report["aggregated"] and report["modified"] == []
+        assert report.aggregated and report.modified == []
         ctx = RunContext(cfg, shards.directory, shards, server=server, actors=[fresh], shard_refs=refs)
         before = ray.get(server.all_states.remote()).copy()
         chosen, sent_local = gate_phase(ctx, 1, [0, 1], MIXES, 120.0)

@@ -133,21 +133,24 @@ def test_checkpoint_writer_overlaps_one_write_and_surfaces_its_error(ray_local, 
     from fedbip_ray.config import config_from_dict
     from fedbip_ray.core import Layout
     from fedbip_ray.runtime.checkpoint import read_latest
-    from fedbip_ray.runtime.federation import CheckpointWriter, RunContext
+    from fedbip_ray.runtime.checkpoint import CheckpointWriter
+    from fedbip_ray.runtime.context import RunContext
+    from fedbip_ray.runtime.federation import submit_checkpoint
+    from fedbip_ray.runtime.messages import ServerSettings
     from fedbip_ray.runtime.server import ServerActor
 
     from ..conftest import tiny_config
 
-    server = ServerActor.remote("fedavg", {}, 3)
+    server = ServerActor.remote(ServerSettings.of("fedavg", {}, 3))
     ray_get = __import__("ray").get
-    layout = Layout.from_shapes({"w": (5,)}).to_dict()
+    layout = Layout.from_shapes({"w": (5,)})
     ray_get(server.initialize.remote(np.arange(5, dtype=np.float32), layout))
     ctx = RunContext(config_from_dict(tiny_config()), tmp_path / "run", None, server=server)
-    writer = CheckpointWriter()
+    writer = ctx.checkpoints = CheckpointWriter()
     ctx.history = [{"round": 1}]
-    writer.submit(ctx, 1)
+    submit_checkpoint(ctx, 1)
     ctx.history.append({"round": 2})  # the write in flight keeps its own copy of the history
-    writer.submit(ctx, 2)  # waits for round 1's write first
+    submit_checkpoint(ctx, 2)  # waits for round 1's write first
     assert writer.wait().name.endswith("2")
     latest = read_latest(tmp_path / "run" / "checkpoints")
     assert latest.round == 2 and [r["round"] for r in latest.history] == [1, 2]
@@ -156,7 +159,7 @@ def test_checkpoint_writer_overlaps_one_write_and_surfaces_its_error(ray_local, 
     ctx.output = tmp_path / "blocked"
     ctx.output.mkdir()
     (ctx.output / "checkpoints").write_text("not a directory")
-    writer.submit(ctx, 3)
+    submit_checkpoint(ctx, 3)
     with pytest.raises(OSError):
         writer.wait()
     writer.close()

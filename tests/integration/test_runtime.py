@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedbip_ray.config import ConfigError, config_from_dict
-from fedbip_ray.runtime.federation import run_federation, sample_clients
+from fedbip_ray.runtime.federation import run_federation
+from fedbip_ray.runtime.rows import sample_clients
 
 from ..conftest import tiny_config
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fedbip_ray.core.taskvector import Layout
-from fedbip_ray.runtime.client import parse_poison, poison_vector
-from fedbip_ray.runtime.messages import ClientUpdate
+from fedbip_ray.runtime.faults import parse_poison, poison_vector
+from fedbip_ray.runtime.messages import ClientUpdate, NoiseSettings, ServerSettings
 from fedbip_ray.runtime.server import FederatedServer, failure_reason, noise_seed
 
 LAYOUT = Layout.from_shapes({"a": (3,), "b": (2, 2)})
@@ -16,13 +16,15 @@ D = LAYOUT.size
 
 
 def _server(strategy: str = "local", n: int = 4, **kw) -> FederatedServer:
-    srv = FederatedServer(strategy, {}, n, [0, 1] * (n // 2), **kw)
-    srv.initialize(np.zeros(D, dtype=np.float32), LAYOUT.to_dict())
+    if isinstance(kw.get("privacy"), dict):
+        kw["privacy"] = NoiseSettings(**kw["privacy"])
+    srv = FederatedServer(ServerSettings.of(strategy, {}, n, [0, 1] * (n // 2), **kw))
+    srv.initialize(np.zeros(D, dtype=np.float32), LAYOUT)
     return srv
 
 
 def _update(cid: int, vec, rnd: int = 1, layout: Layout = LAYOUT) -> ClientUpdate:
-    return ClientUpdate(cid, rnd, np.asarray(vec, dtype=np.float32), layout.to_dict(), 10)
+    return ClientUpdate(cid, rnd, np.asarray(vec, dtype=np.float32), layout, 10)
 
 
 def _vec(seed: int, scale: float = 1.0) -> np.ndarray:
@@ -43,8 +45,8 @@ def test_each_kind_of_bad_update_is_rejected_with_a_reason():
         _update(4, _vec(6), rnd=7),       # wrong round
         _update(9, _vec(7)),              # unknown client
     ])
-    assert report["accepted"] == [0] and report["aggregated"] is True
-    rej = report["rejected"]
+    assert report.accepted == [0] and report.aggregated is True
+    rej = report.rejected
     assert "non-finite" in rej[1] and "exceeds the bound 10" in rej[2]
     assert "layout mismatch" in rej[3] and "duplicate" in rej[0]
     assert "round 7" in rej[4] and "unknown client" in rej[9]
@@ -54,18 +56,18 @@ def test_each_kind_of_bad_update_is_rejected_with_a_reason():
 def test_fewer_valid_updates_than_needed_skip_aggregation():
     srv = _server()
     report = srv.aggregate(1, [_update(0, _vec(1)), _update(1, _vec(2) * np.nan)], min_accepted=2)
-    assert report["accepted"] == [0] and report["aggregated"] is False
+    assert report.accepted == [0] and report.aggregated is False
     assert np.array_equal(srv.states, np.zeros((4, D), dtype=np.float32))  # nothing moved
     report = srv.aggregate(2, [_update(0, _vec(1), 2), _update(1, _vec(2), 2)], min_accepted=2)
-    assert report["aggregated"] is True
+    assert report.aggregated is True
 
 
 def test_excess_norm_is_clipped_when_configured():
     srv = _server(max_norm=2.0, on_excess_norm="clip")
     big = _vec(1, 1e6)
     report = srv.aggregate(1, [_update(0, big), _update(1, _vec(2, 0.1))])
-    assert report["accepted"] == [0, 1] and report["rejected"] == {}
-    assert report["modified"] == [0]  # the gate must send client 0 the server's own state
+    assert report.accepted == [0, 1] and report.rejected == {}
+    assert report.modified == [0]  # the gate must send client 0 the server's own state
     assert np.linalg.norm(srv.states[0]) == pytest.approx(2.0, rel=1e-5)  # `local`: own vector
     assert np.allclose(srv.states[0], big / np.linalg.norm(big) * 2.0, atol=1e-6)
 
@@ -94,13 +96,13 @@ def test_without_a_bound_a_scaled_update_reaches_its_peers_and_with_one_it_does_
     guarded.aggregate(1, ups)
     assert np.linalg.norm(open_.states[0]) > 1e4  # the peer's state is wrecked
     assert np.linalg.norm(guarded.states[0]) < 50 and 1 in guarded.aggregate(
-        2, [_update(1, _vec(0) * 1e6, 2)])["rejected"]
+        2, [_update(1, _vec(0) * 1e6, 2)]).rejected
 
 
 def test_non_finite_aggregation_result_raises_instead_of_storing():
-    srv = FederatedServer("local", {}, 2)
+    srv = FederatedServer(ServerSettings.of("local", {}, 2))
     huge = np.full(D, 3e38, dtype=np.float32)
-    srv.initialize(huge, LAYOUT.to_dict())
+    srv.initialize(huge, LAYOUT)
     with pytest.raises(FloatingPointError), np.errstate(over="ignore"):
         srv.aggregate(1, [_update(0, huge), _update(1, huge)])  # state + delta overflows
     assert np.isfinite(srv.states).all()
@@ -130,15 +132,15 @@ def test_failure_reason_is_one_line_naming_the_type():
 
 
 def test_gradient_signals_are_required_and_validated_when_compared():
-    srv = FederatedServer("fedbip", {"reference": "gradient", "gate": []}, 3)
-    srv.initialize(np.zeros(D, dtype=np.float32), LAYOUT.to_dict())
+    srv = FederatedServer(ServerSettings.of("fedbip", {"reference": "gradient", "gate": []}, 3))
+    srv.initialize(np.zeros(D, dtype=np.float32), LAYOUT)
     bad_nan = _vec(9)
     bad_nan[1] = np.nan
-    ups = [ClientUpdate(0, 1, _vec(0), LAYOUT.to_dict(), 10, {}, _vec(10)),
-           ClientUpdate(1, 1, _vec(1), LAYOUT.to_dict(), 10, {}, None),
-           ClientUpdate(2, 1, _vec(2), LAYOUT.to_dict(), 10, {}, bad_nan)]
+    ups = [ClientUpdate(0, 1, _vec(0), LAYOUT, 10, {}, _vec(10)),
+           ClientUpdate(1, 1, _vec(1), LAYOUT, 10, {}, None),
+           ClientUpdate(2, 1, _vec(2), LAYOUT, 10, {}, bad_nan)]
     report = srv.aggregate(1, ups)
-    assert report["accepted"] == [0]
-    assert "no gradient signal" in report["rejected"][1]
-    assert report["rejected"][2].startswith("gradient signal:") and "NaN" in report["rejected"][2]
-    assert report["bytes_in"] == 5 * D * 4  # three task vectors and two signals arrived
+    assert report.accepted == [0]
+    assert "no gradient signal" in report.rejected[1]
+    assert report.rejected[2].startswith("gradient signal:") and "NaN" in report.rejected[2]
+    assert report.bytes_in == 5 * D * 4  # three task vectors and two signals arrived

@@ -74,19 +74,19 @@ def test_fedbip_strategies_expose_the_gate_to_clients():
 
 def test_server_gate_pair_and_apply_gate():
     from fedbip_ray.core.taskvector import Layout
-    from fedbip_ray.runtime.messages import ClientUpdate
+    from fedbip_ray.runtime.messages import ClientUpdate, ServerSettings
     from fedbip_ray.runtime.server import FederatedServer
 
     layout = Layout.from_shapes({"a.weight": (2, 3), "head.weight": (2,)})
     rng = np.random.default_rng(0)
-    srv = FederatedServer("fedbip", {"reference": "round", "lora_product": False}, 3)
+    srv = FederatedServer(ServerSettings.of("fedbip", {"reference": "round", "lora_product": False}, 3))
     init = rng.normal(size=layout.size).astype(np.float32)
-    srv.initialize(init, layout.to_dict())
+    srv.initialize(init, layout)
     taus = rng.normal(size=(3, layout.size)).astype(np.float32)
-    report = srv.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
-    assert report["aggregated"]
+    report = srv.aggregate(1, [ClientUpdate(c, 1, taus[c], layout, 10) for c in range(3)])
+    assert report.aggregated
     agg = srv.all_states().copy()
-    assert report["modified"] == []
+    assert report.modified == []
     np.testing.assert_array_equal(srv.gate_local(1), init + taus[1])  # own training only, bit for bit
     np.testing.assert_array_equal(srv.get_state(1), agg[1])  # the aggregate until the gate applies
     applied = srv.apply_gate({0: 1.0, 1: 0.0, 2: 0.5})
@@ -98,14 +98,14 @@ def test_server_gate_pair_and_apply_gate():
     with pytest.raises(KeyError, match="no gate candidates"):
         srv.gate_local(1)  # consumed
     # strategies without a gate keep no copies
-    plain = FederatedServer("fedavg", {}, 3)
-    plain.initialize(init, layout.to_dict())
-    plain.aggregate(1, [ClientUpdate(c, 1, taus[c], layout.to_dict(), 10) for c in range(3)])
+    plain = FederatedServer(ServerSettings.of("fedavg", {}, 3))
+    plain.initialize(init, layout)
+    plain.aggregate(1, [ClientUpdate(c, 1, taus[c], layout, 10) for c in range(3)])
     with pytest.raises(KeyError):
         plain.gate_local(0)
     assert plain.last_round() is None  # nor the round's task vectors, unless asked
     plain.keep_last_round(True)
-    plain.aggregate(2, [ClientUpdate(c, 2, taus[c], layout.to_dict(), 10) for c in (0, 2)])
+    plain.aggregate(2, [ClientUpdate(c, 2, taus[c], layout, 10) for c in (0, 2)])
     last = plain.last_round()
     assert last["round"] == 2 and last["clients"] == [0, 2]
     np.testing.assert_array_equal(last["deltas"], taus[[0, 2]])
