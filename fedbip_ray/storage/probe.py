@@ -1,0 +1,56 @@
+"""``probe``: prove that a location can be written, read and cleaned up before a run starts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from fedbip_ray.storage.errors import StorageError, cause
+from fedbip_ray.storage.location import Location, open_location
+
+
+def probe(target: str | os.PathLike[str] | Location) -> Location:
+    """Write, read back and delete a small probe object under ``target``; return its Location.
+
+    Any failure (unknown scheme, unreachable endpoint, missing bucket, denied write, a file in
+    the way) raises :class:`StorageError` with one line naming the location and the cause.
+    """
+    loc = open_location(target)
+    if loc.is_local and os.path.isfile(loc.path):
+        raise StorageError(f"{loc.describe()}: is a file, not a directory")
+    token = uuid.uuid4().hex
+    obj = loc / f".fedbip-probe-{token}"
+    payload = f"fedbip probe {token}\n".encode()
+    try:
+        loc.mkdir()
+        obj.write_bytes(payload)
+        back = obj.read_bytes()
+    except StorageError as exc:
+        obj.delete(quiet=True)
+        raise StorageError(f"{loc.describe()}: cannot be written{_at(loc)} "
+                           f"({_reason(str(exc))})") from None
+    except FileNotFoundError:
+        obj.delete(quiet=True)
+        raise StorageError(f"{loc.describe()}: a written probe object could not be read back") from None
+    _remove(obj)
+    if back != payload:
+        raise StorageError(f"{loc.describe()}: a probe object read back different bytes")
+    return loc
+
+
+def _at(loc: Location) -> str:
+    return f" at endpoint {loc.endpoint}" if loc.endpoint else ""
+
+
+def _reason(message: str) -> str:
+    """The cause in parentheses at the end of a ``storage_error`` message."""
+    if message.endswith(")") and " (" in message:
+        return message[message.index(" (") + 2:-1]
+    return message
+
+
+def _remove(obj: Location) -> None:
+    try:
+        obj.delete()
+    except (StorageError, OSError) as exc:  # a store that lets us write but not delete
+        raise StorageError(f"{obj.describe()}: cannot delete the probe object ({cause(exc)})") from None
