@@ -1,4 +1,4 @@
-"""The ``fedbip`` command: run, tune, bench.
+"""The ``fedbip`` command: run, tune, replay, bench.
 
 Exit codes: 0 success; 2 config or input error (one line on stderr); 1 unexpected failure.
 """
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   fedbip run jobs/configs/quickstart.yaml --set strategy.name=fedavg --set federation.rounds=5
   fedbip run --resume runs/quickstart            # continue an interrupted run
   fedbip tune jobs/configs/tune.yaml
+  fedbip replay jobs/configs/tune_tiny.yaml --record   # aggregation-only search, no retraining
   fedbip bench aggregation --quick
 """
 
@@ -51,11 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tune)
     tune.add_argument("--output", help="output directory (default runs/<name>-tune)")
 
+    _add_replay_parser(sub)
+
     bench = sub.add_parser("bench", help="run a benchmark (writes benchmarks/results/*.md)")
     bench.add_argument("name", choices=["aggregation", "accuracy", "performance", "instruct",
                                         "similarity_probe"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
+
+
+def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
+    replay = sub.add_parser("replay", help="replay tuning: search aggregation parameters on "
+                            "recorded task vectors (no client trains)", description=(
+        "Search the aggregation-only parameters (tune.space: strategy.params.* only) of a tune "
+        "config on the task vectors recorded from one run; the best candidate is tested once. "
+        "Writes replay_summary.json and best_config.yaml into the output directory."))
+    _add_config_args(replay)
+    src = replay.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recording", help="run directory recorded for replay")
+    src.add_argument("--record", action="store_true", help="record a run of the base config first")
+    replay.add_argument("--record-set", dest="record_overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override for the recorded run only, e.g. "
+                        "strategy.params.self_similarity=one")
+    replay.add_argument("--output", help="output directory (default runs/<name>-replay)")
 
 
 def _configure_logging() -> None:
@@ -64,7 +83,8 @@ def _configure_logging() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedbip_ray.runtime.federation import format_client_table, run_federation
+    from fedbip_ray.runtime.federation import run_federation
+    from fedbip_ray.runtime.rows import format_client_table
 
     resume = Path(args.resume) if args.resume else None
     if resume is not None and not resume.is_dir():
@@ -88,10 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _groups(output: Path) -> list[int]:
-    import json
+    from fedbip_ray.data.shards import ShardSet
 
-    meta = json.loads((output / "shards" / "clients.json").read_text())
-    return [c["group"] for c in meta["clients"]]
+    return list(ShardSet.load(output / "shards").groups)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -99,6 +118,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fedbip_ray.tuning.search import format_summary, run_tune
 
     summary = run_tune(args.config, args.overrides, args.output)
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay search on a recording (or record one first); prints the best candidate."""
+    from fedbip_ray.tuning.replay import format_summary, run_replay
+
+    summary = run_replay(args.config, args.overrides, args.recording, args.output, args.record,
+                         args.record_overrides)
     print(format_summary(summary), flush=True)
     return 0
 
@@ -121,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "tune": cmd_tune, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "tune": cmd_tune, "replay": cmd_replay, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

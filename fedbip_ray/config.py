@@ -1,7 +1,8 @@
 """One typed, validated configuration: YAML in, frozen objects out.
 
 ``load_config(path, overrides)`` is the only entry point; it raises :class:`ConfigError` with a
-single line naming the offending field and the reason.
+single line naming the offending field and the reason. :func:`read_yaml` is the one reader of
+YAML files (run configs, tune configs).
 """
 
 from __future__ import annotations
@@ -12,9 +13,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from fedbip_ray.core.strategies import STRATEGIES, strategy_param_names
+from fedbip_ray.core.strategies import (
+    STRATEGIES,
+    ParamError,
+    Strategy,
+    check_strategy_params,
+    construct_strategy,
+)
 
 
 class ConfigError(ValueError):
@@ -106,13 +121,21 @@ class TrainConfig(_Frozen):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     max_steps_per_round: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(64, ge=1)
+    # auto: bf16 autocast on a CUDA device that supports it, else fp16 + GradScaler on CUDA,
+    # the trainer's own default on CPU (fp32; bf16 autocast for causal LMs)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False  # causal LMs only
 
 
 class StrategyConfig(_Frozen):
-    """``name`` is a registered strategy; ``params`` its options (validated against it)."""
+    """``name`` is a registered strategy; ``params`` its options as written. They are
+    validated once, at parse time, against the strategy's typed fields
+    (:func:`~fedbip_ray.core.strategies.check_strategy_params`); :meth:`build` uses the
+    result without checking again."""
 
     name: str = "fedbip"
     params: dict[str, Any] = Field(default_factory=dict)
+    _checked: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -123,17 +146,18 @@ class StrategyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _params(self) -> StrategyConfig:
-        allowed = set(strategy_param_names(self.name))
-        for key in self.params:
-            if key not in allowed:
-                raise ValueError(
-                    f"unknown parameter {key!r} for strategy {self.name!r} "
-                    f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
-                )
-        threshold = self.params.get("threshold")
-        if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
-            raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+        self._checked = check_strategy_params(self.name, self.params)  # ParamError: one line
         return self
+
+    @property
+    def checked_params(self) -> dict[str, Any]:
+        """``params`` validated and normalized (e.g. ``gate`` a sorted tuple)."""
+        return dict(self._checked)
+
+    def build(self) -> Strategy:
+        """The configured strategy, built from the parameters validated at parse time. Call
+        it once per run and hand the strategy down."""
+        return construct_strategy(self.name, self._checked)
 
 
 class UpdateCheckConfig(_Frozen):
@@ -179,6 +203,8 @@ class ResourcesConfig(_Frozen):
     num_cpus_per_client: float = Field(1.0, ge=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     max_actors: int | None = Field(None, ge=1)
+    # auto: CUDA when Ray assigned the actor a GPU that torch can see, else CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class TrackingConfig(_Frozen):
@@ -209,7 +235,7 @@ class Config(_Frozen):
         _check_task_fit(self.model.name, self.model.task, self.data.dataset)
         if self.data.partition.shift == "rotation" and self.model.task != "image-classification":
             raise ValueError("data.partition.shift 'rotation' needs model.task 'image-classification'")
-        if self.privacy.clip_norm is not None and self.strategy.params.get("reference") == "gradient":
+        if self.privacy.clip_norm is not None and self.strategy.checked_params.get("reference") == "gradient":
             raise ValueError("strategy.params.reference 'gradient' sends gradient signals that "
                              "privacy does not cover: use 'pretrained' or 'round' with privacy")
         return self
@@ -224,23 +250,25 @@ class Config(_Frozen):
         return self.model_dump(mode="json")
 
 
-# Built-in models and datasets that only make sense for one task type.
-_TASK_OF_MODEL = {"efficientnet-lite0": "image-classification", "tiny-cnn": "image-classification",
-                  "smollm2": "causal-lm", "tiny-llama": "causal-lm",
-                  "minilm": "sequence-classification", "tiny-bert": "sequence-classification"}
-_TASK_OF_DATASET = {"fashion-mnist": "image-classification", "mnist-5k": "image-classification",
-                    "digits": "image-classification", "instruct-tasks": "causal-lm",
-                    "rotten-tomatoes": "sequence-classification", "synthetic-text": "sequence-classification"}
+# The one table of built-in model aliases and datasets that only make sense for one task type
+# (the model and dataset registries do not record a task yet).
+_TASK_OF: dict[str, dict[str, str]] = {
+    "model.name": {"efficientnet-lite0": "image-classification", "tiny-cnn": "image-classification",
+                   "smollm2": "causal-lm", "tiny-llama": "causal-lm",
+                   "minilm": "sequence-classification", "tiny-bert": "sequence-classification"},
+    "data.dataset": {"fashion-mnist": "image-classification", "mnist-5k": "image-classification",
+                     "digits": "image-classification", "instruct-tasks": "causal-lm",
+                     "rotten-tomatoes": "sequence-classification",
+                     "synthetic-text": "sequence-classification"},
+}
 
 
 def _check_task_fit(model: str, task: str, dataset: str) -> None:
     """Built-in model/dataset aliases must match ``model.task``."""
-    want = _TASK_OF_MODEL.get(model)
-    if want and want != task:
-        raise ValueError(f"model.name '{model}' needs model.task '{want}' (got '{task}')")
-    want = _TASK_OF_DATASET.get(dataset)
-    if want and want != task:
-        raise ValueError(f"data.dataset '{dataset}' needs model.task '{want}' (got '{task}')")
+    for key, value in (("model.name", model), ("data.dataset", dataset)):
+        want = _TASK_OF[key].get(value)
+        if want and want != task:
+            raise ValueError(f"{key} '{value}' needs model.task '{want}' (got '{task}')")
 
 
 def _format_error(err: ValidationError) -> str:
@@ -250,6 +278,8 @@ def _format_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if isinstance(first.get("ctx", {}).get("error"), ParamError):  # raised by StrategyConfig
+        return f"config: {loc}.params: {msg}{extra}"
     if not loc:  # a check across fields: the message names them
         return f"config: {msg}{extra}"
     return f"config field '{loc}': {msg}{extra}"
@@ -310,22 +340,39 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
         raise ConfigError(_format_error(err)) from None
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML file at ``path`` (an empty file: ``{}``).
+
+    ConfigError, one line naming the file: not found; not a text YAML file (not UTF-8, or
+    control characters such as binary garbage); invalid YAML (with its line); top level not a
+    mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}': not found")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file '{p}': cannot read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.reader.ReaderError):
+        raise ConfigError(f"config file '{p}': not a text YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = f" ({exc.problem})" if getattr(exc, "problem", None) else ""
+        raise ConfigError(f"config file '{p}'{where}: invalid YAML{problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}': top level must be a mapping")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read YAML from ``path`` (None: all defaults) and validate it."""
-    data: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}': not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{p}'{where}: invalid YAML") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{p}': top level must be a mapping")
-    return config_from_dict(data, overrides)
+    """Read the YAML file at ``path`` (None: all defaults) and validate it."""
+    return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -1,5 +1,10 @@
 """Aggregation strategies: small frozen dataclasses, a registry, and composable wrappers.
 
+Each strategy's parameters are its dataclass fields, each declared once with its
+:class:`~fedbip_ray.core.params.Check`; :func:`check_strategy_params` validates a raw mapping
+against them (the only validator) and :func:`construct_strategy` builds from its output
+without checking again.
+
 A strategy maps one round's :class:`AggregationInput` (the participants' received states and
 their task vectors, stacked as ``(N, D)`` float32 matrices) to an :class:`AggregationResult`
 (their next personalized states). ``client_options`` tells the runtime how clients should train
@@ -8,16 +13,15 @@ their task vectors, stacked as ``(N, D)`` float32 matrices) to an :class:`Aggreg
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
-from numbers import Real
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors, clip_rows, mix_models
 from .gate import check_mixes
+from .params import NONNEGATIVE, POSITIVE, Check, ParamError, check_params, param, param_names
 from .similarity import (
     SCOPES,
     SumOfMatrices,
@@ -28,13 +32,15 @@ from .similarity import (
 )
 from .taskvector import Layout, module_groups
 from .weights import (
-    SELF_SIMILARITY,
+    SELF_SIMILARITY_CHECK,
+    TEMPERATURE,
+    THRESHOLD,
+    TOP_K,
     fedamp_weights,
     fedavg_weights,
     local_weights,
     oracle_weights,
     personalized_weights,
-    validate_weight_options,
 )
 
 __all__ = [
@@ -54,12 +60,33 @@ __all__ = [
     "GaussianNoiseStrategy",
     "LocalStrategy",
     "OracleStrategy",
+    "ParamError",
     "Strategy",
+    "check_strategy_params",
+    "construct_strategy",
     "make_strategy",
     "strategy_param_names",
 ]
 
 REFERENCES: tuple[str, ...] = ("round", "pretrained", "gradient")
+
+BOOL = Check("bool")
+EPOCHS = Check("integer", ge=0)
+SMOOTHING = Check("number", ge=0.0, lt=1.0)
+REFERENCE = Check("choice", choices=REFERENCES)
+SCOPE = Check("choice", choices=SCOPES)
+GATE = Check("custom", convert=check_mixes)
+
+
+def _module_names(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``modules`` as a tuple of non-empty strings (one string is one module)."""
+    mods = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(m, str) and m for m in mods):
+        raise ValueError(f"modules must be non-empty strings, got {value!r}")
+    return mods
+
+
+MODULES = Check("custom", convert=_module_names)
 
 
 # --------------------------------------------------------------------------- messages
@@ -197,18 +224,6 @@ class Strategy(Protocol):
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
 def _fedavg_states(inp: AggregationInput) -> tuple[np.ndarray, np.ndarray]:
     """FedAvg of ``θ``: the same ``(D,)`` average for every client, computed once."""
     w = fedavg_weights(inp.counts)
@@ -272,21 +287,11 @@ class FedAvgFTStrategy(FedAvgStrategy):
     """FedAvg, then ``finetune_epochs`` local epochs on the global model before evaluation."""
 
     name: ClassVar[str] = "fedavg-ft"
-    finetune_epochs: int = 1
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.finetune_epochs, bool)
-            or not isinstance(self.finetune_epochs, (int, np.integer))
-            or self.finetune_epochs < 0
-        ):
-            raise ValueError(
-                f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}"
-            )
+    finetune_epochs: int = param(1, EPOCHS)
 
     @property
     def client_options(self) -> ClientOptions:
-        return ClientOptions(finetune_epochs_before_eval=int(self.finetune_epochs))
+        return ClientOptions(finetune_epochs_before_eval=self.finetune_epochs)
 
 
 @dataclass(frozen=True)
@@ -294,14 +299,11 @@ class FedProxStrategy(FedAvgStrategy):
     """FedAvg aggregation with a proximal term ``prox_mu/2 ||θ - θ̄||²`` on the clients."""
 
     name: ClassVar[str] = "fedprox"
-    prox_mu: float = 0.01
-
-    def __post_init__(self) -> None:
-        _check_nonneg("prox_mu", self.prox_mu)
+    prox_mu: float = param(0.01, NONNEGATIVE)
 
     @property
     def client_options(self) -> ClientOptions:
-        return ClientOptions(prox_mu=float(self.prox_mu))
+        return ClientOptions(prox_mu=self.prox_mu)
 
 
 @dataclass(frozen=True)
@@ -314,23 +316,17 @@ class FedAMPStrategy(_Base):
     """
 
     name: ClassVar[str] = "fedamp"
-    sigma: float = 1.0
-    alpha_k: float = 0.1
-    prox_mu: float = 0.1
-
-    def __post_init__(self) -> None:
-        for arg in ("sigma", "alpha_k", "prox_mu"):
-            _check_nonneg(arg, getattr(self, arg))
-        if self.sigma == 0:
-            raise ValueError("sigma must be > 0")
+    sigma: float = param(1.0, POSITIVE)
+    alpha_k: float = param(0.1, NONNEGATIVE)
+    prox_mu: float = param(0.1, NONNEGATIVE)
 
     @property
     def client_options(self) -> ClientOptions:
-        return ClientOptions(prox_mu=float(self.prox_mu))
+        return ClientOptions(prox_mu=self.prox_mu)
 
     def aggregate(self, inp: AggregationInput) -> AggregationResult:
         theta = inp.theta()
-        w = fedamp_weights(theta, sigma=float(self.sigma), alpha_k=float(self.alpha_k))
+        w = fedamp_weights(theta, sigma=self.sigma, alpha_k=self.alpha_k)
         return AggregationResult(states=mix_models(theta, w), weights=w)
 
 
@@ -366,43 +362,22 @@ class _FedBipOptions(_Base):
         gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
     """
 
-    threshold: float | None = 0.0
-    clip_negative: bool = True
-    temperature: float | None = None
-    top_k: int | None = None
-    reference: str = "pretrained"
-    center: bool = False
-    lora_product: bool = True
-    smoothing: float = 0.0
-    relative_threshold: bool = True
-    self_similarity: str = "max-peer"
-    gate: tuple[float, ...] = (1.0, 0.5, 0.0)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "gate", check_mixes(self.gate))
-        if isinstance(self.top_k, float) and self.top_k.is_integer():
-            object.__setattr__(self, "top_k", int(self.top_k))
-        validate_weight_options(
-            threshold=self.threshold, temperature=self.temperature, top_k=self.top_k
-        )
-        if self.self_similarity not in SELF_SIMILARITY:
-            raise ValueError(
-                f"self_similarity must be one of {', '.join(SELF_SIMILARITY)}, got {self.self_similarity!r}"
-            )
-        for arg in ("clip_negative", "center", "lora_product", "relative_threshold"):
-            _check_bool(arg, getattr(self, arg))
-        if self.reference not in REFERENCES:
-            raise ValueError(
-                f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}"
-            )
-        _check_nonneg("smoothing", self.smoothing)
-        if self.smoothing >= 1:
-            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
+    threshold: float | None = param(0.0, THRESHOLD)
+    clip_negative: bool = param(True, BOOL)
+    temperature: float | None = param(None, TEMPERATURE)
+    top_k: int | None = param(None, TOP_K)
+    reference: str = param("pretrained", REFERENCE)
+    center: bool = param(False, BOOL)
+    lora_product: bool = param(True, BOOL)
+    smoothing: float = param(0.0, SMOOTHING)
+    relative_threshold: bool = param(True, BOOL)
+    self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
+    gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
 
     @property
     def _lora(self) -> bool:
         """Compare LoRA modules as ``B @ A`` (never for gradient signals)."""
-        return bool(self.lora_product) and self.reference != "gradient"
+        return self.lora_product and self.reference != "gradient"
 
     @property
     def client_options(self) -> ClientOptions:
@@ -412,10 +387,10 @@ class _FedBipOptions(_Base):
         return personalized_weights(
             s,
             threshold=self.threshold,
-            clip_negative=bool(self.clip_negative),
+            clip_negative=self.clip_negative,
             temperature=self.temperature,
             top_k=self.top_k,
-            relative_threshold=bool(self.relative_threshold),
+            relative_threshold=self.relative_threshold,
             self_similarity=self.self_similarity,
         )
 
@@ -424,7 +399,7 @@ class _FedBipOptions(_Base):
             return s
         if prev.shape != s.shape:
             prev = np.broadcast_to(prev, s.shape)
-        return smooth_similarity(prev, s, float(self.smoothing))
+        return smooth_similarity(prev, s, self.smoothing)
 
 
 @dataclass(frozen=True)
@@ -444,19 +419,14 @@ class FedBipStrategy(_FedBipOptions):
     """
 
     name: ClassVar[str] = "fedbip"
-    scope: str = "flat"
-    modules: tuple[str, ...] = ()
+    scope: str = param("flat", SCOPE)
+    modules: tuple[str, ...] = param((), MODULES)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        mods = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
-        if not all(isinstance(m, str) and m for m in mods):
-            raise ValueError(f"modules must be non-empty strings, got {self.modules!r}")
-        object.__setattr__(self, "modules", mods)
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-        if self.scope == "modules" and not mods:
-            raise ValueError("scope 'modules' needs a non-empty modules list")
+    @staticmethod
+    def check_together(values: Mapping[str, Any]) -> None:
+        """ParamError when ``scope`` is ``modules`` without a modules list."""
+        if values["scope"] == "modules" and not values["modules"]:
+            raise ParamError("scope 'modules' needs a non-empty modules list", "modules")
 
     def aggregate(self, inp: AggregationInput) -> AggregationResult:
         vectors, base = _compared(inp, self.reference, self._lora)
@@ -465,7 +435,7 @@ class FedBipStrategy(_FedBipOptions):
             inp.layout,
             scope=self.scope,
             modules=self.modules,
-            center=bool(self.center),
+            center=self.center,
             lora_product=self._lora,
             base=base,
         )
@@ -493,7 +463,7 @@ class FedBipLayerStrategy(_FedBipOptions):
         keys, sims = per_module_similarity(
             vectors,
             inp.layout,
-            center=bool(self.center),
+            center=self.center,
             lora_product=self._lora,
             base=base,
         )
@@ -540,9 +510,7 @@ class ClippedStrategy:
     name: ClassVar[str] = "clipped"
 
     def __post_init__(self) -> None:
-        _check_nonneg("max_norm", self.max_norm)
-        if self.max_norm == 0:
-            raise ValueError("max_norm must be > 0")
+        object.__setattr__(self, "max_norm", POSITIVE("max_norm", self.max_norm))
 
     @property
     def client_options(self) -> ClientOptions:
@@ -567,10 +535,8 @@ class GaussianNoiseStrategy:
     name: ClassVar[str] = "gaussian-noise"
 
     def __post_init__(self) -> None:
-        _check_nonneg("clip", self.clip)
-        if self.clip == 0:
-            raise ValueError("clip must be > 0")
-        _check_nonneg("noise_multiplier", self.noise_multiplier)
+        object.__setattr__(self, "clip", POSITIVE("clip", self.clip))
+        object.__setattr__(self, "noise_multiplier", NONNEGATIVE("noise_multiplier", self.noise_multiplier))
         object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
 
     @property
@@ -579,7 +545,7 @@ class GaussianNoiseStrategy:
 
     def aggregate(self, inp: AggregationInput) -> AggregationResult:
         deltas = clip_rows(inp.deltas, self.clip)
-        std = float(self.noise_multiplier) * float(self.clip)
+        std = self.noise_multiplier * self.clip
         noisy = self._rng.standard_normal(deltas.shape, dtype=np.float32)
         noisy *= np.float32(std)
         noisy += deltas
@@ -613,15 +579,24 @@ def _strategy_class(name: str) -> type:
 
 def strategy_param_names(name: str) -> tuple[str, ...]:
     """Names of the parameters strategy ``name`` accepts (ValueError for an unknown name)."""
-    return tuple(f.name for f in fields(_strategy_class(name)) if f.init)
+    return param_names(_strategy_class(name))
+
+
+def check_strategy_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The one validator of strategy parameters: the given keys of ``params``, normalized.
+
+    ValueError names an unknown strategy; :class:`ParamError` an unknown parameter or a bad
+    value (its ``param`` attribute is the parameter's name).
+    """
+    return check_params(_strategy_class(name), params, name)
+
+
+def construct_strategy(name: str, checked: Mapping[str, Any]) -> Strategy:
+    """Strategy ``name`` from parameters already returned by :func:`check_strategy_params`
+    (no checks again)."""
+    return _strategy_class(name)(**checked)
 
 
 def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
-    """Build strategy ``name`` with ``params``; ValueError names an unknown name or parameter."""
-    cls = _strategy_class(name)
-    valid = strategy_param_names(name)
-    for key in params or {}:
-        if key not in valid:
-            takes = f"valid: {', '.join(valid)}" if valid else "it takes no parameters"
-            raise ValueError(f"unknown parameter {key!r} for strategy {name!r} ({takes})")
-    return cls(**dict(params or {}))
+    """Build strategy ``name`` from raw ``params`` (validated once, ValueError on a bad one)."""
+    return construct_strategy(name, check_strategy_params(name, params))

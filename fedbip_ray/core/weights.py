@@ -7,13 +7,16 @@ division is guarded (a degenerate row falls back to the identity row, i.e. local
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-
 import numpy as np
+
+from .params import NONNEGATIVE, POSITIVE, Check
 
 __all__ = [
     "SELF_SIMILARITY",
+    "SELF_SIMILARITY_CHECK",
+    "TEMPERATURE",
+    "THRESHOLD",
+    "TOP_K",
     "fedamp_weights",
     "fedavg_weights",
     "local_weights",
@@ -42,8 +45,9 @@ def _normalize_rows(w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
+THRESHOLD = Check("number", ge=-1.0, le=1.0, optional=True)
+TEMPERATURE = Check("number", gt=0.0, optional=True)
+TOP_K = Check("integer", ge=1, optional=True)
 
 
 def validate_weight_options(
@@ -52,17 +56,11 @@ def validate_weight_options(
     temperature: float | None = None,
     top_k: int | None = None,
 ) -> None:
-    """Raise ValueError naming the argument when a personalized-weight option is invalid."""
-    if threshold is not None and not (_is_number(threshold) and -1.0 <= threshold <= 1.0):
-        raise ValueError(f"threshold must be a number in [-1, 1] or None, got {threshold!r}")
-    if temperature is not None and not (
-        _is_number(temperature) and math.isfinite(temperature) and temperature > 0.0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0 or None, got {temperature!r}")
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1
-    ):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    """Raise ValueError (a :class:`ParamError`) naming the argument when a personalized-weight
+    option is invalid."""
+    THRESHOLD("threshold", threshold)
+    TEMPERATURE("temperature", temperature)
+    TOP_K("top_k", top_k)
 
 
 def _top_k_mask(s: np.ndarray, kept: np.ndarray, top_k: int) -> np.ndarray:
@@ -87,6 +85,7 @@ def _top_k_mask(s: np.ndarray, kept: np.ndarray, top_k: int) -> np.ndarray:
 
 
 SELF_SIMILARITY: tuple[str, ...] = ("one", "max-peer")
+SELF_SIMILARITY_CHECK = Check("choice", choices=SELF_SIMILARITY)
 
 
 def _thresholded(sim: np.ndarray, threshold: float, relative: bool) -> np.ndarray:
@@ -147,8 +146,7 @@ def personalized_weights(
     A row whose normalizer is non-finite or below 1e-12 in magnitude becomes the identity row.
     """
     validate_weight_options(threshold=threshold, temperature=temperature, top_k=top_k)
-    if self_similarity not in SELF_SIMILARITY:
-        raise ValueError(f"self_similarity must be one of {SELF_SIMILARITY}, got {self_similarity!r}")
+    SELF_SIMILARITY_CHECK("self_similarity", self_similarity)
     sim = _square(s).copy()
     np.fill_diagonal(sim, 1.0)
     kept = ~np.isnan(sim)
@@ -196,10 +194,7 @@ def fedamp_weights(models: np.ndarray, *, sigma: float, alpha_k: float) -> np.nd
     unchanged and avoids cancellation). If ``xi_ii`` would be negative, the off-diagonal entries
     of that row are rescaled to sum to 1 and ``xi_ii = 0``.
     """
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    if not (math.isfinite(alpha_k) and alpha_k >= 0):
-        raise ValueError(f"alpha_k must be a finite number >= 0, got {alpha_k!r}")
+    sigma, alpha_k = POSITIVE("sigma", sigma), NONNEGATIVE("alpha_k", alpha_k)
     m = np.asarray(models)
     if m.ndim != 2:
         raise ValueError(f"models must be 2-D (N, D), got shape {m.shape}")

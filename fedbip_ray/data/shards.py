@@ -1,4 +1,8 @@
-"""Per-client Parquet shards: written once by the driver, each read only by its own client."""
+"""Per-client Parquet shards: written once by the driver, each read only by its own client.
+
+Layout of a shard directory: ``client_XXXXX.parquet`` per client (:func:`shard_path`) and
+``clients.json`` (label names, per-client summary); :meth:`ShardSet.load` is its one reader.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ from fedbip_ray.config import ConfigError, DataConfig
 from fedbip_ray.data import partition as P
 from fedbip_ray.data.datasets import LoadedDataset, load_dataset
 
+CLIENTS_FILE = "clients.json"
+
+
+def shard_path(directory: str | Path, client: int) -> Path:
+    """Where client ``client``'s shard lives in a shard directory."""
+    return Path(directory) / f"client_{int(client):05d}.parquet"
+
 
 @dataclass(frozen=True)
 class ShardSet:
@@ -25,6 +36,23 @@ class ShardSet:
     groups: tuple[int, ...]  # (num_clients,) group of each client (0 when ungrouped)
     label_names: tuple[str, ...]
     summary: tuple[dict, ...]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ShardSet:
+        """The shards :func:`build_shards` wrote into ``directory`` (ConfigError, one line,
+        when its ``clients.json`` is missing or unreadable)."""
+        d = Path(directory)
+        try:
+            meta = json.loads((d / CLIENTS_FILE).read_text())
+            summary = tuple(meta["clients"])
+            groups = tuple(int(c["group"]) for c in summary)
+            paths = tuple(shard_path(d, int(c["client"])) for c in summary)
+            labels = tuple(str(n) for n in meta["label_names"])
+        except FileNotFoundError:
+            raise ConfigError(f"shards '{d}': {CLIENTS_FILE} not found") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"shards '{d}': {CLIENTS_FILE} unreadable ({type(exc).__name__})") from None
+        return cls(d, paths, groups, labels, summary)
 
     @property
     def num_labels(self) -> int:
@@ -94,7 +122,7 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
         columns["group"] = np.full(len(rows), int(groups[cid]), dtype=np.int64)
         columns["split"] = split
         table = pa.table(columns)
-        path = out / f"client_{cid:05d}.parquet"
+        path = shard_path(out, cid)
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)
         tmp.replace(path)
@@ -110,7 +138,7 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
             }
         )
     meta = {"label_names": list(ds.label_names), "clients": summary}
-    (out / "clients.json").write_text(json.dumps(meta, indent=1))
+    (out / CLIENTS_FILE).write_text(json.dumps(meta, indent=1))
     return ShardSet(out, tuple(paths), tuple(int(g) for g in groups), ds.label_names, tuple(summary))
 
 

@@ -24,13 +24,14 @@ singular), so record with ``self_similarity: one`` or ``strategy.name: local`` t
 recorder refuses strategies where the relation does not hold (fedavg, fedamp, layer-wise) and
 runs with DP noise (the noise would be replayed as if it were signal).
 
-    python -m fedbip_ray.tuning.replay TUNE.yaml --record --record-set strategy.params.self_similarity=one
-    python -m fedbip_ray.tuning.replay TUNE.yaml --recording runs/rec  # replay an earlier one
+    fedbip replay TUNE.yaml --record --record-set strategy.params.self_similarity=one
+    fedbip replay TUNE.yaml --recording runs/rec  # replay an earlier one
+
+(``python -m fedbip_ray.tuning.replay ARGS`` is the same as ``fedbip replay ARGS``.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -50,6 +51,8 @@ from fedbip_ray.config import (
     dump_config,
     load_config,
 )
+from fedbip_ray.core.strategies import Strategy, make_strategy
+from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.tuning.space import (
     TuneSettings,
     apply_params,
@@ -163,25 +166,25 @@ class TaskVectorRecorder:
         if rnd == 1 or not (self.directory / "layout.json").exists():
             (self.directory / "layout.json").write_text(json.dumps(layout))
             save_file({"init": np.ascontiguousarray(init)}, str(self.directory / "init.safetensors"))
-        ids = [int(c) for c in report.get("accepted", [])]
-        if not ids or report.get("weights") is None or report.get("aggregated") is False:
+        ids = [int(c) for c in report.accepted]
+        if not ids or report.weights is None or not report.aggregated:
             return
         idx = np.asarray(ids, dtype=np.int64)
         deltas = _exported_deltas(run.server, rnd, ids)
-        if deltas is None and any(m != 1.0 for m in (report.get("gate") or {}).values()):
+        if deltas is None and any(m != 1.0 for m in report.gate.values()):
             raise ConfigError(f"round {rnd}: cannot recover task vectors from checkpoints after the "
                               "validation gate moved some states; record with "
                               "strategy.params.gate=[]")
         if deltas is None:
             try:
-                deltas = recover_deltas(before[idx], after[idx], np.asarray(report["weights"]))
+                deltas = recover_deltas(before[idx], after[idx], np.asarray(report.weights))
             except ValueError as exc:
                 raise ConfigError(
                     f"round {rnd}: cannot record task vectors: {exc} (e.g. identical weight rows "
                     "under self_similarity 'max-peer'); record with --set strategy.name=local "
                     "or strategy.params.self_similarity=one") from None
         save_file({"clients": idx, "deltas": deltas,
-                   "weights": np.asarray(report["weights"], dtype=np.float64)},
+                   "weights": np.asarray(report.weights, dtype=np.float64)},
                   str(self.directory / f"round_{rnd:05d}.safetensors"))
 
     def on_end(self, run: Any, summary: dict[str, Any]) -> None:
@@ -195,7 +198,7 @@ class Recording:
     run_dir: Path
     cfg: Config
     meta: dict[str, Any]
-    layout: dict[str, Any]
+    layout: Layout
     init: np.ndarray
     rounds: tuple[tuple[int, np.ndarray, np.ndarray], ...]
 
@@ -216,19 +219,24 @@ def load_recording(run_dir: str | Path) -> Recording:
     if not rounds:
         raise ConfigError(f"--recording {run}: no rounds recorded")
     return Recording(run, cfg, json.loads((rec / "meta.json").read_text()),
-                     json.loads((rec / "layout.json").read_text()),
+                     Layout.from_dict(json.loads((rec / "layout.json").read_text())),
                      load_file(str(rec / "init.safetensors"))["init"], tuple(rounds))
 
 
 def replay_states(rec: Recording, strategy: str, params: Mapping[str, Any],
                   upto: int | None = None) -> np.ndarray:
+    """:func:`replay_strategy` of strategy ``strategy`` built from raw ``params``."""
+    return replay_strategy(rec, make_strategy(strategy, params), upto)
+
+
+def replay_strategy(rec: Recording, strategy: Strategy, upto: int | None = None) -> np.ndarray:
     """Personalized states ``(N, D)`` float32 after replaying the recorded task vectors through
-    the server with ``strategy(params)`` (rounds ``<= upto``, default all)."""
-    from fedbip_ray.runtime.messages import ClientUpdate
+    the server with ``strategy`` (rounds ``<= upto``, default all)."""
+    from fedbip_ray.runtime.messages import ClientUpdate, ServerSettings
     from fedbip_ray.runtime.server import FederatedServer
 
-    server = FederatedServer(strategy, dict(params), rec.meta["num_clients"],
-                             groups=list(rec.meta["groups"]))
+    server = FederatedServer(ServerSettings(strategy, int(rec.meta["num_clients"]),
+                                            tuple(int(g) for g in rec.meta["groups"])))
     server.initialize(rec.init, rec.layout)
     counts = rec.meta["counts"]
     for rnd, clients, deltas in rec.rounds:
@@ -248,21 +256,20 @@ class ReplayEvaluator:
     def __init__(self, rec: Recording) -> None:
         import ray
 
+        from fedbip_ray.data.shards import ShardSet
         from fedbip_ray.runtime.client import ClientActor
-        from fedbip_ray.runtime.federation import ensure_ray, plan_actors
+        from fedbip_ray.runtime.cluster import ensure_ray, plan_actors
         from fedbip_ray.runtime.messages import ShardRef
 
         ensure_ray()
         cfg = rec.cfg
-        labels = json.loads((rec.run_dir / "shards" / "clients.json").read_text())["label_names"]
-        n = rec.meta["num_clients"]
+        shards = ShardSet.load(rec.run_dir / "shards")
         num_actors = plan_actors(cfg, ray.cluster_resources())
         rc = cfg.resources
         self.actors = [ClientActor.options(num_cpus=rc.num_cpus_per_client,
-                                           num_gpus=rc.num_gpus_per_client).remote(cfg.to_dict(), len(labels))
+                                           num_gpus=rc.num_gpus_per_client).remote(cfg.to_dict(), shards.num_labels)
                        for _ in range(num_actors)]
-        self.shards = {c: ShardRef(c, ray.put((rec.run_dir / "shards" / f"client_{c:05d}.parquet").read_bytes()))
-                       for c in range(n)}
+        self.shards = {c: ShardRef(c, ray.put(path.read_bytes())) for c, path in enumerate(shards.paths)}
         infos = ray.get([a.info.remote() for a in self.actors])
         errors = [i["error"] for i in infos if i.get("error")]
         if errors:
@@ -285,7 +292,7 @@ class ReplayEvaluator:
 
 def score(evals: Mapping[int, Mapping[str, float]], metric: str, split: str = "val") -> float:
     """``mean_val_accuracy`` or ``worst10_val_accuracy`` (``split`` may be ``test``) of evals."""
-    from fedbip_ray.runtime.federation import worst_fraction_mean
+    from fedbip_ray.runtime.rows import worst_fraction_mean
 
     vals = [float(e[split]) for e in evals.values() if e[split] == e[split]]
     if not vals:
@@ -356,15 +363,14 @@ def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording
         rows = []
         for params in candidates:
             cand = config_from_dict(apply_params(data, params))
-            evals = evaluator.evaluate(replay_states(rec, cand.strategy.name, cand.strategy.params))
+            evals = evaluator.evaluate(replay_strategy(rec, cand.strategy.build()))
             rows.append({"params": {k: plain(v) for k, v in params.items()},
                          "last": {settings.metric: score(evals, settings.metric),
                                   "round": int(rec.rounds[-1][0])}})
         sign = 1.0 if settings.mode == "max" else -1.0
         best = max(rows, key=lambda r: sign * r["last"][settings.metric])
         best_cfg = config_from_dict(set_dotted(apply_params(data, best["params"]), "name", f"{cfg.name}-best"))
-        test_evals = evaluator.evaluate(replay_states(rec, best_cfg.strategy.name, best_cfg.strategy.params),
-                                        ("test",))
+        test_evals = evaluator.evaluate(replay_strategy(rec, best_cfg.strategy.build()), ("test",))
     finally:
         evaluator.close()
     dump_config(best_cfg, out / "best_config.yaml")
@@ -378,30 +384,19 @@ def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording
     return summary
 
 
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """Two lines for the terminal: the best candidate and where its config is."""
+    best = summary["best"]
+    return (f"best by replay: {best['params']}  {summary['metric']} {best['metric_value']:.4f}  "
+            f"(replay test {best['replay_test_mean_accuracy']:.4f}; {len(summary['candidates'])} "
+            f"candidates in {summary['replay_seconds']:.1f}s)\nbest config: {summary['best_config']}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedbip_ray.tuning.replay TUNE.yaml (--record | --recording DIR)``."""
-    p = argparse.ArgumentParser(prog="python -m fedbip_ray.tuning.replay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="tune config (its space: strategy.params.* only)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--recording", help="run directory recorded for replay")
-    src.add_argument("--record", action="store_true", help="record a run of the base config first")
-    p.add_argument("--record-set", dest="record_overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override for the recorded run only, e.g. "
-                   "strategy.params.self_similarity=one")
-    p.add_argument("--output", help="output directory (default runs/<name>-replay)")
-    a = p.parse_args(argv)
-    try:
-        s = run_replay(a.config, a.overrides, a.recording, a.output, a.record, a.record_overrides)
-    except ConfigError as err:
-        print(f"fedbip: error: {err}", file=sys.stderr)
-        return 2
-    best = s["best"]
-    print(f"best by replay: {best['params']}  {s['metric']} {best['metric_value']:.4f}  "
-          f"(replay test {best['replay_test_mean_accuracy']:.4f}; {len(s['candidates'])} candidates "
-          f"in {s['replay_seconds']:.1f}s)\nbest config: {s['best_config']}")
-    return 0
+    """``python -m fedbip_ray.tuning.replay ARGS``: the same as ``fedbip replay ARGS``."""
+    from fedbip_ray.cli import main as cli_main
+
+    return cli_main(["replay", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

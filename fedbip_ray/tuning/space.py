@@ -29,10 +29,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedbip_ray.config import Config, ConfigError, apply_overrides, config_from_dict, set_path
+from fedbip_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    read_yaml,
+    set_path,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 #: Keys a search may not touch: the trial's resource reservation is computed from them, the
@@ -161,22 +167,6 @@ def parse_settings(raw: Any) -> TuneSettings:
         return TuneSettings.model_validate(dict(raw))
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; ConfigError naming the file otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}': not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{p}'{where}: invalid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{p}': top level must be a mapping")
-    return data
 
 
 def split_tune_config(data: Mapping[str, Any], overrides: Sequence[str] = ()

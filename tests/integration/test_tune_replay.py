@@ -3,12 +3,16 @@ its own parameters reproduces its states, and search aggregation parameters with
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
 
+from fedbip_ray.cli import main
 from fedbip_ray.config import ConfigError, config_from_dict, load_config
 from fedbip_ray.runtime.checkpoint import read_latest
+from fedbip_ray.tuning import replay
 from fedbip_ray.tuning.replay import (
     load_recording,
     record_run,
@@ -71,7 +75,8 @@ def test_replay_search_picks_by_validation_and_writes_best_config(recorded, tmp_
                     "strategy.params.temperature": {"choice": [None, 0.1]}}}}
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(tune_cfg))
-    s = run_replay(path, [], out, tmp_path / "replay")
+    assert main(["replay", str(path), "--recording", str(out), "--output", str(tmp_path / "replay")]) == 0
+    s = json.loads((tmp_path / "replay" / "replay_summary.json").read_text())
     vals = [c["last"]["mean_val_accuracy"] for c in s["candidates"]]
     assert len(vals) == 3 and all(0.0 <= v <= 1.0 for v in vals)
     assert s["best"]["metric_value"] == max(vals)
@@ -93,3 +98,27 @@ def test_recording_needs_a_checkpoint_every_round(tmp_path):
                                        strategy={"name": "fedbip", "params": PARAMS}))
     with pytest.raises(ConfigError, match="federation.checkpoint_every=2"):
         record_run(cfg, tmp_path / "rec2", echo=lambda s: None)
+
+
+def _one_error_line(capfd) -> str:
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedbip: error: "), lines
+    return lines[0]
+
+
+def test_replay_command_errors_exit_2_with_one_line(tmp_path, capfd):
+    """`fedbip replay` handles errors as `run` and `tune` do; `python -m
+    fedbip_ray.tuning.replay` is the same command."""
+    tune_cfg = {**tiny_config(name="rec"), "tune": {"space": {"train.lr": {"choice": [0.1]}}}}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(tune_cfg))
+    capfd.readouterr()
+    assert main(["replay", str(path), "--recording", str(tmp_path)]) == 2
+    assert "replay searches aggregation parameters (strategy.params.*)" in _one_error_line(capfd)
+    tune_cfg["tune"] = {"space": {"strategy.params.threshold": {"choice": [0.1]}}}
+    path.write_text(yaml.safe_dump(tune_cfg))
+    assert replay.main([str(path), "--recording", str(tmp_path / "none")]) == 2
+    assert "no recorded task vectors" in _one_error_line(capfd)
+    (tmp_path / "garbage.yaml").write_bytes(b"\x00\xff\xfe binary")
+    assert main(["replay", str(tmp_path / "garbage.yaml"), "--record"]) == 2
+    assert "not a text YAML file" in _one_error_line(capfd)

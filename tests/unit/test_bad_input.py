@@ -58,6 +58,12 @@ def _text(name: str, content: str) -> Callable[[Path], None]:
     return write
 
 
+def _bytes(name: str, content: bytes) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        (tmp / name).write_bytes(content)
+    return write
+
+
 def _run_dir(tmp: Path) -> Path:
     """A run directory with its config.yaml, as `fedbip run` leaves it."""
     run = tmp / "run"
@@ -120,6 +126,10 @@ CASES = [
     Case("bad-set-yaml", "value is not valid YAML", args=_sets("model.peft.target_modules=[query,")),
     Case("invalid-yaml", ": invalid YAML", cfg=None, files=_text("c.yaml", "name: x\nseed: [1, 2\n")),
     Case("yaml-not-a-mapping", "top level must be a mapping", cfg=None, files=_text("c.yaml", "- 1\n")),
+    Case("binary-config", "c.yaml': not a text YAML file", cfg=None,
+         files=_bytes("c.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x80")),
+    Case("control-characters-config", "c.yaml': not a text YAML file", cfg=None,
+         files=_bytes("c.yaml", b"name: x\nseed: \x00\x07\n")),
     Case("config-file-missing", "config file '/nonexistent.yaml': not found", cfg=None,
          args=("/nonexistent.yaml",)),
     Case("no-config", "give a CONFIG file", cfg=None, args=()),
@@ -167,7 +177,7 @@ def test_there_are_at_least_20_cases():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case_id", ["invalid-yaml", "missing-dataset-file"])
+@pytest.mark.parametrize("case_id", ["invalid-yaml", "binary-config", "missing-dataset-file"])
 def test_the_installed_command_prints_one_line(case_id, tmp_path):
     """The same through the `fedbip` executable: nothing else reaches stderr."""
     case = next(c for c in CASES if c.id == case_id)
