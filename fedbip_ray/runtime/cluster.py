@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
+from urllib.parse import urlsplit
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,42 @@ def ray_env_defaults() -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         os.environ.setdefault(key, value)
+
+
+def ray_address_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``address`` (``host:port``, ``ray://host:port``, ``http://host:port``)
+    connects to; None for ``auto`` / ``local`` and other forms Ray resolves itself."""
+    if address in ("auto", "local") or not address:
+        return None
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"RAY_ADDRESS={address}: not host:port") from None
+    if parts.hostname is None or port is None:
+        raise ConfigError(f"RAY_ADDRESS={address}: not host:port")
+    return parts.hostname, port
+
+
+def probe_ray_address(address: str, timeout_s: float = 3.0) -> None:
+    """ConfigError (one line) when nothing listens at ``address``, before Ray would retry the
+    connection for minutes."""
+    endpoint = ray_address_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        with socket.create_connection(endpoint, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({why}); start "
+                          "one (ray start --head) or unset RAY_ADDRESS for a local Ray") from None
+
+
+def preflight_ray() -> None:
+    """Check ``RAY_ADDRESS`` (when set and Ray is not connected yet) within seconds."""
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        probe_ray_address(os.environ["RAY_ADDRESS"])
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

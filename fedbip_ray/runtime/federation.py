@@ -35,6 +35,7 @@ from fedbip_ray.runtime.cluster import (
     ensure_ray,
     heal_actors,
     plan_actors,
+    preflight_ray,
     start_actors,
     stop_actors,
 )
@@ -135,6 +136,7 @@ def run_federation(cfg: Config, output: str | Path, resume: bool = False,
     """
     out = Path(output)
     start_wall = time.perf_counter()
+    preflight_ray()
     with outputs.output_lock(out):
         ck = load_resume_checkpoint(out, cfg) if resume else None
         if resume and ck is None:

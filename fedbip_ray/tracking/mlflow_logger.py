@@ -11,12 +11,14 @@ import logging
 import os
 import subprocess
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedbip_ray.config import Config
+from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.runtime.messages import AggregationReport
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -27,6 +29,24 @@ log = logging.getLogger("fedbip.mlflow")
 def tracking_uri(cfg: Config) -> str:
     """Config first, then ``MLFLOW_TRACKING_URI``, then the local sqlite store."""
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def probe_tracking(uri: str, timeout_s: float = 3.0) -> None:
+    """ConfigError (one line) when an http(s) tracking server does not answer within
+    ``timeout_s`` (MLflow's client would retry for minutes); local stores are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - http(s) only
+            resp.read(64)
+    except urllib.error.HTTPError:
+        return  # something answers (a proxy or an older server without /health)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        why = getattr(reason, "strerror", None) or str(reason) or type(exc).__name__
+        raise ConfigError(f"tracking URI {uri}: no MLflow server answers ({why}); start one or "
+                          "set tracking.mlflow: false") from None
 
 
 def absolute_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
@@ -157,6 +177,7 @@ class MlflowCallback:
         self.run_id: str | None = None
         self.client: Any = None
         self.status: str | None = None  # terminal status once set (FINISHED/FAILED/KILLED)
+        probe_tracking(tracking_uri(cfg))
 
     def on_start(self, run: Any) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
