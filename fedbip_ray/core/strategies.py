@@ -1,26 +1,28 @@
-"""Aggregation strategies: small frozen dataclasses, a registry, and composable wrappers.
+"""Aggregation strategies: small frozen dataclasses and their registry.
+
+A strategy maps one round's :class:`AggregationInput` (the participants' received states and
+their task vectors, stacked as ``(N, D)`` float32 matrices) to an :class:`AggregationResult`
+(their next personalized states); ``client_options`` tells the runtime how clients should train
+(proximal term, fine-tuning before evaluation). Those types live in :mod:`.interface`, the
+wrappers (clipping, DP noise) in :mod:`.wrappers`; both are re-exported here.
 
 Each strategy's parameters are its dataclass fields, each declared once with its
 :class:`~fedbip_ray.core.params.Check`; :func:`check_strategy_params` validates a raw mapping
 against them (the only validator) and :func:`construct_strategy` builds from its output
 without checking again.
-
-A strategy maps one round's :class:`AggregationInput` (the participants' received states and
-their task vectors, stacked as ``(N, D)`` float32 matrices) to an :class:`AggregationResult`
-(their next personalized states). ``client_options`` tells the runtime how clients should train
-(proximal term, fine-tuning before evaluation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .aggregate import aggregate_layerwise, aggregate_task_vectors, clip_rows, mix_models
+from .aggregate import aggregate_layerwise, aggregate_task_vectors, mix_models
 from .gate import check_mixes
+from .interface import AggregationInput, AggregationResult, ClientOptions, Strategy
 from .params import NONNEGATIVE, POSITIVE, Check, ParamError, check_params, param, param_names
 from .similarity import (
     SCOPES,
@@ -30,7 +32,7 @@ from .similarity import (
     similarity_matrix,
     smooth_similarity,
 )
-from .taskvector import Layout, module_groups
+from .taskvector import module_groups
 from .weights import (
     SELF_SIMILARITY_CHECK,
     TEMPERATURE,
@@ -42,6 +44,7 @@ from .weights import (
     oracle_weights,
     personalized_weights,
 )
+from .wrappers import ClippedStrategy, GaussianNoiseStrategy
 
 __all__ = [
     "REFERENCES",
@@ -87,138 +90,6 @@ def _module_names(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 MODULES = Check("custom", convert=_module_names)
-
-
-# --------------------------------------------------------------------------- messages
-
-
-@dataclass(frozen=True)
-class AggregationInput:
-    """One round's inputs for ``N`` participants.
-
-    Attributes:
-        states: ``(N, D)`` float32 personalized states the participants received this round.
-        deltas: ``(N, D)`` float32 task vectors ``τᵢ = θᵢ - statesᵢ``.
-        counts: ``(N,)`` int training example counts.
-        layout: layout of ``D``.
-        init: ``(D,)`` float32 initial adapter (needed for ``reference="pretrained"``).
-        groups: ``(N,)`` int true client groups (needed by ``oracle``; used for diagnostics).
-        prev_similarity: ``(N, N)`` (or, for ``fedbip-layer``, ``(G, N, N)``) similarity of
-            the previous round for these participants, for smoothing.
-        signals: ``(N, D)`` float32 optimizer-neutral signals (the negated sum of the loss
-            gradients over the round's local steps), needed for ``reference="gradient"``.
-    """
-
-    states: np.ndarray
-    deltas: np.ndarray
-    counts: np.ndarray
-    layout: Layout
-    init: np.ndarray | None = None
-    groups: np.ndarray | None = None
-    prev_similarity: np.ndarray | None = None
-    signals: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        states = np.asarray(self.states, dtype=np.float32)
-        deltas = np.asarray(self.deltas, dtype=np.float32)
-        if states.ndim != 2 or states.shape != deltas.shape:
-            raise ValueError(
-                f"states and deltas must be (N, D) of one shape, got {states.shape} "
-                f"and {deltas.shape}"
-            )
-        n, d = states.shape
-        if d != self.layout.size:
-            raise ValueError(f"vectors have D={d}, layout has D={self.layout.size}")
-        counts = np.asarray(self.counts)
-        if counts.shape != (n,):
-            raise ValueError(f"counts must have shape ({n},), got {counts.shape}")
-        object.__setattr__(self, "states", states)
-        object.__setattr__(self, "deltas", deltas)
-        object.__setattr__(self, "counts", counts)
-        if self.init is not None:
-            init = np.asarray(self.init, dtype=np.float32)
-            if init.shape != (d,):
-                raise ValueError(f"init must have shape ({d},), got {init.shape}")
-            object.__setattr__(self, "init", init)
-        if self.groups is not None:
-            groups = np.asarray(self.groups)
-            if groups.shape != (n,):
-                raise ValueError(f"groups must have shape ({n},), got {groups.shape}")
-            object.__setattr__(self, "groups", groups)
-        if self.prev_similarity is not None:
-            prev = np.asarray(self.prev_similarity, dtype=np.float64)
-            if prev.ndim not in (2, 3) or prev.shape[-2:] != (n, n):
-                raise ValueError(
-                    f"prev_similarity must have shape ({n}, {n}) or (G, {n}, {n}), got {prev.shape}"
-                )
-            object.__setattr__(self, "prev_similarity", prev)
-        if self.signals is not None:
-            sig = np.asarray(self.signals, dtype=np.float32)
-            if sig.shape != (n, d):
-                raise ValueError(f"signals must have shape ({n}, {d}), got {sig.shape}")
-            object.__setattr__(self, "signals", sig)
-
-    @property
-    def n(self) -> int:
-        """Number of participants ``N``."""
-        return int(self.states.shape[0])
-
-    def theta(self) -> np.ndarray:
-        """Fine-tuned parameters ``θ = states + deltas``: a new ``(N, D)`` float32 array."""
-        return self.states + self.deltas
-
-
-@dataclass(frozen=True)
-class AggregationResult:
-    """Outcome of one aggregation.
-
-    Attributes:
-        states: ``(N, D)`` float32 next personalized states.
-        weights: ``(N, N)`` float64 aggregation weights (for layer-wise: mean over groups).
-        similarity: ``(N, N)`` float64 similarity used, if any (layer-wise: mean over groups).
-        layer_weights: ``(G, N, N)`` per-group weights (layer-wise only).
-        layer_similarity: ``(G, N, N)`` per-group similarity (layer-wise only).
-        layer_names: the ``G`` module keys (layer-wise only).
-    """
-
-    states: np.ndarray
-    weights: np.ndarray
-    similarity: np.ndarray | None = None
-    layer_weights: np.ndarray | None = None
-    layer_similarity: np.ndarray | None = None
-    layer_names: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class ClientOptions:
-    """How clients train under a strategy.
-
-    Attributes:
-        prox_mu: coefficient of the proximal term ``mu/2 ||θ - θ̄||²`` (0 = off).
-        finetune_epochs_before_eval: local epochs on the received model before evaluation.
-        gate_mixes: validation gate (see :mod:`fedbip_ray.core.gate`): after aggregation each
-            client keeps the best of ``local + λ (aggregate − local)`` over these ``λ`` on its
-            validation split (empty = off: the aggregate is kept as is).
-        send_gradient: clients also send the negated sum of their loss gradients over the
-            round (``AggregationInput.signals``).
-    """
-
-    prox_mu: float = 0.0
-    finetune_epochs_before_eval: int = 0
-    gate_mixes: tuple[float, ...] = ()
-    send_gradient: bool = False
-
-
-@runtime_checkable
-class Strategy(Protocol):
-    """What the server needs from a strategy."""
-
-    name: ClassVar[str]
-
-    @property
-    def client_options(self) -> ClientOptions: ...
-
-    def aggregate(self, inp: AggregationInput) -> AggregationResult: ...
 
 
 # --------------------------------------------------------------------------- helpers
@@ -496,60 +367,6 @@ class OracleStrategy(_Base):
             raise ValueError("strategy 'oracle' needs the true client groups (groups is None)")
         w = oracle_weights(inp.groups, inp.counts)
         return AggregationResult(states=mix_models(inp.theta(), w), weights=w)
-
-
-# --------------------------------------------------------------------------- wrappers
-
-
-@dataclass(frozen=True)
-class ClippedStrategy:
-    """Clip each task vector to L2 norm ``max_norm`` before delegating to ``inner``."""
-
-    inner: Strategy
-    max_norm: float
-    name: ClassVar[str] = "clipped"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "max_norm", POSITIVE("max_norm", self.max_norm))
-
-    @property
-    def client_options(self) -> ClientOptions:
-        return self.inner.client_options
-
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        return self.inner.aggregate(replace(inp, deltas=clip_rows(inp.deltas, self.max_norm)))
-
-
-@dataclass(frozen=True)
-class GaussianNoiseStrategy:
-    """Client-level DP: clip each task vector to ``clip``, add ``N(0, (noise_multiplier·clip)²)``.
-
-    The noise generator is seeded once with ``seed`` and advances on every call.
-    """
-
-    inner: Strategy
-    clip: float
-    noise_multiplier: float
-    seed: int = 0
-    _rng: np.random.Generator = field(init=False, repr=False, compare=False)
-    name: ClassVar[str] = "gaussian-noise"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "clip", POSITIVE("clip", self.clip))
-        object.__setattr__(self, "noise_multiplier", NONNEGATIVE("noise_multiplier", self.noise_multiplier))
-        object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
-
-    @property
-    def client_options(self) -> ClientOptions:
-        return self.inner.client_options
-
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        deltas = clip_rows(inp.deltas, self.clip)
-        std = self.noise_multiplier * self.clip
-        noisy = self._rng.standard_normal(deltas.shape, dtype=np.float32)
-        noisy *= np.float32(std)
-        noisy += deltas
-        return self.inner.aggregate(replace(inp, deltas=noisy))
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,0 +1,143 @@
+"""What a strategy is given and returns: one round's :class:`AggregationInput` (stacked
+``(N, D)`` float32 matrices), its :class:`AggregationResult`, the :class:`ClientOptions` that
+tell the runtime how clients train, and the :class:`Strategy` protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from .taskvector import Layout
+
+__all__ = ["AggregationInput", "AggregationResult", "ClientOptions", "Strategy"]
+
+
+@dataclass(frozen=True)
+class AggregationInput:
+    """One round's inputs for ``N`` participants.
+
+    Attributes:
+        states: ``(N, D)`` float32 personalized states the participants received this round.
+        deltas: ``(N, D)`` float32 task vectors ``τᵢ = θᵢ - statesᵢ``.
+        counts: ``(N,)`` int training example counts.
+        layout: layout of ``D``.
+        init: ``(D,)`` float32 initial adapter (needed for ``reference="pretrained"``).
+        groups: ``(N,)`` int true client groups (needed by ``oracle``; used for diagnostics).
+        prev_similarity: ``(N, N)`` (or, for ``fedbip-layer``, ``(G, N, N)``) similarity of
+            the previous round for these participants, for smoothing.
+        signals: ``(N, D)`` float32 optimizer-neutral signals (the negated sum of the loss
+            gradients over the round's local steps), needed for ``reference="gradient"``.
+    """
+
+    states: np.ndarray
+    deltas: np.ndarray
+    counts: np.ndarray
+    layout: Layout
+    init: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    prev_similarity: np.ndarray | None = None
+    signals: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        states = np.asarray(self.states, dtype=np.float32)
+        deltas = np.asarray(self.deltas, dtype=np.float32)
+        if states.ndim != 2 or states.shape != deltas.shape:
+            raise ValueError(
+                f"states and deltas must be (N, D) of one shape, got {states.shape} "
+                f"and {deltas.shape}"
+            )
+        n, d = states.shape
+        if d != self.layout.size:
+            raise ValueError(f"vectors have D={d}, layout has D={self.layout.size}")
+        counts = np.asarray(self.counts)
+        if counts.shape != (n,):
+            raise ValueError(f"counts must have shape ({n},), got {counts.shape}")
+        object.__setattr__(self, "states", states)
+        object.__setattr__(self, "deltas", deltas)
+        object.__setattr__(self, "counts", counts)
+        if self.init is not None:
+            init = np.asarray(self.init, dtype=np.float32)
+            if init.shape != (d,):
+                raise ValueError(f"init must have shape ({d},), got {init.shape}")
+            object.__setattr__(self, "init", init)
+        if self.groups is not None:
+            groups = np.asarray(self.groups)
+            if groups.shape != (n,):
+                raise ValueError(f"groups must have shape ({n},), got {groups.shape}")
+            object.__setattr__(self, "groups", groups)
+        if self.prev_similarity is not None:
+            prev = np.asarray(self.prev_similarity, dtype=np.float64)
+            if prev.ndim not in (2, 3) or prev.shape[-2:] != (n, n):
+                raise ValueError(
+                    f"prev_similarity must have shape ({n}, {n}) or (G, {n}, {n}), got {prev.shape}"
+                )
+            object.__setattr__(self, "prev_similarity", prev)
+        if self.signals is not None:
+            sig = np.asarray(self.signals, dtype=np.float32)
+            if sig.shape != (n, d):
+                raise ValueError(f"signals must have shape ({n}, {d}), got {sig.shape}")
+            object.__setattr__(self, "signals", sig)
+
+    @property
+    def n(self) -> int:
+        """Number of participants ``N``."""
+        return int(self.states.shape[0])
+
+    def theta(self) -> np.ndarray:
+        """Fine-tuned parameters ``θ = states + deltas``: a new ``(N, D)`` float32 array."""
+        return self.states + self.deltas
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """Outcome of one aggregation.
+
+    Attributes:
+        states: ``(N, D)`` float32 next personalized states.
+        weights: ``(N, N)`` float64 aggregation weights (for layer-wise: mean over groups).
+        similarity: ``(N, N)`` float64 similarity used, if any (layer-wise: mean over groups).
+        layer_weights: ``(G, N, N)`` per-group weights (layer-wise only).
+        layer_similarity: ``(G, N, N)`` per-group similarity (layer-wise only).
+        layer_names: the ``G`` module keys (layer-wise only).
+    """
+
+    states: np.ndarray
+    weights: np.ndarray
+    similarity: np.ndarray | None = None
+    layer_weights: np.ndarray | None = None
+    layer_similarity: np.ndarray | None = None
+    layer_names: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How clients train under a strategy.
+
+    Attributes:
+        prox_mu: coefficient of the proximal term ``mu/2 ||θ - θ̄||²`` (0 = off).
+        finetune_epochs_before_eval: local epochs on the received model before evaluation.
+        gate_mixes: validation gate (see :mod:`fedbip_ray.core.gate`): after aggregation each
+            client keeps the best of ``local + λ (aggregate − local)`` over these ``λ`` on its
+            validation split (empty = off: the aggregate is kept as is).
+        send_gradient: clients also send the negated sum of their loss gradients over the
+            round (``AggregationInput.signals``).
+    """
+
+    prox_mu: float = 0.0
+    finetune_epochs_before_eval: int = 0
+    gate_mixes: tuple[float, ...] = ()
+    send_gradient: bool = False
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the server needs from a strategy."""
+
+    name: ClassVar[str]
+
+    @property
+    def client_options(self) -> ClientOptions: ...
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult: ...
