@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from fedbip_ray.runtime.checkpoint import CheckpointWriter
+    from fedbip_ray.runtime.progress import PhaseProgress
 
 
 @dataclass
@@ -40,6 +41,8 @@ class RunContext:
     checkpoints: CheckpointWriter | None = None
     # {phase: {client: seconds its last call took}}: the dispatch order of the next phase
     call_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    progress: PhaseProgress | None = None  # progress inside a round (None: silent)
+    round: int = 0  # the round in progress
 
     def actor_index(self, client_id: int) -> int:
         """The client's home actor (its calls go there unless another actor is idle first)."""

@@ -84,6 +84,8 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Call, deadline_s: fl
     free = deque(range(len(ctx.actors)))
     inflight: dict[Any, tuple[int, int, Any, float]] = {}  # receipt -> (client, actor, payload, t0)
     deadline = time.monotonic() + deadline_s
+    if ctx.progress is not None and phase:
+        ctx.progress.start(ctx.round, phase, len(clients))
     while True:
         while free:
             a = free.popleft()
@@ -103,8 +105,12 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Call, deadline_s: fl
             _receive(out, receipt, c, a, payload, t0)
             if a not in out.dead:
                 free.append(a)
+        if ctx.progress is not None and phase and ready:
+            ctx.progress.update(len(out.done))
         if not ready:
             break  # the deadline passed
+    if ctx.progress is not None and phase:
+        ctx.progress.finish()
     if cost is not None:
         cost.update(out.seconds)
     cancel([payload for _, _, payload, _ in inflight.values()] + list(inflight))

@@ -43,6 +43,7 @@ from fedbip_ray.runtime.context import RunCallback, RunContext
 from fedbip_ray.runtime.dispatch import NO_LIVE_ACTOR
 from fedbip_ray.runtime.messages import AggregationReport, ShardRef
 from fedbip_ray.runtime.phases import evaluate_phase, fit_phase, gate_phase
+from fedbip_ray.runtime.progress import PhaseProgress
 from fedbip_ray.runtime.rows import (
     PhaseClock,
     Row,
@@ -128,8 +129,10 @@ def submit_checkpoint(ctx: RunContext, rnd: int) -> None:
 # ---------------------------------------------------------------------------------- the run
 def run_federation(cfg: Config, output: str | Path, resume: bool = False,
                    callbacks: Sequence[RunCallback] = (),
-                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+                   echo: Callable[[str], None] = print,
+                   progress: PhaseProgress | None = None) -> dict[str, Any]:
     """Run (or resume) a federation described by ``cfg``; return ``summary.json``'s content.
+    ``progress`` shows each phase of a round while it runs (None: one line per round only).
 
     Input problems (config, data, model, checkpoint, resources) raise :class:`ConfigError`
     before any round runs. Everything the driver can check is checked before Ray starts.
@@ -151,7 +154,7 @@ def run_federation(cfg: Config, output: str | Path, resume: bool = False,
         echo(format_summary(shards.summary))
         ensure_ray()
         num_actors = plan_actors(cfg, ray.cluster_resources())
-        ctx = RunContext(cfg, out, shards, strategy)
+        ctx = RunContext(cfg, out, shards, strategy, progress=progress)
         try:
             summary = _run(ctx, ck, num_actors, callbacks, echo, start_wall)
         except BaseException as exc:
@@ -233,6 +236,7 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
     assert ctx.strategy is not None
     opts = ctx.strategy.client_options
     t0 = time.perf_counter()
+    ctx.round = rnd
     participants = sample_clients(ctx.shards.num_clients, cfg.clients_per_round(), cfg.seed, rnd)
     clock = PhaseClock()
     fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient,
