@@ -5,7 +5,8 @@ Layout of ``OUTPUT/checkpoints/``::
     latest.json                 {"round": R, "path": "round_0000R"}   (replaced atomically)
     round_0000R/server.safetensors  states (N, D) f32, init (D,) f32, similarity (N, N) f64
     round_0000R/layout.json     the adapter layout (names, shapes, offsets)
-    round_0000R/meta.json       format, round, history (metrics rows 1..R), config, sha256
+    round_0000R/meta.json       format, round, history (metrics rows 1..R), config, sha256,
+                                extra (run metadata, e.g. the MLflow run id)
 
 A checkpoint directory is written under a temporary name, fsynced, then renamed; only then is
 ``latest.json`` replaced. A process killed at any moment leaves ``latest.json`` pointing at a
@@ -25,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class Checkpoint:
     layout: dict[str, Any]
     history: list[dict[str, Any]]
     config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # run metadata saved with the state
 
     @property
     def num_clients(self) -> int:
@@ -130,7 +132,7 @@ def write_safetensors(fh: Any, tensors: Mapping[str, np.ndarray]) -> str:
 
 def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarray],
                      layout: Mapping[str, Any], history: list[dict[str, Any]],
-                     config: Mapping[str, Any]) -> Path:
+                     config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
     """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(round_num)
@@ -143,7 +145,7 @@ def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarra
         os.fsync(fh.fileno())
     write_text_atomic(tmp / "layout.json", json.dumps(dict(layout)))
     meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
-            "sha256": {TENSORS: digest},
+            "sha256": {TENSORS: digest}, "extra": dict(extra or {}),
             "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
     write_text_atomic(tmp / "meta.json", json.dumps(meta))
     fsync_dir(tmp)
@@ -234,8 +236,9 @@ def read_checkpoint(path: Path, expected_round: int | None = None) -> Checkpoint
     if not isinstance(history, list) or [r.get("round") if isinstance(r, dict) else None
                                          for r in history] != list(range(1, rnd + 1)):
         raise _bad(path, f"meta.json history is not rounds 1..{rnd}")
-    config = meta.get("config")
-    return Checkpoint(path, rnd, tensors, layout, history, config if isinstance(config, dict) else {})
+    config, extra = meta.get("config"), meta.get("extra")
+    return Checkpoint(path, rnd, tensors, layout, history, config if isinstance(config, dict) else {},
+                      extra if isinstance(extra, dict) else {})
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], size: int, path: Path) -> None:
@@ -296,9 +299,10 @@ ServerState = tuple[Mapping[str, np.ndarray], Layout]  # what the server's state
 
 
 def _fetch_and_write(fetch: Callable[[], ServerState], root: Path, rnd: int,
-                     history: list[dict[str, Any]], config: Mapping[str, Any]) -> Path:
+                     history: list[dict[str, Any]], config: Mapping[str, Any],
+                     extra: Mapping[str, Any]) -> Path:
     tensors, layout = fetch()
-    return write_checkpoint(root, rnd, tensors, layout.to_dict(), history, config)
+    return write_checkpoint(root, rnd, tensors, layout.to_dict(), history, config, extra)
 
 
 class CheckpointWriter:
@@ -315,13 +319,14 @@ class CheckpointWriter:
         self._pending: Future[Path] | None = None
 
     def submit(self, fetch: Callable[[], ServerState], root: Path, rnd: int,
-               history: list[dict[str, Any]], config: Mapping[str, Any]) -> None:
+               history: list[dict[str, Any]], config: Mapping[str, Any],
+               extra: Mapping[str, Any] | None = None) -> None:
         """Write round ``rnd``'s state under ``root`` in the background; ``fetch`` (called on
         the writer's thread) returns it. The caller asks the server for the state before
         submitting, so the next round cannot change it first."""
         self.wait()
         self._pending = self._pool.submit(_fetch_and_write, fetch, root, rnd,
-                                          list(history), dict(config))
+                                          list(history), dict(config), dict(extra or {}))
 
     def wait(self) -> Path | None:
         """Block until the write in flight (if any) is on disk; its path."""

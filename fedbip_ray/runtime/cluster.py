@@ -7,9 +7,9 @@ import math
 import os
 import socket
 import time
-from urllib.parse import urlsplit
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 

@@ -42,6 +42,9 @@ class RunContext:
     # {phase: {client: seconds its last call took}}: the dispatch order of the next phase
     call_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
     progress: PhaseProgress | None = None  # progress inside a round (None: silent)
+    # run metadata saved in every checkpoint and restored on resume (e.g. the MLflow run id);
+    # callbacks may add to it in on_start
+    meta: dict[str, Any] = field(default_factory=dict)
     round: int = 0  # the round in progress
 
     def actor_index(self, client_id: int) -> int:

@@ -123,7 +123,7 @@ def submit_checkpoint(ctx: RunContext, rnd: int) -> None:
     assert ctx.server is not None and ctx.checkpoints is not None
     ref = ctx.server.state_dict.remote()
     ctx.checkpoints.submit(lambda: ray.get(ref), ctx.output / "checkpoints", rnd, ctx.history,
-                           ctx.cfg.to_dict())
+                           ctx.cfg.to_dict(), ctx.meta)
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -183,6 +183,7 @@ def _start(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
                               f"model ({mismatch})")
         ray.get(ctx.server.load_state_dict.remote(ck.tensors, layout))
         ctx.history, ctx.first_round = list(ck.history), ck.round + 1
+        ctx.meta = dict(ck.extra)
         echo(f"resumed from {ck.path.name}: continuing at round {ctx.first_round}")
     else:
         ray.get(ctx.server.initialize.remote(ctx.actors[0].initial_state.remote(), layout))

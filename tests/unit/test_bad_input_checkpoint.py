@@ -47,6 +47,15 @@ def test_roundtrip_keeps_the_last_two_and_no_temporaries(tmp_path):
     assert meta["format"] == C.FORMAT and len(meta["sha256"][C.TENSORS]) == 64
 
 
+def test_run_metadata_travels_with_the_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    C.write_checkpoint(root, 1, _tensors(), LAYOUT, _history(1), {"seed": 0},
+                       {"mlflow_run_id": "abc123"})
+    assert C.read_latest(root).extra == {"mlflow_run_id": "abc123"}
+    _write(root, 2)  # none given: empty, not the previous one's
+    assert C.read_latest(root).extra == {}
+
+
 def test_leftovers_of_a_killed_writer_are_ignored_then_cleaned(tmp_path):
     root = tmp_path / "checkpoints"
     _write(root, 1)
