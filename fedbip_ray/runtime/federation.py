@@ -25,12 +25,10 @@ from typing import Any
 import ray
 
 from fedbip_ray.config import Config, ConfigError, ModelConfig
-from fedbip_ray.core.strategies import Strategy, make_strategy
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.shards import build_shards, format_summary
 from fedbip_ray.runtime import checkpoint as ckpt_io
 from fedbip_ray.runtime import outputs
-from fedbip_ray.runtime.client import one_line
 from fedbip_ray.runtime.cluster import (
     ensure_ray,
     heal_actors,
@@ -87,14 +85,6 @@ def preflight_model(model: ModelConfig) -> None:
         raise ConfigError(hint)
 
 
-def build_strategy(cfg: Config) -> Strategy:
-    """The configured strategy (ConfigError naming ``strategy.params`` on a bad value)."""
-    try:
-        return make_strategy(cfg.strategy.name, cfg.strategy.params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategy.params: {one_line(exc)}") from None
-
-
 def load_resume_checkpoint(out: Path, cfg: Config) -> ckpt_io.Checkpoint | None:
     """The latest checkpoint of ``out`` (None: none yet), checked against ``cfg``."""
     ck = ckpt_io.read_latest(out / "checkpoints")
@@ -144,7 +134,7 @@ def run_federation(cfg: Config, output: str | Path, resume: bool = False,
         ck = load_resume_checkpoint(out, cfg) if resume else None
         if resume and ck is None:
             echo(f"no checkpoint in {out}: starting from round 1")
-        strategy = build_strategy(cfg)
+        strategy = cfg.strategy.build()  # once per run, validated when cfg was parsed
         preflight_model(cfg.model)
         shards = build_shards(cfg.data, cfg.seed, out / "shards")
         if ck is not None and ck.num_clients != shards.num_clients:

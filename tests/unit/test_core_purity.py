@@ -34,13 +34,13 @@ def test_driver_side_imports_no_torch() -> None:
 PREFLIGHT = (
     "import sys, tempfile; from pathlib import Path; "
     "from fedbip_ray.config import config_from_dict; "
-    "from fedbip_ray.runtime.federation import build_strategy, preflight_model; "
+    "from fedbip_ray.runtime.federation import preflight_model; "
     "from fedbip_ray.data.shards import build_shards; "
     "from fedbip_ray.models.names import minilm_path; "
     "cfg = config_from_dict({'model': {'name': 'minilm'}, 'data': {'dataset': 'synthetic-text', "
     "'num_clients': 3, 'examples_per_client': 20}}); "
     "preflight_model(cfg.model); preflight_model(cfg.model.model_copy(update={'name': str(minilm_path())})); "
-    "build_strategy(cfg); build_shards(cfg.data, 0, Path(tempfile.mkdtemp()) / 'shards'); "
+    "cfg.strategy.build(); build_shards(cfg.data, 0, Path(tempfile.mkdtemp()) / 'shards'); "
     "bad=[m for m in ('torch','transformers','peft') if m in sys.modules]; "
     "assert not bad, bad"
 )
