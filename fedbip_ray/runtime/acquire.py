@@ -3,11 +3,12 @@
 How the run loop uses it (Ray already connected)::
 
     bundle = bundle_shape(rc.num_cpus_per_client, rc.num_gpus_per_client)
-    limits = cluster_limits()                                  # autoscaler? what could it add?
+    limits = cluster_limits(bundle)                            # autoscaler? what could it add?
     n = plan_num_actors(num_clients, bundle, limits, requested=rc.num_actors,
                         max_actors=rc.max_actors)              # ConfigError if never possible
     pg = acquire_bundles(n, rc.num_cpus_per_client, rc.num_gpus_per_client,
-                         timeout_s=rc.acquire_timeout_s, echo=echo)   # ConfigError on timeout
+                         timeout_s=rc.acquire_timeout_s, echo=echo,
+                         limits=limits)                        # ConfigError on timeout
     actors = [ClientActor.options(num_cpus=..., num_gpus=..., **actor_options(pg, i)).remote(...)
               for i in range(n)]
     ...
@@ -204,24 +205,38 @@ def monitor_config_path(status: Mapping[str, Any], gcs_address: str) -> Path | N
     return None
 
 
+def _await_status(wait_s: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = autoscaler_status()
+        if status is not None:
+            return status
+    return None
+
+
 def alive_nodes() -> tuple[Bundle, ...]:
     """Total resources of every alive node."""
     return tuple({k: float(v) for k, v in n.get("Resources", {}).items()}
                  for n in ray.nodes() if n.get("Alive"))
 
 
-def cluster_limits() -> ClusterLimits:
+def cluster_limits(bundle: Bundle | None = None, status_wait_s: float = 15.0) -> ClusterLimits:
     """Whether an autoscaler runs and what it could provide (Ray must be connected).
 
     Sources, first found wins: node groups in the GCS; the monitor's ``--autoscaling-config``
     file (readable when the driver runs on the head, as under ``ray job submit``). A monitor that
-    only mirrors the nodes (plain ``ray start``, ``ray.init()``) is no autoscaler.
+    only mirrors the nodes (plain ``ray start``, ``ray.init()``) is no autoscaler. When the
+    nodes present cannot hold one ``bundle`` and the monitor has not reported yet (a cluster
+    just started), its first report is awaited for up to ``status_wait_s``.
     """
     nodes = alive_nodes()
     types = gcs_node_types()
     if types is not None:
         return ClusterLimits(True, types, None, nodes, "the autoscaler's node groups")
     status = autoscaler_status()
+    if status is None and bundle and present_capacity(bundle, nodes) == 0:
+        status = _await_status(status_wait_s)
     if status is None or is_readonly(status):
         return ClusterLimits(False, None, None, nodes, "the nodes present")
     path = monitor_config_path(status, ray.get_runtime_context().gcs_address)
@@ -250,7 +265,8 @@ def describe_limits(limits: ClusterLimits) -> str:
         for key in ("CPU", "GPU"):
             totals[key] = totals.get(key, 0.0) + node.get(key, 0.0)
     scaler = "an autoscaler of unknown limits" if limits.autoscaler else "no autoscaler"
-    return f"{len(limits.nodes)} nodes with {format_bundle(totals)}, {scaler}"
+    count = f"{len(limits.nodes)} node{'' if len(limits.nodes) == 1 else 's'}"
+    return f"{count} with {format_bundle(totals)}, {scaler}"
 
 
 def never_message(bundle: Bundle, limits: ClusterLimits) -> str:
@@ -301,7 +317,7 @@ def acquire_bundles(num_actors: int, cpus_per_actor: float, gpus_per_actor: floa
     bundle = bundle_shape(cpus_per_actor, gpus_per_actor)
     if not bundle:
         return None
-    limits = limits if limits is not None else cluster_limits()
+    limits = limits if limits is not None else cluster_limits(bundle)
     ceiling = ceiling_capacity(bundle, limits)
     if ceiling == 0:
         raise ConfigError(never_message(bundle, limits))

@@ -229,11 +229,11 @@ def _terminate(pids: list[int], grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def stop(temp_dir: str | Path, grace_s: float = 5.0) -> list[int]:
+def stop(temp_dir: str | Path, grace_s: float = 3.0) -> list[int]:
     """Stop every process of the cluster under ``temp_dir`` (by pid); return the pids stopped.
 
-    The autoscaler goes first so that it launches no node while the rest stops. Raises
-    RuntimeError if any of them is still alive at the end.
+    The autoscaler goes first so that it launches no node while the rest stops; the rest get
+    SIGTERM, and SIGKILL after ``grace_s``. Raises RuntimeError if any is still alive at the end.
     """
     stopped: set[int] = set()
     for _ in range(3):
@@ -241,7 +241,7 @@ def stop(temp_dir: str | Path, grace_s: float = 5.0) -> list[int]:
         if not pids:
             break
         monitors = [p for p in pids if _is_monitor(p)]
-        _terminate(monitors, grace_s)
+        _terminate(monitors, 0.0)  # the autoscaler ignores SIGTERM: killed at once
         _terminate([p for p in pids if p not in monitors], grace_s)
         stopped |= set(pids)
     left = cluster_pids(temp_dir)

@@ -9,6 +9,7 @@ other fixtures is left alone. At the end exactly its processes are stopped, by p
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,3 +38,4 @@ def multinode_cluster() -> Iterator[LocalCluster]:
         local_cluster.stop(tmp)
         left = local_cluster.cluster_pids(tmp)
         assert not left, f"processes of the test cluster still alive: {left}"
+        shutil.rmtree(tmp, ignore_errors=True)

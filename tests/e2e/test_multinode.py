@@ -61,7 +61,9 @@ def seen(multinode_cluster) -> dict[str, Any]:  # noqa: F811
         cwd=REPO, env=cluster_env(multinode_cluster), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("PROBE "):])
+    seen = json.loads(lines[-1][len("PROBE "):])
+    print({k: seen[k] for k in ("nodes_before", "nodes_after", "acquire_s", "never_s", "actors")})
+    return seen
 
 
 def test_autoscaler_adds_a_gpu_node_per_bundle(seen):
