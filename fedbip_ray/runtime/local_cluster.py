@@ -103,8 +103,12 @@ def start(temp_dir: str | Path, config: str | Path = DEFAULT_CONFIG, timeout_s: 
     cfg_path = tmp / "autoscaling.yaml"
     cfg = write_autoscaling_config(Path(config), gcs, cfg_path)
     head_res = cfg["available_node_types"][cfg["head_node_type"]].get("resources", {})
-    proc = subprocess.run(head_command(tmp, cfg_path, head_res, ports), env=ray_env(),
-                          capture_output=True, text=True, timeout=timeout_s)
+    try:
+        proc = subprocess.run(head_command(tmp, cfg_path, head_res, ports), env=ray_env(),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop(tmp)
+        raise RuntimeError(f"ray start did not return in {timeout_s:g} s") from None
     cluster = LocalCluster(str(tmp), gcs, f"http://127.0.0.1:{ports['dashboard']}", str(cfg_path), ports)
     if proc.returncode != 0:
         stop(tmp)
