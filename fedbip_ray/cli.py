@@ -84,6 +84,7 @@ def _configure_logging() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedbip_ray.runtime.federation import run_federation
+    from fedbip_ray.runtime.progress import PhaseProgress
     from fedbip_ray.runtime.rows import format_client_table
 
     resume = Path(args.resume) if args.resume else None
@@ -100,7 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         callbacks.append(MlflowCallback(cfg))
     echo = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    summary = run_federation(cfg, output, resume=resume is not None, callbacks=callbacks, echo=echo)
+    progress = None if args.quiet else PhaseProgress(cfg.federation.rounds)
+    summary = run_federation(cfg, output, resume=resume is not None, callbacks=callbacks, echo=echo,
+                             progress=progress)
     groups = [int(g) for g in _groups(output)]
     print(format_client_table(summary, groups), flush=True)
     print(f"results in {output}/ (summary.json, metrics.jsonl)", flush=True)

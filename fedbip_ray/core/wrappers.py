@@ -56,10 +56,16 @@ class GaussianNoiseStrategy:
     def client_options(self) -> ClientOptions:
         return self.inner.client_options
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+    def privatize(self, inp: AggregationInput) -> AggregationInput:
+        """``inp`` with each task vector clipped and noised (draws the next noise sample):
+        everything computed from the result (aggregates, similarity, gate candidates) then
+        derives from noised updates only."""
         deltas = clip_rows(inp.deltas, self.clip)
         std = self.noise_multiplier * self.clip
         noisy = self._rng.standard_normal(deltas.shape, dtype=np.float32)
         noisy *= np.float32(std)
         noisy += deltas
-        return self.inner.aggregate(replace(inp, deltas=noisy))
+        return replace(inp, deltas=noisy)
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return self.inner.aggregate(self.privatize(inp))

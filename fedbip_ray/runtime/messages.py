@@ -68,7 +68,7 @@ class AggregationReport:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
-    modified: list[int] = field(default_factory=list)  # accepted after norm clipping
+    modified: list[int] = field(default_factory=list)  # server changed τ (clip, DP): send local
     aggregated: bool = False
     similarity: np.ndarray | None = None
     weights: np.ndarray | None = None

@@ -101,10 +101,10 @@ class FederatedServer:
             raise UpdateRejected(f"gradient signal: {exc}") from None
         return sig
 
-    def round_strategy(self, round_num: int) -> Strategy:
-        """The strategy for one round: the configured one, wrapped in DP clip + noise."""
+    def noise(self, round_num: int) -> GaussianNoiseStrategy | None:
+        """Round ``round_num``'s DP clip + noise around the configured strategy (None: off)."""
         if not self.privacy:
-            return self.strategy
+            return None
         return GaussianNoiseStrategy(self.strategy, clip=self.privacy.clip_norm,
                                      noise_multiplier=self.privacy.noise_multiplier,
                                      seed=noise_seed(self.seed, round_num))
@@ -174,7 +174,11 @@ class FederatedServer:
                         round_num, len(v.ids), min_accepted)
             return report
         inp = self._input(v)
-        result = self.round_strategy(round_num).aggregate(inp)
+        noise = self.noise(round_num)
+        if noise is not None:  # from here on only noised task vectors exist on the server
+            inp = noise.privatize(inp)
+            report.modified = list(v.ids)  # gate candidates: the noised local states, sent
+        result = self.strategy.aggregate(inp)
         if not all_finite(result.states):
             raise FloatingPointError(f"round {round_num}: aggregation produced non-finite states")
         idx = np.asarray(v.ids, dtype=np.int64)
@@ -206,8 +210,8 @@ class FederatedServer:
     # -- validation gate (fedbip_ray.core.gate) --------------------------------------------
     def gate_local(self, client_id: int) -> np.ndarray:
         """(D,) float32: the client's own state after this round's training (its start state
-        plus its validated task vector); its aggregate is :meth:`get_state` until
-        :meth:`apply_gate`."""
+        plus its validated task vector, clipped and noised under DP); its aggregate is
+        :meth:`get_state` until :meth:`apply_gate`."""
         rows, local = self._gate_local
         if local is None or client_id not in rows:
             raise KeyError(f"client {client_id} has no gate candidates this round")
@@ -235,7 +239,7 @@ class FederatedServer:
             self._last = None
 
     def last_round(self) -> dict[str, Any] | None:
-        """The accepted, validated task vectors of the latest aggregation (before DP noise):
+        """The accepted, validated task vectors of the latest aggregation (noised under DP):
         {"round", "clients", "deltas": (N_t, D) float32} when :meth:`keep_last_round` is on
         (replay tuning); None otherwise."""
         return self._last
