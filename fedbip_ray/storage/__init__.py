@@ -33,7 +33,7 @@ pickles (for Ray tasks) as its filesystem options: each process uses its own cre
 
 from fedbip_ray.storage.errors import StorageError
 from fedbip_ray.storage.location import Location, open_location
-from fedbip_ray.storage.lock import LEASE_S, RunLock, acquire, run_lock
+from fedbip_ray.storage.lock import LEASE_S, OwnershipLost, RunLock, acquire, run_lock
 from fedbip_ray.storage.probe import probe
 from fedbip_ray.storage.publish import (
     Published,
@@ -48,8 +48,8 @@ from fedbip_ray.storage.publish import (
 from fedbip_ray.storage.rows import RowLog, open_rows
 
 __all__ = [
-    "LEASE_S", "Location", "Published", "RowLog", "RunLock", "StorageError", "acquire",
-    "checkpoint_name", "clear_checkpoints", "open_location", "open_rows", "probe",
+    "LEASE_S", "Location", "OwnershipLost", "Published", "RowLog", "RunLock", "StorageError",
+    "acquire", "checkpoint_name", "clear_checkpoints", "open_location", "open_rows", "probe",
     "prune_checkpoints", "publish_checkpoint", "read_latest", "read_pointer", "read_published",
     "run_lock",
 ]

@@ -14,7 +14,7 @@ from fedbip_ray.config import ConfigError
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "GOOGLE_APPLICATION_CREDENTIALS")
 _ACCESS_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b")
-_USERINFO = re.compile(r"(\w+://)[^/@\s]*@")
+_USERINFO = re.compile(r"(\w+://)[^@\s]*@")
 # (marker found in the client's message, cause shown to the user), first match wins
 _CAUSES: tuple[tuple[str, str], ...] = (
     ("NO_SUCH_BUCKET", "the bucket does not exist"),
@@ -71,13 +71,16 @@ def storage_error(where: str, what: str, exc: BaseException) -> StorageError:
 
 
 def safe_uri(text: str) -> str:
-    """``text`` as a URI with user info and query replaced by ``***`` (for messages)."""
+    """``text`` as a URI with user info, a non-numeric port and the query replaced by ``***``."""
     if "://" not in text:
         return scrub(text)
     scheme, _, rest = text.partition("://")
+    if "@" in rest:  # a secret may hold '/', '?' or '#': drop everything before the last '@'
+        rest = "***@" + rest.rpartition("@")[2]
     rest = rest.split("#", 1)[0]
     rest, query, _ = rest.partition("?")
     netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
+    host, colon, port = netloc.partition(":")
+    if colon and not port.isdigit():
+        netloc = f"{host}:***"
     return scrub(f"{scheme}://{netloc}{slash}{path}" + ("?***" if query else ""))

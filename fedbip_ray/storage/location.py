@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ CONNECT_TIMEOUT_S = 5.0  # seconds to open a connection to an object store
 REQUEST_TIMEOUT_S = 30.0  # seconds a request may wait for data
 MAX_ATTEMPTS = 3  # tries per request (the first included)
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ def open_location(target: str | os.PathLike[str] | Location) -> Location:
     if scheme not in SCHEMES:
         raise StorageError(f"{safe_uri(text)}: unsupported storage scheme '{scheme}' "
                            "(use a local path, file://, s3://, gs:// or hdfs://)")
-    if parts.password is not None or (scheme != "hdfs" and "@" in parts.netloc):
+    if _has_credentials(scheme, text.partition("://")[2].partition("/")[0]):
         raise StorageError(f"{safe_uri(text)}: credentials in the URI are not accepted; use the "
                            "provider's standard credential chain (environment, profile, role)")
     if parts.query or parts.fragment:
@@ -260,6 +262,14 @@ def open_location(target: str | os.PathLike[str] | Location) -> Location:
     if scheme == "hdfs":
         return _hdfs(text, parts.hostname or "", parts.port, parts.username, parts.path)
     return _bucket(text, scheme, parts.netloc, parts.path)
+
+
+def _has_credentials(scheme: str, authority: str) -> bool:
+    """Whether the part before the first '/' holds user info with a secret (HDFS: a bare user
+    name is allowed; buckets never hold '@' or ':')."""
+    if scheme == "hdfs":
+        return "@" in authority and ":" in authority.rpartition("@")[0]
+    return scheme != "file" and ("@" in authority or ":" in authority)
 
 
 def _local(given: str, path: str) -> Location:
@@ -273,8 +283,9 @@ def _file_uri(text: str, netloc: str, path: str) -> Location:
 
 
 def _bucket(text: str, scheme: str, bucket: str, key: str) -> Location:
-    if len(bucket) < 3:
-        raise StorageError(f"{safe_uri(text)}: the bucket name must have at least 3 characters")
+    if not _BUCKET.match(bucket):
+        raise StorageError(f"{safe_uri(text)}: '{bucket}' is not a valid bucket name (at least 3 "
+                           "characters: lowercase letters, digits, '.', '-', '_')")
     key = "/".join(p for p in unquote(key).split("/") if p)
     path = f"{bucket}/{key}" if key else bucket
     if scheme == "s3":
@@ -309,7 +320,7 @@ def s3_filesystem(bucket: str) -> tuple[pafs.S3FileSystem, str | None]:
     elif not region:
         try:
             region = pafs.resolve_s3_region(bucket)
-        except OSError:
+        except (OSError, ValueError):
             region = None  # the probe reports what is wrong
     if region:
         kwargs["region"] = region

@@ -36,6 +36,10 @@ SETTLE_S = 0.5  # wait before reading the owner object back (catches a simultane
 _log = logging.getLogger(__name__)
 
 
+class OwnershipLost(StorageError):
+    """Another run owns the location now (this run must stop writing there)."""
+
+
 @dataclass(frozen=True)
 class Owner:
     """The content of ``.owner.json`` (times are Unix seconds)."""
@@ -104,7 +108,8 @@ class RunLock:
         return self.output / OWNER
 
     def refresh(self) -> None:
-        """Renew the lease; ``StorageError`` if another run took this location over."""
+        """Renew the lease; :class:`OwnershipLost` if another run took this location over,
+        ``StorageError`` if the store cannot be reached (after the client's retries)."""
         if self._error is not None:
             raise self._error
         if self.owner is None:
@@ -114,8 +119,8 @@ class RunLock:
             current = read_owner(self.object)
             if current is None or current.token != self.owner.token:
                 other = current.who(now) if current else "the owner object is gone"
-                raise StorageError(f"output {self.output.describe()}: another fedbip run took it "
-                                   f"over ({other})")
+                raise OwnershipLost(f"output {self.output.describe()}: another fedbip run took it "
+                                    f"over ({other})")
             self.owner = replace(self.owner, refreshed=now)
             write_owner(self.object, self.owner)
 
@@ -132,10 +137,12 @@ class RunLock:
         while not self._stop.wait(interval):
             try:
                 self.refresh()
-            except StorageError as exc:
+            except OwnershipLost as exc:
                 self._error = exc
                 self._warn(str(exc))
                 return
+            except StorageError as exc:  # transient: the next beat (or round) tries again
+                self._warn(f"{exc}; the lease will be renewed at the next heartbeat")
 
     def release(self) -> None:
         """Give the location up (the owner object is deleted only if it is still ours)."""

@@ -182,7 +182,7 @@ def test_stale_owner_taken_over_and_first_run_told(s3env):
     warnings: list[str] = []
     second = storage.acquire(out, settle_s=0.0, heartbeat=False, warn=warnings.append)
     assert "lease expired" in warnings[0]
-    with pytest.raises(StorageError) as exc:
+    with pytest.raises(storage.OwnershipLost) as exc:
         first.refresh()
     assert "took it over" in one_line(exc)
     first.release()  # not ours any more: the new owner object stays
@@ -259,3 +259,22 @@ def test_credentials_in_uri_refused_and_hidden(moto_s3):
         storage.probe(f"s3://{key}:{secret}@runs/x")
     assert "credentials in the URI are not accepted" in one_line(exc)
     no_secrets(str(exc.value), moto_s3)
+
+
+def test_large_safetensors_streamed_and_loaded(s3env):
+    """A multi-part upload (> one 10 MB part) written chunk by chunk, loaded by safetensors."""
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    states = np.random.default_rng(0).standard_normal((3, 1_000_000), dtype=np.float32)
+    blob = save({"states": states, "init": states[0].copy()})
+
+    def stream(fh):
+        for start in range(0, len(blob), 1 << 20):
+            fh.write(memoryview(blob)[start:start + (1 << 20)])
+
+    root = open_location(s3env) / "checkpoints"
+    storage.publish_checkpoint(root, 1, {"server.safetensors": stream, "meta.json": b"{}"})
+    got = storage.read_latest(root)
+    loaded = load(got.files["server.safetensors"])
+    assert np.array_equal(loaded["states"], states) and len(blob) > 10 * 2**20

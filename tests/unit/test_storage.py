@@ -88,8 +88,12 @@ def test_write_below_a_file_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("uri, words", [
     ("foo://x", "unsupported storage scheme 'foo'"),
-    ("s3://ab/x", "at least 3 characters"),
+    ("s3://ab/x", "'ab' is not a valid bucket name"),
+    ("gs://Bad_Bucket/x", "not a valid bucket name"),
     ("s3://AKIAABCDEFGHIJKLMNOP:verysecret@bucket/x", "credentials in the URI"),
+    ("s3://AKIAABCDEFGHIJKLMNOP:very/secret+x@bucket/x", "credentials in the URI"),
+    ("s3://AKIAABCDEFGHIJKLMNOP:ve?ry#secret@bucket/x", "credentials in the URI"),
+    ("hdfs://user:verysecret@namenode:8020/x", "credentials in the URI"),
     ("s3://bucket/x?access_key=AKIAABCDEFGHIJKLMNOP&secret_key=verysecret", "query options"),
     ("file://otherhost/x", "absolute local path"),
     ("hdfs:///x", "name node"),
@@ -99,7 +103,8 @@ def test_bad_uris_are_one_line_storage_errors(uri, words):
     with pytest.raises(StorageError) as exc:
         open_location(uri)
     text = one_line(exc)
-    assert words in text and "verysecret" not in text and "AKIAABCDEFGHIJKLMNOP" not in text
+    assert words in text and "AKIAABCDEFGHIJKLMNOP" not in text
+    assert not any(part in text for part in ("verysecret", "very/secret", "secret+x", "ry#secret"))
     assert isinstance(exc.value, ConfigError)
 
 
@@ -294,3 +299,32 @@ def test_clear_checkpoints(tmp_path):
     assert os.listdir(tmp_path / "ck") == [] and storage.read_latest(root) is None
     storage.clear_checkpoints(open_location(tmp_path / "absent"))
     assert not Path(tmp_path / "absent").exists()
+
+
+# ---------------------------------------------------------------------------- remote, offline
+def test_s3_location_endpoint_from_standard_variables(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://general:1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-show-0123456789")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAABCDEFGHIJKLMNOP")
+    loc = open_location("s3://bucket//runs/tiny/")
+    assert (loc.path, loc.describe(), loc.endpoint) == ("bucket/runs/tiny", "s3://bucket/runs/tiny",
+                                                        "http://general:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://only-s3:2")
+    loc = open_location("s3://bucket/runs")
+    assert loc.endpoint == "https://only-s3:2" and not loc.is_local
+    shown = repr(loc) + str(loc / "x") + pickle.dumps(loc).decode("latin-1")
+    assert "do-not-show" not in shown and "AKIAABCDEFGHIJKLMNOP" not in shown
+    with pytest.raises(ValueError):
+        _ = loc.local_path
+
+
+def test_gs_location_opens_without_contacting_anything():
+    loc = open_location("gs://my-bucket/runs/a")
+    assert loc.describe() == "gs://my-bucket/runs/a" and loc.path == "my-bucket/runs/a"
+
+
+def test_hdfs_without_a_client_is_one_line():
+    with pytest.raises(StorageError) as exc:
+        open_location("hdfs://namenode:8020/runs")
+    assert one_line(exc).startswith("hdfs://namenode:8020/runs: cannot connect to HDFS")
