@@ -124,8 +124,10 @@ class Location:
     def open_writer(self) -> Iterator[BinaryIO]:
         """A binary stream whose content replaces this file when the block ends without error.
 
-        Local: a temporary file, fsynced and renamed into place. Object store: one upload that
-        becomes visible on close (a failed block deletes what was uploaded).
+        Local: a temporary file, fsynced and renamed into place; a failed block leaves the old
+        file. Object store: one upload that becomes visible on close; pyarrow cannot abort an
+        upload, so a failed block deletes the key (an older object there is gone too): stream
+        into fresh keys (as :func:`publish_checkpoint` does) and use ``write_bytes`` to replace.
         """
         if self.is_local:
             with _local_writer(Path(self.path), self.uri) as fh:

@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from fedbip_ray.config import ConfigError
 from fedbip_ray.storage.errors import StorageError
@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"
 ROUND_DIR = re.compile(r"^round_(\d{5,})$")
 TMP_PREFIX = ".tmp_round_"
 Writer = Callable[[BinaryIO], object]  # writes one file's bytes to the stream it is given
+T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
@@ -102,11 +103,10 @@ def publish_checkpoint(root: Location, round_num: int, files: Mapping[str, bytes
         raise ValueError(f"round must be >= 1, got {round_num}")
     name = checkpoint_name(round_num)
     final = root / name
-    pointer = read_pointer(root)
     if root.is_local:
         _publish_local(root, final, round_num, files)
     else:
-        if pointer is not None and pointer[1] == name:
+        if _pointed_name(root) == name:
             raise ValueError(f"{final.describe()} is the published checkpoint; publish a later round")
         final.delete_dir()
         try:
@@ -117,6 +117,15 @@ def publish_checkpoint(root: Location, round_num: int, files: Mapping[str, bytes
     (root / POINTER).write_text(json.dumps({"round": round_num, "path": name}))
     prune_checkpoints(root, keep)
     return final
+
+
+def _pointed_name(root: Location) -> str | None:
+    """The directory the pointer names (None if absent or malformed: it is replaced anyway)."""
+    try:
+        pointer = read_pointer(root)
+    except StorageError:
+        return None
+    return pointer[1] if pointer else None
 
 
 def _publish_local(root: Location, final: Location, round_num: int,
@@ -204,27 +213,29 @@ def _read_unmanifested(directory: Location, round_num: int) -> Published:
     return Published(round_num, directory, {n: (directory / n).read_bytes() for n in names})
 
 
-def read_latest(root: Location, validate: Callable[[Published], object] | None = None,
-                warn: Callable[[str], None] = _log.warning) -> Published | None:
-    """The checkpoint the pointer names, else the newest older complete one; None if none.
+def load_latest(root: Location, load: Callable[[Published], T],
+                warn: Callable[[str], None] = _log.warning) -> T | None:
+    """``load(published)`` for the checkpoint the pointer names, else for the newest older
+    complete one; None if there is none.
 
-    ``validate(published)`` may raise ``ConfigError``/``ValueError`` to reject one (the next
-    older one is tried); each rejection is reported through ``warn``.
+    ``load`` may raise ``ConfigError`` (``StorageError`` included) or ``ValueError`` to reject a
+    checkpoint: the next older one is tried, and each rejection is reported through ``warn``.
     """
     pointer = read_pointer(root)
     if pointer is None:
         return None
     newest = pointer[0]
     for rnd in [newest, *(r for r in reversed(round_dirs(root)) if r < newest)]:
-        directory = root / checkpoint_name(rnd)
         try:
-            published = read_published(directory, rnd)
-            if validate is not None:
-                validate(published)
-            return published
+            return load(read_published(root / checkpoint_name(rnd), rnd))
         except (ConfigError, ValueError) as exc:
             warn(f"{exc}; trying an older checkpoint")
     return None
+
+
+def read_latest(root: Location, warn: Callable[[str], None] = _log.warning) -> Published | None:
+    """The newest complete, verified checkpoint the pointer allows (see :func:`load_latest`)."""
+    return load_latest(root, lambda published: published, warn)
 
 
 # ---------------------------------------------------------------------------- pruning

@@ -234,7 +234,7 @@ def test_truncated_tensor_falls_back_and_unpublished_round_is_ignored(tmp_path):
     assert storage.read_latest(root) is None
 
 
-def test_validate_hook_rejects_and_falls_back(tmp_path):
+def test_load_latest_rejects_and_falls_back(tmp_path):
     root = open_location(tmp_path)
     storage.publish_checkpoint(root, 1, files_for(1))
     storage.publish_checkpoint(root, 2, files_for(2))
@@ -242,10 +242,12 @@ def test_validate_hook_rejects_and_falls_back(tmp_path):
     def only_round_one(pub):
         if pub.round != 1:
             raise ConfigError(f"checkpoint {pub.location}: layout does not match")
+        return json.loads(pub.files["meta.json"])
 
     warnings: list[str] = []
-    assert storage.read_latest(root, validate=only_round_one, warn=warnings.append).round == 1
+    assert storage.load_latest(root, only_round_one, warn=warnings.append) == {"round": 1}
     assert "layout does not match; trying an older checkpoint" in warnings[0]
+    assert storage.load_latest(root, lambda pub: pub.round) == 2
 
 
 def test_failed_publish_keeps_the_previous_pointer_and_no_temporaries(tmp_path):
