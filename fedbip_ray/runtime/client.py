@@ -1,13 +1,13 @@
-"""ClientActor: a thin Ray shell around a trainer (:func:`make_trainer`).
+"""ClientActor: a thin Ray shell around a trainer (:func:`fedbip_ray.training.registry.make_trainer`).
 
 One actor loads the base model once and serves one client (or, in pool mode, several clients).
 It keeps no federated state: every call receives the client's personalized adapter state from
 the server actor and a :class:`ShardRef` of the client's data, so a restarted actor (Ray
 restarts it up to ``max_restarts`` times after a crash) simply carries on with its next call.
+The trainer runs on the GPUs Ray assigned this actor (:mod:`fedbip_ray.training.device`).
 
-Test-only fault injection: ``FEDBIP_TEST_POISON="CLIENT:MODE[,CLIENT:MODE...]"`` in the
-actor's environment corrupts that client's ``fit`` result (see :data:`POISON_MODES`). The
-driver forwards ``FEDBIP_TEST_*`` variables to its actors; nothing else reads them.
+Test-only fault injection: with ``FEDBIP_TEST_POISON`` set, ``fit`` results go through
+:func:`fedbip_ray.runtime.faults.poison_update`.
 """
 
 from __future__ import annotations
@@ -22,25 +22,32 @@ from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.data.shards import read_shard
 from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef
+from fedbip_ray.training.device import torch_device
+from fedbip_ray.training.protocol import Trainer
+from fedbip_ray.training.seeds import seed_for
 
-POISON_ENV = "FEDBIP_TEST_POISON"
-POISON_MODES = {
-    "scale": "task vector multiplied by 1e6",
-    "nan": "first entry of the task vector set to NaN",
-    "layout": "task vector one entry short (wrong shape)",
-    "raise": "fit raises RuntimeError (the actor survives)",
-}
+FAULTS_ENV = "FEDBIP_TEST_POISON"  # = fedbip_ray.runtime.faults.POISON_ENV
 # Errors that mean "this model/adapter config cannot be built": reported as one-line config
 # errors by the driver instead of killing (and restarting) the actor.
 _INPUT_ERRORS = (ConfigError, OSError, ValueError, KeyError, ImportError)
 
 
-def _trainers() -> Any:
-    """:mod:`fedbip_ray.runtime.trainer` (torch, transformers), imported inside the actor only:
-    the driver, which needs this class to start actors, never loads torch."""
-    from fedbip_ray.runtime import trainer
+def _build_trainer(cfg: Config, num_labels: int, node_id: str) -> Trainer:
+    """The trainer on the device Ray's GPU assignment allows. Imported inside the actor only
+    (torch, transformers): the driver, which needs this module to start actors, never loads torch."""
+    from fedbip_ray.training.registry import make_trainer
 
-    return trainer
+    device = torch_device(cfg.resources.device, ray.get_gpu_ids(), node_id)
+    return make_trainer(cfg, num_labels, device)
+
+
+def _with_faults(tau: np.ndarray, client_id: int) -> np.ndarray:
+    """``tau`` as the test-only fault injection leaves it (unchanged unless the env var is set)."""
+    if not os.environ.get(FAULTS_ENV):
+        return tau
+    from fedbip_ray.runtime.faults import poison_update
+
+    return poison_update(tau, client_id)
 
 
 class TaskCancelled(RuntimeError):
@@ -60,34 +67,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def parse_poison(text: str | None) -> dict[int, str]:
-    """``"1:scale,3:nan"`` -> ``{1: "scale", 3: "nan"}``; malformed entries raise ValueError."""
-    out: dict[int, str] = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        cid, _, mode = item.strip().partition(":")
-        if mode not in POISON_MODES or not cid.isdigit():
-            raise ValueError(f"{POISON_ENV}: bad entry {item!r} (want CLIENT:{'|'.join(POISON_MODES)})")
-        out[int(cid)] = mode
-    return out
-
-
-def poison_vector(vector: np.ndarray, mode: str) -> np.ndarray:
-    """Corrupt a (D,) float32 task vector as ``mode`` says (returns a new array)."""
-    if mode == "scale":
-        return (vector * np.float32(1e6)).astype(np.float32)
-    if mode == "nan":
-        out = vector.copy()
-        out[0] = np.nan
-        return out
-    if mode == "layout":
-        return vector[:-1].copy()
-    if mode == "raise":
-        raise RuntimeError("injected client failure (FEDBIP_TEST_POISON)")
-    raise ValueError(f"unknown poison mode {mode!r}")
-
-
 def _abort_if_cancelled(_module: Any, _inputs: Any) -> None:
     """Forward pre-hook: stop a cancelled call at the next batch (Ray cannot interrupt a
     running task of a synchronous actor, it only flags it)."""
@@ -97,7 +76,8 @@ def _abort_if_cancelled(_module: Any, _inputs: Any) -> None:
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class ClientActor:
-    """Ray actor wrapping one trainer (:func:`make_trainer`: the LocalTrainer interface). ``cfg`` is ``Config.to_dict()``.
+    """Ray actor wrapping one trainer (:class:`fedbip_ray.training.protocol.Trainer`). ``cfg`` is
+    ``Config.to_dict()``.
 
     A model that cannot be built is not raised from the constructor (that would make Ray
     restart the actor in vain and print a traceback): :meth:`info` reports it as ``error``.
@@ -110,9 +90,10 @@ class ClientActor:
         # {client: (round, (D,) state after its own training)} for this round's validation gate
         self._trained: dict[int, tuple[int, np.ndarray]] = {}
         self.error: str | None = None
-        self.trainer: Any = None
+        self.trainer: Trainer | None = None
+        self.node_id = ray.get_runtime_context().get_node_id()
         try:
-            self.trainer = _trainers().make_trainer(self.cfg, num_labels)
+            self.trainer = _build_trainer(self.cfg, num_labels, self.node_id)
         except _INPUT_ERRORS as exc:
             self.error = one_line(exc) if isinstance(exc, ConfigError) else (
                 f"model '{self.cfg.model.name}': {type(exc).__name__}: {one_line(exc)}")
@@ -120,14 +101,14 @@ class ClientActor:
         self.trainer.model.register_forward_pre_hook(_abort_if_cancelled)
 
     def info(self) -> dict[str, Any]:
-        """Layout and size of the adapter, pid, device, and ``error`` if the model could not
-        be built; also a readiness probe."""
+        """Layout and size of the adapter, pid, Ray node id, device, and ``error`` if the model
+        could not be built; also a readiness probe."""
         if self.trainer is None:
-            return {"error": self.error, "pid": os.getpid()}
-        return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(),
+            return {"error": self.error, "pid": os.getpid(), "node_id": self.node_id, "device": None}
+        return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(), "node_id": self.node_id,
                 "device": str(self.trainer.device), "error": None}
 
-    def _ready(self) -> Any:
+    def _ready(self) -> Trainer:
         if self.trainer is None:
             raise RuntimeError(f"client actor has no model: {self.error}")
         return self.trainer
@@ -158,7 +139,7 @@ class ClientActor:
             trainer.start_gradient_sum()
         try:
             metrics = trainer.train(
-                data, self.cfg.train.local_epochs, _trainers().seed_for(self.cfg.seed, client_id, round_num), prox_mu
+                data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num), prox_mu
             )
         finally:
             signal = trainer.stop_gradient_sum() if gradient else None
@@ -167,11 +148,9 @@ class ClientActor:
         tau = trainer.current_state() - start
         if keep:  # bit for bit what the server forms as its own state + τ
             self._trained[client_id] = (round_num, start + tau)
-        mode = parse_poison(os.environ.get(POISON_ENV)).get(client_id)
-        if mode is not None:
-            tau = poison_vector(tau, mode)
+        tau = _with_faults(tau, client_id)
         return ClientUpdate(client_id, round_num, tau.astype(np.float32, copy=False),
-                            trainer.layout.to_dict(), len(data), metrics, signal)
+                            trainer.layout, len(data), metrics, signal)
 
     @ray.method(num_returns=2)
     def fit_receipt(self, *args: Any, **kwargs: Any) -> tuple[int, ClientUpdate]:
@@ -190,7 +169,7 @@ class ClientActor:
         data = self._client_data(client_id, shard)
         trainer.load_state(state)
         if finetune_epochs > 0:
-            trainer.train(data["train"], finetune_epochs, _trainers().seed_for(self.cfg.seed, client_id, round_num, 7))
+            trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
         return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
 
     def score_mixes(self, client_id: int, aggregate: np.ndarray, mixes: tuple[float, ...],

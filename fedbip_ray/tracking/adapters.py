@@ -3,23 +3,23 @@
 ``MlflowCallback`` logs every client's adapter in peft format under ``adapters/client_XXXX/``
 of the MLflow run. :func:`load_client_adapter` rebuilds the base model with
 :mod:`fedbip_ray.models.factory` (same config, same seed) and loads the adapter with
-``PeftModel.from_pretrained``; :func:`evaluate_classifier` scores it on a split the way the
-client trainer does.
+``PeftModel.from_pretrained``; :func:`evaluate_classifier` scores it on a split with the
+trainers' own evaluation loop.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from fedbip_ray.config import Config, ConfigError
+from fedbip_ray.training.loops import classification_eval
+from fedbip_ray.training.sequence import encode_texts, text_batches
 
 ADAPTER_FILE = "adapter_config.json"
 _HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
@@ -140,27 +140,12 @@ def _load_from_dir(directory: Path, cfg: Config, num_labels: int | None) -> torc
     return model.eval()
 
 
-@torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, tokenizer: Any, frame: pd.DataFrame,
                         max_length: int, batch_size: int = 64) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``frame`` (columns ``text``, ``label``),
-    tokenized and batched as the client trainer does (padded to the split's longest example,
-    each batch cut to its own longest)."""
-    model.eval()
-    n = len(frame)
-    if n == 0:
-        return {"accuracy": math.nan, "loss": math.nan, "n": 0}
-    enc = tokenizer(list(frame["text"].astype(str)), truncation=True, max_length=max_length,
-                    padding="longest", return_tensors="pt")
-    labels = torch.tensor(frame["label"].to_numpy(dtype=np.int64, copy=True))
+    tokenized, batched and scored as the client trainer does (padded to the split's longest
+    example, each batch cut to its own longest)."""
+    data = encode_texts(tokenizer, frame, max_length)
     device = next(model.parameters()).device
-    correct, loss_sum = 0, 0.0
-    for start in range(0, n, batch_size):
-        mask = enc["attention_mask"][start:start + batch_size]
-        width = int(mask.sum(dim=1).max())
-        ids = enc["input_ids"][start:start + batch_size, :width].to(device)
-        y = labels[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask[:, :width].to(device)).logits.float()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+    batches = text_batches(data, batch_size, None, device)
+    return dict(classification_eval(model, batches, lambda inputs: model(**inputs).logits, len(data)))

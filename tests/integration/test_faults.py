@@ -16,7 +16,7 @@ import ray
 from safetensors.numpy import load_file
 
 from fedbip_ray.config import config_from_dict
-from fedbip_ray.runtime.client import POISON_ENV
+from fedbip_ray.runtime.faults import POISON_ENV
 from fedbip_ray.runtime.federation import run_federation
 
 from ..conftest import tiny_config

@@ -42,10 +42,10 @@ def test_git_tags_fall_back_to_the_environment(monkeypatch):
 
 def test_a_saved_adapter_loads_back_with_peft(tmp_path):
     """Save a trained-looking adapter from the trainer, load it with load_client_adapter."""
-    from fedbip_ray.runtime.trainer import LocalTrainer
+    from fedbip_ray.training.sequence import SequenceTrainer
 
     cfg = config_from_dict(tiny_config())
-    trainer = LocalTrainer(cfg.model, cfg.train, 2, cfg.seed)
+    trainer = SequenceTrainer(cfg, 2)
     state = trainer.initial_state() + np.random.default_rng(0).normal(
         0, 0.05, trainer.layout.size).astype(np.float32)
     trainer.load_state(state)

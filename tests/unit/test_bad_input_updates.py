@@ -144,3 +144,9 @@ def test_gradient_signals_are_required_and_validated_when_compared():
     assert "no gradient signal" in report.rejected[1]
     assert report.rejected[2].startswith("gradient signal:") and "NaN" in report.rejected[2]
     assert report.bytes_in == 5 * D * 4  # three task vectors and two signals arrived
+
+
+def test_the_actor_imports_fault_injection_under_the_same_variable():
+    from fedbip_ray.runtime import client, faults
+
+    assert client.FAULTS_ENV == faults.POISON_ENV == "FEDBIP_TEST_POISON"

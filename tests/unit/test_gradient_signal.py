@@ -8,7 +8,7 @@ import pytest
 
 from fedbip_ray.config import config_from_dict
 from fedbip_ray.core import AggregationInput, Layout, make_strategy
-from fedbip_ray.runtime.trainer import make_trainer
+from fedbip_ray.training.registry import make_trainer
 
 from ..conftest import tiny_config
 

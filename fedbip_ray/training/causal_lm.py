@@ -1,4 +1,4 @@
-"""Local instruction tuning of a causal LM adapter (``model.task: causal-lm``; no Ray here).
+"""Local instruction tuning of a causal LM adapter (``model.task: causal-lm``).
 
 Each example is a (prompt, response) pair. The prompt is rendered with the tokenizer's chat
 template (a user turn plus the assistant header), or with :data:`PLAIN_TEMPLATE` when the
@@ -25,18 +25,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedbip_ray.config import ModelConfig, TrainConfig
-from fedbip_ray.core.taskvector import Layout
-from fedbip_ray.models.factory import trainable_parameters
+from fedbip_ray.config import Config
 from fedbip_ray.models.lm import build_causal_lm
-from fedbip_ray.runtime.trainer import LocalTrainer, run_local_epochs
+from fedbip_ray.training.base import AdapterTrainer, setup_torch
+from fedbip_ray.training.loops import empty_metrics, evaluation_loop
+from fedbip_ray.training.protocol import EvalMetrics, FitMetrics
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 MAX_NEW_TOKENS = 32  # hard bound on generated tokens per example
 EVAL_MARGIN = 4  # generated tokens allowed beyond the reference's length (end-of-turn included)
 IGNORE_INDEX = -100
 METRICS = ("exact_match", "rouge_l")
-# bf16 autocast on CPU: the base weights stay fp32, the adapter's master weights too
+# train.precision auto on CPU: bf16 autocast (the base weights stay fp32, the adapter's too)
 CPU_AUTOCAST_BF16 = True
 
 
@@ -176,18 +176,22 @@ def encode_frame(tok: Any, frame: pd.DataFrame, max_length: int) -> LMExamples:
 
 
 # ------------------------------------------------------------------------------ trainer
-class CausalLMTrainer(LocalTrainer):
-    """LocalTrainer for causal LMs: same state interface (``layout`` over the trainable adapter
-    parameters in sorted-name order, flat (D,) float32 states), generative evaluation."""
+class CausalLMTrainer(AdapterTrainer):
+    """A causal LM + adapter (``layout`` over the trainable adapter parameters in sorted-name
+    order, flat (D,) float32 states); response-only loss, generative evaluation."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, num_labels: int, seed: int) -> None:
-        if model_cfg.torch_threads:
-            torch.set_num_threads(model_cfg.torch_threads)
-        self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, seed
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = build_causal_lm(model_cfg, seed, self.device)
-        self.params = trainable_parameters(self.model)
-        self.layout = Layout.from_shapes({n: tuple(p.shape) for n, p in self.params.items()})
+    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None) -> None:
+        self.cfg, self.seed = cfg, cfg.seed
+        self.cpu_precision = "bf16" if CPU_AUTOCAST_BF16 else "fp32"
+        self.device = setup_torch(cfg, device)
+        self.precision = self._resolve_precision()
+        cuda_bf16 = self.device.type == "cuda" and self.precision == "bf16"
+        model, self.tokenizer = build_causal_lm(cfg.model, cfg.seed, self.device,
+                                                torch.bfloat16 if cuda_bf16 else torch.float32)
+        if cfg.train.gradient_checkpointing:
+            model.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        self._adopt(model)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.stop_ids = self._stop_ids()
 
@@ -197,14 +201,10 @@ class CausalLMTrainer(LocalTrainer):
         ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos or []))
         return sorted(ids)
 
-    def _autocast(self) -> Any:
-        enabled = self.device.type == "cpu" and CPU_AUTOCAST_BF16
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     # -- data -------------------------------------------------------------------------------
     def encode(self, frame: pd.DataFrame) -> LMExamples:
         """Tokenize a split once (prompt via chat template; labels on the response only)."""
-        return encode_frame(self.tokenizer, frame, self.model_cfg.max_length)
+        return encode_frame(self.tokenizer, frame, self.cfg.model.max_length)
 
     def _batch(self, data: LMExamples, rows: Sequence[int]) -> dict[str, torch.Tensor]:
         ids, mask = left_pad([data.ids[i] for i in rows], self.pad_id)
@@ -216,7 +216,7 @@ class CausalLMTrainer(LocalTrainer):
     def _response_loss(self, batch: dict[str, torch.Tensor], keep: int) -> tuple[torch.Tensor, int]:
         """(sum of response-token cross entropies, number of response tokens); only the last
         ``keep`` positions (>= longest response + 1) are projected to the vocabulary."""
-        with self._autocast():
+        with self.autocast():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"], logits_to_keep=keep)
         logits = out.logits[:, :-1].float()  # (b, keep-1, V): predictions for the last keep-1 tokens
@@ -234,7 +234,7 @@ class CausalLMTrainer(LocalTrainer):
         for start in range(0, n, batch_size):
             yield order[start:start + batch_size]
 
-    def train(self, data: LMExamples, epochs: int, seed: int, prox_mu: float = 0.0) -> dict[str, Any]:
+    def train(self, data: LMExamples, epochs: int, seed: int, prox_mu: float = 0.0) -> FitMetrics:
         """Train the loaded adapter in place (mean response-token loss per batch)."""
         self.model.train()
 
@@ -242,9 +242,8 @@ class CausalLMTrainer(LocalTrainer):
             loss_sum, count = self._response_loss(self._batch(data, rows), self._keep(data, rows))
             return loss_sum / max(count, 1)
 
-        return run_local_epochs(list(self.params.values()), self.train_cfg, epochs, seed, prox_mu,
-                                lambda gen: self._order(len(data), self.train_cfg.batch_size, gen),
-                                loss_of)
+        bs = self.cfg.train.batch_size
+        return self._run_epochs(epochs, seed, prox_mu, lambda gen: self._order(len(data), bs, gen), loss_of)
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,32 +258,34 @@ class CausalLMTrainer(LocalTrainer):
         limits = [min(MAX_NEW_TOKENS, data.response_length(i) + EVAL_MARGIN) for i in rows]
         gcfg = GenerationConfig(max_new_tokens=max(limits), do_sample=False,
                                 pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
-        with self._autocast():
+        with self.autocast():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       generation_config=gcfg)
         new = out[:, ids.shape[1]:].cpu()
         return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
                 for row, n in zip(new, limits, strict=True)]
 
-    @torch.no_grad()
     def predict(self, data: LMExamples) -> tuple[list[str], float]:
         """(greedy answers in data order, mean response-token loss)."""
         self.model.eval()
-        bs = self.train_cfg.eval_batch_size
+        bs = self.cfg.train.eval_batch_size
         order = sorted(range(len(data)), key=lambda i: (data.prompt_lengths[i], i))  # less padding
         preds: dict[int, str] = {}
-        loss_sum, tokens = 0.0, 0
-        for start in range(0, len(order), bs):
-            rows = order[start:start + bs]
-            s, c = self._response_loss(self._batch(data, rows), self._keep(data, rows))
-            loss_sum, tokens = loss_sum + float(s), tokens + c
-            preds.update(zip(rows, self.generate(data, rows), strict=True))
-        return [preds[i] for i in range(len(data))], loss_sum / max(tokens, 1)
 
-    def evaluate(self, data: LMExamples) -> dict[str, float]:
+        def step(rows: list[int]) -> dict[str, float]:
+            s, c = self._response_loss(self._batch(data, rows), self._keep(data, rows))
+            loss = float(s)
+            preds.update(zip(rows, self.generate(data, rows), strict=True))
+            return {"loss": loss, "tokens": c}
+
+        batches = (order[start:start + bs] for start in range(0, len(order), bs))
+        totals = evaluation_loop(batches, step)
+        return [preds[i] for i in range(len(data))], totals.get("loss", 0.0) / max(totals.get("tokens", 0), 1)
+
+    def evaluate(self, data: LMExamples) -> EvalMetrics:
         """accuracy (mean primary score), exact_match, rouge_l, loss (per response token), n."""
         if len(data) == 0:
-            return {"accuracy": math.nan, "loss": math.nan, "n": 0, "exact_match": math.nan, "rouge_l": math.nan}
+            return {**empty_metrics(), "exact_match": math.nan, "rouge_l": math.nan}
         preds, loss = self.predict(data)
         scores = score_predictions(preds, data.references, data.metrics)
-        return {**scores, "loss": loss, "n": len(data)}
+        return {**scores, "loss": loss, "n": len(data)}  # type: ignore[typeddict-item]
