@@ -99,3 +99,30 @@ def test_gradient_checkpointing_trains_the_same_adapter():
         tr.train(tr.encode(frame), 1, seed=0)
         states.append(tr.current_state())
     assert np.allclose(states[0], states[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_sums_unscaled_gradients(precision):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import pandas as pd
+
+    from fedbip_ray.training.registry import make_trainer
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "film", "plot", "great", "awful"]
+    frame = pd.DataFrame({"text": [" ".join(rng.choice(words, 6)) for _ in range(16)],
+                          "label": rng.integers(0, 2, 16)})
+    signals = {}
+    for p in ("fp32", precision):
+        cfg = config_from_dict(tiny_config(train={"batch_size": 8, "lr": 0.05, "precision": p}))
+        tr = make_trainer(cfg, 2, torch.device("cpu"))
+        assert tr.precision == p
+        tr.start_gradient_sum()
+        metrics = tr.train(tr.encode(frame), 1, seed=3)
+        signals[p] = tr.stop_gradient_sum()
+        assert metrics["steps"] == 2 and np.isfinite(metrics["train_loss"])
+        assert np.isfinite(tr.evaluate(tr.encode(frame))["loss"])
+    a, b = signals["fp32"], signals[precision]
+    assert 0.5 < np.linalg.norm(b) / np.linalg.norm(a) < 2.0  # unscaled (fp16 loss scale is 2**16)
+    assert float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.8
