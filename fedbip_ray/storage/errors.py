@@ -25,11 +25,12 @@ _CAUSES: tuple[tuple[str, str], ...] = (
     ("SignatureDoesNotMatch", "the credentials were rejected"),
     ("ACCESS_DENIED", "access denied: check the credentials and the bucket policy"),
     ("AccessDenied", "access denied: check the credentials and the bucket policy"),
+    ("Timeout was reached", "the endpoint did not answer in time"),
     ("NETWORK_CONNECTION", "the endpoint is unreachable"),
     ("Could not connect", "the endpoint is unreachable"),
     ("Couldn't resolve host", "the endpoint's host name does not resolve"),
-    ("Timeout was reached", "the endpoint did not answer in time"),
     ("PermanentRedirect", "the bucket is in another region (set AWS_REGION)"),
+    ("RESOURCE_NOT_FOUND", "the endpoint answered 'not found': is it an S3 endpoint?"),
     ("Unable to load libjvm", "no HDFS client here: libjvm/libhdfs not found"),
     ("libhdfs", "no HDFS client here: libhdfs not found"),
 )

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from fedbip_ray.storage.errors import StorageError, safe_uri, storage_error
 
 CONNECT_TIMEOUT_S = 5.0  # seconds to open a connection to an object store
-REQUEST_TIMEOUT_S = 30.0  # seconds a request may wait for data
+REQUEST_TIMEOUT_S = 30.0  # seconds a request may go without receiving data
 MAX_ATTEMPTS = 3  # tries per request (the first included)
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -139,13 +139,16 @@ class Location:
             raise storage_error(self.uri, "cannot write", exc) from None
         try:
             yield stream  # type: ignore[misc]
-            stream.close()
         except BaseException as exc:
-            _close_quietly(stream)
+            _close_quietly(stream)  # completes the upload: delete what it published
             self.delete(quiet=True)
             if isinstance(exc, OSError) and not isinstance(exc, StorageError):
                 raise storage_error(self.uri, "cannot write", exc) from None
             raise
+        try:
+            stream.close()
+        except OSError as exc:  # the upload did not complete: nothing to delete
+            raise storage_error(self.uri, "cannot write", exc) from None
 
     def write_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Replace this file with ``data`` all at once (readers see the old or the new bytes)."""
@@ -307,12 +310,14 @@ def s3_endpoint() -> str | None:
     return None
 
 
-def s3_filesystem(bucket: str) -> tuple[pafs.S3FileSystem, str | None]:
-    """An S3 client with short timeouts and bounded retries, credentials from the AWS chain."""
+def s3_filesystem(bucket: str, request_timeout_s: float = REQUEST_TIMEOUT_S,
+                  max_attempts: int = MAX_ATTEMPTS) -> tuple[pafs.S3FileSystem, str | None]:
+    """An S3 client with short timeouts and bounded retries, credentials from the AWS chain;
+    the endpoint it uses (None: AWS's own)."""
     endpoint = s3_endpoint()
     kwargs: dict[str, Any] = dict(
-        connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        connect_timeout=CONNECT_TIMEOUT_S, request_timeout=request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
         allow_delayed_open=True)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if endpoint:

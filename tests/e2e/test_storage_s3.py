@@ -223,6 +223,24 @@ def test_unreachable_endpoint_fails_fast(s3env, monkeypatch, moto_s3):
     no_secrets(text, moto_s3)
 
 
+def test_silent_endpoint_fails_within_the_probe_timeout(s3env, monkeypatch):
+    """An endpoint that accepts connections and never answers (a hung proxy or server)."""
+    import socket
+
+    from fedbip_ray.storage import probing
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(probing, "PROBE_TIMEOUT_S", 1.0)
+        start = time.monotonic()
+        with pytest.raises(StorageError) as exc:
+            storage.probe(s3env)
+        assert time.monotonic() - start < 30  # measured: 1 s + about 7 s inside the S3 client
+    assert "did not answer in time" in one_line(exc)
+
+
 def test_missing_bucket(s3env, moto_s3):
     with pytest.raises(StorageError) as exc:
         storage.probe("s3://no-such-bucket/run")
