@@ -9,7 +9,6 @@ import pickle
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import replace
 
 import pytest
@@ -18,28 +17,9 @@ from fedbip_ray import storage
 from fedbip_ray.storage import StorageError, open_location
 from fedbip_ray.storage.lock import OWNER, new_owner, write_owner
 from fedbip_ray.storage.publish import write_round
-from tests.e2e.s3server import MotoS3
+from tests.e2e.s3server import MotoS3  # the fixtures are in conftest.py
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def moto_s3():
-    server = MotoS3(buckets=("runs",)).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3env(moto_s3, monkeypatch):
-    """Point the standard AWS variables at the server as ``admin``; yields a fresh prefix URI."""
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in moto_s3.env("admin").items():
-        monkeypatch.setenv(name, value)
-    return f"s3://runs/t-{uuid.uuid4().hex[:10]}"
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
