@@ -45,6 +45,7 @@ from fedbip_ray.storage.location import Location, open_location
 from fedbip_ray.storage.lock import LEASE_S, OwnershipLost, RunLock, acquire, run_lock
 from fedbip_ray.storage.probing import PROBE_TIMEOUT_S, probe
 from fedbip_ray.storage.publish import (
+    CheckpointInvalid,
     Published,
     checkpoint_name,
     clear_checkpoints,
@@ -58,7 +59,7 @@ from fedbip_ray.storage.publish import (
 from fedbip_ray.storage.rows import RowLog, open_rows
 
 __all__ = [
-    "LEASE_S", "PROBE_TIMEOUT_S", "Location", "OwnershipLost", "Published", "RowLog", "RunLock", "StorageError",
+    "CheckpointInvalid", "LEASE_S", "PROBE_TIMEOUT_S", "Location", "OwnershipLost", "Published", "RowLog", "RunLock", "StorageError",
     "acquire", "checkpoint_name", "clear_checkpoints", "load_latest", "open_location", "open_rows", "probe",
     "prune_checkpoints", "publish_checkpoint", "read_latest", "read_pointer", "read_published",
     "run_lock",

@@ -39,6 +39,10 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
+class CheckpointInvalid(StorageError):
+    """A checkpoint directory that is incomplete or does not match its manifest."""
+
+
 @dataclass(frozen=True)
 class Published:
     """A verified checkpoint: its round, its directory and every file's bytes (manifest excluded)."""
@@ -156,9 +160,11 @@ def _delete_quietly(directory: Location) -> None:
 def read_pointer(root: Location) -> tuple[int, str] | None:
     """``(round, directory name)`` from ``latest.json``; None if absent; StorageError if malformed."""
     try:
-        raw = json.loads((root / POINTER).read_bytes())
+        data = (root / POINTER).read_bytes()
     except FileNotFoundError:
         return None
+    try:
+        raw = json.loads(data)
     except ValueError:
         raise StorageError(f"checkpoint {root.describe()}: {POINTER} is malformed") from None
     if not (isinstance(raw, dict) and isinstance(raw.get("round"), int)
@@ -175,22 +181,26 @@ def round_dirs(root: Location) -> list[int]:
 
 
 def read_published(directory: Location, round_num: int) -> Published:
-    """Load one round directory, checking every file against its manifest (StorageError if not)."""
+    """Load one round directory, checking every file against its manifest
+    (:class:`CheckpointInvalid` if one does not match; ``StorageError`` if the store fails)."""
     where = f"checkpoint {directory.describe()}"
     try:
-        manifest = json.loads((directory / MANIFEST).read_bytes())
+        data = (directory / MANIFEST).read_bytes()
     except FileNotFoundError:
         if directory.is_local and (directory / "meta.json").exists():
             return _read_unmanifested(directory, round_num)
-        raise StorageError(f"{where}: incomplete ({MANIFEST} missing)") from None
+        raise CheckpointInvalid(f"{where}: incomplete ({MANIFEST} missing)") from None
+    try:
+        manifest = json.loads(data)
     except ValueError:
-        raise StorageError(f"{where}: {MANIFEST} is malformed") from None
+        raise CheckpointInvalid(f"{where}: {MANIFEST} is malformed") from None
     if not isinstance(manifest, dict):
         manifest = {}
     records = manifest.get("files")
     if manifest.get("format") != FORMAT or manifest.get("round") != round_num \
             or not isinstance(records, dict):
-        raise StorageError(f"{where}: {MANIFEST} is not a format-{FORMAT} manifest of round {round_num}")
+        raise CheckpointInvalid(f"{where}: {MANIFEST} is not a format-{FORMAT} manifest of round "
+                                f"{round_num}")
     files = {name: _verified(directory / name, rec, where) for name, rec in records.items()}
     return Published(round_num, directory, files)
 
@@ -199,10 +209,11 @@ def _verified(obj: Location, record: Any, where: str) -> bytes:
     try:
         data = obj.read_bytes()
     except FileNotFoundError:
-        raise StorageError(f"{where}: {obj.name} missing") from None
+        raise CheckpointInvalid(f"{where}: {obj.name} missing") from None
     if not isinstance(record, dict) or len(data) != record.get("size") \
             or hashlib.sha256(data).hexdigest() != record.get("sha256"):
-        raise StorageError(f"{where}: {obj.name} is truncated or corrupt (size or sha256 mismatch)")
+        raise CheckpointInvalid(f"{where}: {obj.name} is truncated or corrupt (size or sha256 "
+                                "mismatch)")
     return data
 
 
@@ -218,8 +229,9 @@ def load_latest(root: Location, load: Callable[[Published], T],
     """``load(published)`` for the checkpoint the pointer names, else for the newest older
     complete one; None if there is none.
 
-    ``load`` may raise ``ConfigError`` (``StorageError`` included) or ``ValueError`` to reject a
-    checkpoint: the next older one is tried, and each rejection is reported through ``warn``.
+    A checkpoint that fails its manifest, or that ``load`` rejects with ``ConfigError`` or
+    ``ValueError``, is reported through ``warn`` and the next older one is tried. A store that
+    cannot be read raises ``StorageError`` (a resume must not silently start over).
     """
     pointer = read_pointer(root)
     if pointer is None:
@@ -227,7 +239,12 @@ def load_latest(root: Location, load: Callable[[Published], T],
     newest = pointer[0]
     for rnd in [newest, *(r for r in reversed(round_dirs(root)) if r < newest)]:
         try:
-            return load(read_published(root / checkpoint_name(rnd), rnd))
+            published = read_published(root / checkpoint_name(rnd), rnd)
+        except CheckpointInvalid as exc:
+            warn(f"{exc}; trying an older checkpoint")
+            continue
+        try:
+            return load(published)
         except (ConfigError, ValueError) as exc:
             warn(f"{exc}; trying an older checkpoint")
     return None

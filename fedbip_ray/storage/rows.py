@@ -122,8 +122,12 @@ class ObjectRows:
         out = []
         for number in self._numbers():
             try:
-                out.append((number, json.loads(self._object(number).read_bytes())))
-            except (FileNotFoundError, ValueError):
+                data = self._object(number).read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                out.append((number, json.loads(data)))
+            except ValueError:
                 continue
         return out
 

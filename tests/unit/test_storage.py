@@ -234,6 +234,19 @@ def test_truncated_tensor_falls_back_and_unpublished_round_is_ignored(tmp_path):
     assert storage.read_latest(root) is None
 
 
+def test_unreadable_store_is_an_error_not_a_fallback(tmp_path):
+    root = open_location(tmp_path)
+    storage.publish_checkpoint(root, 1, files_for(1))
+    storage.publish_checkpoint(root, 2, files_for(2))
+    tensors = tmp_path / "round_00002" / "server.safetensors"
+    tensors.unlink()
+    tensors.mkdir()  # reading it fails with an OS error, as an unreachable store would
+    with pytest.raises(StorageError) as exc:
+        storage.read_latest(root)
+    assert not isinstance(exc.value, storage.CheckpointInvalid)
+    assert one_line(exc).startswith(str(tensors)) and "cannot read" in str(exc.value)
+
+
 def test_load_latest_rejects_and_falls_back(tmp_path):
     root = open_location(tmp_path)
     storage.publish_checkpoint(root, 1, files_for(1))
