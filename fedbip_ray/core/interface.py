@@ -29,6 +29,9 @@ class AggregationInput:
             the previous round for these participants, for smoothing.
         signals: ``(N, D)`` float32 optimizer-neutral signals (the negated sum of the loss
             gradients over the round's local steps), needed for ``reference="gradient"``.
+        memory: ``(N, M)`` float64 per-client strategy memory: the rows the strategy returned
+            in :attr:`AggregationResult.memory` the last round each participant took part (a
+            row of NaN: none yet); e.g. FedAWA's learnable logits.
     """
 
     states: np.ndarray
@@ -39,6 +42,7 @@ class AggregationInput:
     groups: np.ndarray | None = None
     prev_similarity: np.ndarray | None = None
     signals: np.ndarray | None = None
+    memory: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         states = np.asarray(self.states, dtype=np.float32)
@@ -79,6 +83,11 @@ class AggregationInput:
             if sig.shape != (n, d):
                 raise ValueError(f"signals must have shape ({n}, {d}), got {sig.shape}")
             object.__setattr__(self, "signals", sig)
+        if self.memory is not None:
+            mem = np.asarray(self.memory, dtype=np.float64)
+            if mem.ndim != 2 or mem.shape[0] != n:
+                raise ValueError(f"memory must have shape ({n}, M), got {mem.shape}")
+            object.__setattr__(self, "memory", mem)
 
     @property
     def n(self) -> int:
@@ -101,6 +110,8 @@ class AggregationResult:
         layer_weights: ``(G, N, N)`` per-group weights (layer-wise only).
         layer_similarity: ``(G, N, N)`` per-group similarity (layer-wise only).
         layer_names: the ``G`` module keys (layer-wise only).
+        memory: ``(N, M)`` float64 per-client memory to hand back next time each client
+            takes part (:attr:`AggregationInput.memory`); None when the strategy keeps none.
     """
 
     states: np.ndarray
@@ -109,6 +120,7 @@ class AggregationResult:
     layer_weights: np.ndarray | None = None
     layer_similarity: np.ndarray | None = None
     layer_names: tuple[str, ...] | None = None
+    memory: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

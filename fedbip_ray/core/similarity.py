@@ -30,6 +30,7 @@ __all__ = [
     "gram_to_cosine",
     "group_recovery",
     "lora_pairs",
+    "lora_role",
     "per_module_similarity",
     "select_parameters",
     "similarity_matrix",
@@ -147,7 +148,8 @@ def select_parameters(layout: Layout, modules: Sequence[str] = ()) -> list[str]:
     return names
 
 
-def _lora_role(name: str) -> str | None:
+def lora_role(name: str) -> str | None:
+    """``"A"`` / ``"B"`` for a peft LoRA factor parameter name, else None."""
     parts = name.split(".")
     if len(parts) > 1 and parts[-1] in ("weight", "bias"):
         parts.pop()
@@ -165,7 +167,7 @@ def lora_pairs(layout: Layout, names: Iterable[str] | None = None) -> dict[str, 
     """
     roles: dict[str, dict[str, list[str]]] = {}
     for name in layout.names if names is None else names:
-        role = _lora_role(name)
+        role = lora_role(name)
         if role is not None:
             roles.setdefault(module_key(name), {"A": [], "B": []})[role].append(name)
     pairs: dict[str, tuple[str, str]] = {}

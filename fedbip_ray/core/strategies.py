@@ -23,7 +23,9 @@ import numpy as np
 from .aggregate import aggregate_layerwise, aggregate_task_vectors, mix_models
 from .gate import check_mixes
 from .interface import AggregationInput, AggregationResult, ClientOptions, Strategy
+from .lora import exact_lora_states
 from .params import NONNEGATIVE, POSITIVE, Check, ParamError, check_params, param, param_names
+from .peers import FedAWAStrategy, FedSALoRAStrategy
 from .similarity import (
     SCOPES,
     SumOfMatrices,
@@ -54,12 +56,14 @@ __all__ = [
     "ClientOptions",
     "ClippedStrategy",
     "FedAMPStrategy",
+    "FedAWAStrategy",
     "FedAvgFTStrategy",
     "FedAvgStrategy",
     "FedBipLayerStrategy",
     "FedBipPaperStrategy",
     "FedBipStrategy",
     "FedProxStrategy",
+    "FedSALoRAStrategy",
     "GaussianNoiseStrategy",
     "LocalStrategy",
     "OracleStrategy",
@@ -231,6 +235,8 @@ class _FedBipOptions(_Base):
             ``"round"``, ``ΔW`` itself for ``"pretrained"`` since LoRA's ``B`` starts at 0).
         smoothing: EMA weight ``beta`` on ``prev_similarity`` (0 = off).
         gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
+        lora_exact: aggregate each LoRA module in ``ΔW = B A`` space, truncated back to rank
+            ``r`` by an SVD (:mod:`fedbip_ray.core.lora`), instead of averaging the factors.
     """
 
     threshold: float | None = param(0.0, THRESHOLD)
@@ -244,6 +250,7 @@ class _FedBipOptions(_Base):
     relative_threshold: bool = param(True, BOOL)
     self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
     gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
+    lora_exact: bool = param(False, BOOL)
 
     @property
     def _lora(self) -> bool:
@@ -316,6 +323,8 @@ class FedBipStrategy(_FedBipOptions):
         s = self._smooth(prev, s)
         w = self._weights(s)
         states = aggregate_task_vectors(inp.states, inp.deltas, w)
+        if self.lora_exact:
+            exact_lora_states(states, inp.states, inp.deltas, inp.layout, lambda _key: w)
         return AggregationResult(states=states, weights=w, similarity=s)
 
 
@@ -346,6 +355,9 @@ class FedBipLayerStrategy(_FedBipOptions):
         if list(groups) != keys:  # pragma: no cover - both follow layout order
             raise RuntimeError("module groups and similarity groups disagree")
         states = aggregate_layerwise(inp.states, inp.deltas, layer_w, list(groups.values()))
+        if self.lora_exact:
+            per_key = dict(zip(keys, layer_w, strict=True))
+            exact_lora_states(states, inp.states, inp.deltas, inp.layout, per_key.__getitem__)
         return AggregationResult(
             states=states,
             weights=layer_w.mean(axis=0) if len(keys) else local_weights(inp.n),
@@ -383,6 +395,8 @@ STRATEGIES: dict[str, type] = {
         FedBipStrategy,
         FedBipLayerStrategy,
         OracleStrategy,
+        FedSALoRAStrategy,
+        FedAWAStrategy,
     )
 }
 

@@ -78,6 +78,8 @@ def test_registry_names() -> None:
         "fedbip",
         "fedbip-layer",
         "oracle",
+        "fedsa-lora",
+        "fedawa",
     }
     for name in STRATEGIES:
         strategy = make_strategy(name)
