@@ -34,6 +34,9 @@ import numpy as np
 
 from fedbip_ray.config import ConfigError
 from fedbip_ray.core.taskvector import Layout
+from fedbip_ray.storage import Location, clear_checkpoints
+
+Root = Path | Location  # a checkpoint root: a local directory, or a Location (maybe remote)
 
 log = logging.getLogger("fedbip.checkpoint")
 FORMAT = 1
@@ -52,7 +55,7 @@ FROZEN_ON_RESUME: tuple[str, ...] = (
 class Checkpoint:
     """A validated checkpoint: ``tensors`` as written by the server, ``history`` rows 1..round."""
 
-    path: Path
+    path: Path | Location
     round: int
     tensors: dict[str, np.ndarray]
     layout: dict[str, Any]
@@ -130,10 +133,20 @@ def write_safetensors(fh: Any, tensors: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarray],
+def write_checkpoint(root: Root, round_num: int, tensors: Mapping[str, np.ndarray],
                      layout: Mapping[str, Any], history: list[dict[str, Any]],
-                     config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
-    """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones."""
+                     config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Any:
+    """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones.
+    Returns its directory (a Path, or a Location on an object store)."""
+    meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
+            "extra": dict(extra or {}),
+            "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
+    if isinstance(root, Location):
+        if not root.is_local:
+            from fedbip_ray.runtime.checkpoint_remote import publish
+
+            return publish(root, round_num, tensors, layout, meta)
+        root = root.local_path
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(round_num)
     tmp = root / f".tmp_{final.name}"
@@ -144,9 +157,7 @@ def write_checkpoint(root: Path, round_num: int, tensors: Mapping[str, np.ndarra
         fh.flush()
         os.fsync(fh.fileno())
     write_text_atomic(tmp / "layout.json", json.dumps(dict(layout)))
-    meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
-            "sha256": {TENSORS: digest}, "extra": dict(extra or {}),
-            "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
+    meta["sha256"] = {TENSORS: digest}
     write_text_atomic(tmp / "meta.json", json.dumps(meta))
     fsync_dir(tmp)
     if final.exists():  # left by a run killed after the rename but before latest.json moved
@@ -172,14 +183,19 @@ def prune(root: Path, keep: Iterable[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def clear(root: Path) -> None:
+def clear(root: Root) -> None:
     """Forget every checkpoint under ``root`` (a fresh run in an old output directory)."""
+    if isinstance(root, Location):
+        if not root.is_local:
+            clear_checkpoints(root)
+            return
+        root = root.local_path
     (root / "latest.json").unlink(missing_ok=True)
     prune(root, keep=())
 
 
 # ---------------------------------------------------------------------------- reading
-def _bad(root: Path, why: str) -> ConfigError:
+def _bad(root: Any, why: str) -> ConfigError:
     return ConfigError(f"checkpoint {root}: {why}")
 
 
@@ -192,8 +208,15 @@ def _read_json(path: Path, root: Path) -> Any:
         raise _bad(root, f"{path.name} unreadable ({type(exc).__name__})") from None
 
 
-def read_latest(root: Path) -> Checkpoint | None:
-    """The checkpoint ``root/latest.json`` points at, validated; None if there is none."""
+def read_latest(root: Root) -> Checkpoint | None:
+    """The checkpoint ``root/latest.json`` points at, validated; None if there is none.
+    On an object store a checkpoint that fails its checks is skipped for the previous one."""
+    if isinstance(root, Location):
+        if not root.is_local:
+            from fedbip_ray.runtime.checkpoint_remote import load
+
+            return load(root)
+        root = root.local_path
     pointer_path = root / "latest.json"
     if not pointer_path.exists():
         return None
@@ -205,43 +228,60 @@ def read_latest(root: Path) -> Checkpoint | None:
 
 
 def read_checkpoint(path: Path, expected_round: int | None = None) -> Checkpoint:
-    """Load and validate one checkpoint directory (sha256, shapes, dtypes, history)."""
-    from safetensors import SafetensorError
+    """Load and validate one local checkpoint directory (sha256, shapes, dtypes, history)."""
     from safetensors.numpy import load_file
 
     if not path.is_dir():
         raise _bad(path, "directory missing")
-    meta = _read_json(path / "meta.json", path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _bad(path, f"meta.json is not a format-{FORMAT} checkpoint")
-    rnd = meta.get("round")
-    if not isinstance(rnd, int) or rnd < 1 or (expected_round is not None and rnd != expected_round):
-        raise _bad(path, f"meta.json round {rnd!r} does not match latest.json ({expected_round})")
+    meta = check_meta(_read_json(path / "meta.json", path), path, expected_round)
     tensor_path = path / TENSORS
     if not tensor_path.is_file():
         raise _bad(path, f"{TENSORS} missing")
     if sha256_file(tensor_path) != (meta.get("sha256") or {}).get(TENSORS):
         raise _bad(path, f"{TENSORS} is corrupt (sha256 mismatch)")
+    tensors = load_tensors(lambda: load_file(str(tensor_path)), path)
+    return validated(path, meta, tensors, _read_json(path / "layout.json", path))
+
+
+def check_meta(meta: Any, where: Any, expected_round: int | None) -> dict[str, Any]:
+    """meta.json of a format-``FORMAT`` checkpoint of round ``expected_round``."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _bad(where, f"meta.json is not a format-{FORMAT} checkpoint")
+    rnd = meta.get("round")
+    if not isinstance(rnd, int) or rnd < 1 or (expected_round is not None and rnd != expected_round):
+        raise _bad(where, f"meta.json round {rnd!r} does not match latest.json ({expected_round})")
+    return meta
+
+
+def load_tensors(load: Callable[[], dict[str, np.ndarray]], where: Any) -> dict[str, np.ndarray]:
+    """``load()`` of a safetensors file, its errors as one ConfigError line."""
+    from safetensors import SafetensorError
+
     try:
-        tensors = load_file(str(tensor_path))
+        return load()
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _bad(path, f"{TENSORS} unreadable ({str(exc).splitlines()[0][:120]})") from None
-    layout = _read_json(path / "layout.json", path)
+        raise _bad(where, f"{TENSORS} unreadable ({str(exc).splitlines()[0][:120]})") from None
+
+
+def validated(where: Any, meta: dict[str, Any], tensors: dict[str, np.ndarray],
+              layout: Any) -> Checkpoint:
+    """The checkpoint at ``where`` once its layout, tensors and history check out."""
     try:
         lay = Layout.from_dict(layout)
     except (KeyError, TypeError, ValueError) as exc:
-        raise _bad(path, f"layout.json invalid ({exc})") from None
-    check_tensors(tensors, lay.size, path)
-    history = meta.get("history")
+        raise _bad(where, f"layout.json invalid ({exc})") from None
+    check_tensors(tensors, lay.size, where)
+    rnd, history = meta["round"], meta.get("history")
     if not isinstance(history, list) or [r.get("round") if isinstance(r, dict) else None
                                          for r in history] != list(range(1, rnd + 1)):
-        raise _bad(path, f"meta.json history is not rounds 1..{rnd}")
+        raise _bad(where, f"meta.json history is not rounds 1..{rnd}")
     config, extra = meta.get("config"), meta.get("extra")
-    return Checkpoint(path, rnd, tensors, layout, history, config if isinstance(config, dict) else {},
+    return Checkpoint(where, rnd, tensors, layout, history,
+                      config if isinstance(config, dict) else {},
                       extra if isinstance(extra, dict) else {})
 
 
-def check_tensors(tensors: Mapping[str, np.ndarray], size: int, path: Path) -> None:
+def check_tensors(tensors: Mapping[str, np.ndarray], size: int, path: Any) -> None:
     """states (N, D) f32 finite, init (D,) f32 finite, optional similarity (N, N) f64."""
     states, init, sim = tensors.get("states"), tensors.get("init"), tensors.get("similarity")
     if states is None or init is None:
@@ -298,7 +338,7 @@ def lower_thread_priority(niceness: int = 19) -> None:
 ServerState = tuple[Mapping[str, np.ndarray], Layout]  # what the server's state_dict returns
 
 
-def _fetch_and_write(fetch: Callable[[], ServerState], root: Path, rnd: int,
+def _fetch_and_write(fetch: Callable[[], ServerState], root: Root, rnd: int,
                      history: list[dict[str, Any]], config: Mapping[str, Any],
                      extra: Mapping[str, Any]) -> Path:
     tensors, layout = fetch()
@@ -318,7 +358,7 @@ class CheckpointWriter:
                                         initializer=lower_thread_priority)
         self._pending: Future[Path] | None = None
 
-    def submit(self, fetch: Callable[[], ServerState], root: Path, rnd: int,
+    def submit(self, fetch: Callable[[], ServerState], root: Root, rnd: int,
                history: list[dict[str, Any]], config: Mapping[str, Any],
                extra: Mapping[str, Any] | None = None) -> None:
         """Write round ``rnd``'s state under ``root`` in the background; ``fetch`` (called on

@@ -12,17 +12,23 @@ from fedbip_ray.core.strategies import Strategy
 from fedbip_ray.data.shards import ShardSet
 from fedbip_ray.runtime.messages import AggregationReport, ShardRef
 from fedbip_ray.runtime.rows import Row
+from fedbip_ray.storage import Location
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from fedbip_ray.runtime.checkpoint import CheckpointWriter
+    from fedbip_ray.runtime.cluster import Placement
+    from fedbip_ray.runtime.outputs import RunOutputs
     from fedbip_ray.runtime.progress import PhaseProgress
 
 
 @dataclass
 class RunContext:
     """What callbacks may look at: config, output dir, shards and the live actors.
+
+    ``output`` is a local directory holding config.yaml, metrics.jsonl, summary.json and
+    shards/: the run's output itself, or the local working copy of a storage URI.
 
     ``strategy`` is built once per run from ``cfg.strategy``. ``first_round`` is 1 for a
     fresh run, R + 1 when resumed from round R's checkpoint (``history`` then already holds
@@ -45,21 +51,21 @@ class RunContext:
     # run metadata saved in every checkpoint and restored on resume (e.g. the MLflow run id);
     # callbacks may add to it in on_start
     meta: dict[str, Any] = field(default_factory=dict)
+    outputs: RunOutputs | None = None  # where the run writes (``output`` is its local side)
     round: int = 0  # the round in progress
+    placement: Placement | None = None  # the client actors' bundles and nodes (cluster.provision)
 
     def actor_index(self, client_id: int) -> int:
         """The client's home actor (its calls go there unless another actor is idle first)."""
         return client_id % len(self.actors)
 
+    @property
+    def checkpoint_root(self) -> Path | Location:
+        """Where the run's checkpoints go (its storage location, else ``output/checkpoints``)."""
+        return self.outputs.checkpoints if self.outputs is not None else self.output / "checkpoints"
+
     def actor_for(self, client_id: int) -> ActorHandle:
         return self.actors[self.actor_index(client_id)]
-
-    @property
-    def server_actor(self) -> Any:
-        """The server actor (raises before the actors are started)."""
-        if self.server is None:
-            raise RuntimeError("the run's server actor is not started")
-        return self.server
 
 
 class RunCallback(Protocol):

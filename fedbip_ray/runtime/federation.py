@@ -17,6 +17,7 @@ per-client calls), :mod:`.rows` (metrics rows, pure), :mod:`.outputs` and :mod:`
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,22 +25,22 @@ from typing import Any
 
 import ray
 
+from fedbip_ray import storage
 from fedbip_ray.config import Config, ConfigError, ModelConfig
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.shards import build_shards, format_summary
 from fedbip_ray.runtime import checkpoint as ckpt_io
-from fedbip_ray.runtime import outputs
 from fedbip_ray.runtime.cluster import (
-    ensure_ray,
     heal_actors,
-    plan_actors,
     preflight_ray,
+    provision,
     start_actors,
     stop_actors,
 )
 from fedbip_ray.runtime.context import RunCallback, RunContext
 from fedbip_ray.runtime.dispatch import NO_LIVE_ACTOR
 from fedbip_ray.runtime.messages import AggregationReport, ShardRef
+from fedbip_ray.runtime.outputs import RunOutputs
 from fedbip_ray.runtime.phases import evaluate_phase, fit_phase, gate_phase
 from fedbip_ray.runtime.progress import PhaseProgress
 from fedbip_ray.runtime.rows import (
@@ -85,14 +86,15 @@ def preflight_model(model: ModelConfig) -> None:
         raise ConfigError(hint)
 
 
-def load_resume_checkpoint(out: Path, cfg: Config) -> ckpt_io.Checkpoint | None:
+def load_resume_checkpoint(out: RunOutputs, cfg: Config) -> ckpt_io.Checkpoint | None:
     """The latest checkpoint of ``out`` (None: none yet), checked against ``cfg``."""
-    ck = ckpt_io.read_latest(out / "checkpoints")
+    ck = ckpt_io.read_latest(out.checkpoints)
     if ck is None:
         return None
     diff = ckpt_io.config_difference(ck.config, cfg.to_dict())
     if diff is not None:
-        raise ConfigError(f"--resume {out}: config differs from the checkpoint's ({diff})")
+        raise ConfigError(f"--resume {out.location}: config differs from the checkpoint's "
+                          f"({diff})")
     return ck
 
 
@@ -112,39 +114,43 @@ def submit_checkpoint(ctx: RunContext, rnd: int) -> None:
     they are sent, so the next round cannot change it first); write it in the background."""
     assert ctx.server is not None and ctx.checkpoints is not None
     ref = ctx.server.state_dict.remote()
-    ctx.checkpoints.submit(lambda: ray.get(ref), ctx.output / "checkpoints", rnd, ctx.history,
+    ctx.checkpoints.submit(lambda: ray.get(ref), ctx.checkpoint_root, rnd, ctx.history,
                            ctx.cfg.to_dict(), ctx.meta)
 
 
 # ---------------------------------------------------------------------------------- the run
-def run_federation(cfg: Config, output: str | Path, resume: bool = False,
+def run_federation(cfg: Config, output: str | os.PathLike[str], resume: bool = False,
                    callbacks: Sequence[RunCallback] = (),
                    echo: Callable[[str], None] = print,
                    progress: PhaseProgress | None = None) -> dict[str, Any]:
     """Run (or resume) a federation described by ``cfg``; return ``summary.json``'s content.
-    ``progress`` shows each phase of a round while it runs (None: one line per round only).
+    ``output`` is a local directory or a storage URI (``s3://bucket/prefix``, ``gs://``,
+    ``hdfs://``, ``file://``). ``progress`` shows each phase of a round while it runs (None:
+    one line per round only).
 
     Input problems (config, data, model, checkpoint, resources) raise :class:`ConfigError`
     before any round runs. Everything the driver can check is checked before Ray starts.
     """
-    out = Path(output)
     start_wall = time.perf_counter()
     preflight_ray()
-    with outputs.output_lock(out):
+    out = RunOutputs.open(output)  # a URI is probed with a small write first
+    with storage.run_lock(out.location):
         ck = load_resume_checkpoint(out, cfg) if resume else None
         if resume and ck is None:
-            echo(f"no checkpoint in {out}: starting from round 1")
+            echo(f"no checkpoint in {out.location}: starting from round 1")
         strategy = cfg.strategy.build()  # once per run, validated when cfg was parsed
         preflight_model(cfg.model)
-        shards = build_shards(cfg.data, cfg.seed, out / "shards")
+        shards = build_shards(cfg.data, cfg.seed, out.local / "shards")
         if ck is not None and ck.num_clients != shards.num_clients:
-            raise ConfigError(f"--resume {out}: checkpoint has {ck.num_clients} clients, "
-                              f"the data has {shards.num_clients}")
-        outputs.write_config(out, cfg.to_dict())
+            raise ConfigError(f"--resume {out.location}: checkpoint has {ck.num_clients} "
+                              f"clients, the data has {shards.num_clients}")
+        out.write_config(cfg.to_dict())
+        out.publish_shards(shards.directory)
         echo(format_summary(shards.summary))
-        ensure_ray()
-        num_actors = plan_actors(cfg, ray.cluster_resources())
-        ctx = RunContext(cfg, out, shards, strategy, progress=progress)
+        placement = provision(cfg, shards.num_clients, echo)
+        num_actors = placement.num_actors
+        ctx = RunContext(cfg, out.local, shards, strategy, progress=progress, outputs=out,
+                         placement=placement)
         try:
             summary = _run(ctx, ck, num_actors, callbacks, echo, start_wall)
         except BaseException as exc:
@@ -164,27 +170,28 @@ def _start(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
     ctx.shard_refs = {cid: ShardRef(cid, ray.put(p.read_bytes()))
                       for cid, p in enumerate(ctx.shards.paths)}
     info = start_actors(ctx, num_actors)
-    assert ctx.server is not None
+    assert ctx.server is not None and ctx.outputs is not None
     layout = Layout.from_dict(info["layout"])
     if ck is not None:
         mismatch = layout.first_difference(Layout.from_dict(ck.layout))
         if mismatch:
-            raise ConfigError(f"--resume {ctx.output}: checkpoint adapter does not match the "
-                              f"model ({mismatch})")
+            raise ConfigError(f"--resume {ctx.outputs.location}: checkpoint adapter does "
+                              f"not match the model ({mismatch})")
         ray.get(ctx.server.load_state_dict.remote(ck.tensors, layout))
         ctx.history, ctx.first_round = list(ck.history), ck.round + 1
         ctx.meta = dict(ck.extra)
         echo(f"resumed from {ck.path.name}: continuing at round {ctx.first_round}")
     else:
         ray.get(ctx.server.initialize.remote(ctx.actors[0].initial_state.remote(), layout))
-    outputs.prepare(ctx.output, ctx.history, ck.round if ck is not None else 0, ck is None)
+    ctx.outputs.prepare(ctx.history, ck.round if ck is not None else 0, ck is None)
     return layout
 
 
 def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
          callbacks: Sequence[RunCallback], echo: Callable[[str], None],
          start_wall: float) -> dict[str, Any]:
-    cfg, out, fed = ctx.cfg, ctx.output, ctx.cfg.federation
+    assert ctx.outputs is not None
+    cfg, out, fed = ctx.cfg, ctx.outputs, ctx.cfg.federation
     layout = _start(ctx, ck, num_actors, echo)
     for cb in callbacks:
         cb.on_start(ctx)
@@ -192,7 +199,7 @@ def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
     for rnd in range(ctx.first_round, fed.rounds + 1):
         row, report = run_round(ctx, rnd, layout.size)
         ctx.history.append(row)
-        outputs.record_round(out, row, report)
+        out.record_round(row, report)
         if fed.checkpoint_due(rnd):
             submit_checkpoint(ctx, rnd)
         for cb in callbacks:
@@ -200,7 +207,7 @@ def _run(ctx: RunContext, ck: ckpt_io.Checkpoint | None, num_actors: int,
         echo(format_round(row, fed.rounds))
     writer.wait()
     summary = summarize(cfg, ctx.history, time.perf_counter() - start_wall)
-    outputs.write_summary(out, summary)
+    out.write_summary(summary)
     for cb in callbacks:
         cb.on_end(ctx, summary)
     return summary
@@ -236,6 +243,7 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
     report = _aggregate(ctx, rnd, participants, fit.done, fit.run.orphans, dim)
     clock.lap("aggregate")
     ran_on = fit.run.ran_on
+    placed = ctx.placement.of_clients(ran_on) if ctx.placement is not None else None
     replaced = heal_actors(ctx, sorted(fit.run.dead | {ran_on[c] for c in report.failed
                                                        if c in ran_on}))
     if opts.gate_mixes and report.aggregated:
@@ -254,5 +262,5 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
     report.phase_seconds = clock.laps
     privacy = round_privacy(cfg, ctx.history, report.aggregated)
     row = round_row(rnd, evals, report, participants, fit.stragglers, time.perf_counter() - t0,
-                    eval_failed, replaced, privacy)
+                    eval_failed, replaced, privacy, placed)
     return row, report

@@ -1,95 +1,146 @@
-"""A run's output directory: the lock, ``config.yaml``, ``metrics.jsonl``,
-``similarity.jsonl`` and ``summary.json`` (checkpoints: :mod:`fedbip_ray.runtime.checkpoint`)."""
+"""A run's outputs at a local directory or a storage URI (:mod:`fedbip_ray.storage`):
+``config.yaml``, ``metrics.jsonl``, ``similarity.jsonl``, ``summary.json``, ``shards/`` and
+``checkpoints/`` (written by :mod:`fedbip_ray.runtime.checkpoint`).
+
+A local output is written exactly as always. For a URI the driver also keeps a local working
+copy (``RunOutputs.local``: shards, config, metrics, summary; never checkpoints), because the
+shards are read back to start the actors and observers such as MLflow log local files; on the
+store, metrics and similarity rows are one object per round (no rewrite of a growing file),
+consolidated into ``metrics.jsonl`` / ``similarity.jsonl`` at the end.
+"""
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedbip_ray import storage
 from fedbip_ray.config import ConfigError
 from fedbip_ray.runtime import checkpoint as ckpt_io
 from fedbip_ray.runtime.messages import AggregationReport
 from fedbip_ray.runtime.rows import Row
+from fedbip_ray.storage import Location, RowLog
 
-METRICS, SIMILARITY, SUMMARY, CONFIG = "metrics.jsonl", "similarity.jsonl", "summary.json", "config.yaml"
+METRICS, SIMILARITY, SUMMARY, CONFIG = "metrics", "similarity", "summary.json", "config.yaml"
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of `ray job submit`
 
 
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Exclusive lock on an output directory (released even if the process is killed)."""
+def is_uri(target: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` (``file://`` included), False for a plain path."""
+    return "://" in str(target)
+
+
+def check_job_output(target: str | os.PathLike[str]) -> None:
+    """Under ``ray job submit`` the driver's working directory is a temporary copy: a
+    relative output would vanish with it (ConfigError, one line)."""
+    if os.environ.get(JOB_ENV) and not is_uri(target) and not Path(target).is_absolute():
+        raise ConfigError(f"--output {target}: relative paths land in the job's temporary working "
+                          "directory under `ray job submit`; give an absolute path on shared "
+                          "storage or a URI (s3://bucket/prefix, gs://..., hdfs://..., file:///...)")
+
+
+def mirror_dir(loc: Location) -> Path:
+    """The local working copy of a remote output (stable per URI on this machine)."""
+    digest = hashlib.sha256(loc.describe().encode()).hexdigest()[:16]
+    root = Path(os.environ.get("FEDBIP_CACHE_DIR", Path.home() / ".cache" / "fedbip_ray"))
+    path = root / "runs" / digest
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fh = (out / ".lock").open("w")
-    except OSError as exc:
-        raise ConfigError(f"output directory {out}: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"output {out}: another fedbip run is using this directory") from None
-        yield
-    finally:
-        fh.close()
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.mkdtemp(prefix="fedbip-run-"))
+    return path
 
 
-def append_line(path: Path, obj: Any) -> None:
-    """Append one JSON line and fsync it."""
-    with path.open("a") as fh:
-        fh.write(json.dumps(obj) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+@dataclass
+class RunOutputs:
+    """Where a run writes: ``location`` (its output) and ``local`` (a local directory: the
+    output itself when local, else the working copy)."""
 
+    location: Location
+    local: Path
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """JSON lines of ``path`` (a torn last line from a killed run is skipped)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
+    @classmethod
+    def open(cls, target: str | os.PathLike[str]) -> RunOutputs:
+        """Open (and for a URI probe with a small write) the output; StorageError if unusable."""
+        check_job_output(target)
+        if not is_uri(target):
+            loc = storage.open_location(target)
+            return cls(loc, loc.local_path)
+        loc = storage.probe(target)
+        return cls(loc, loc.local_path if loc.is_local else mirror_dir(loc))
 
+    @property
+    def remote(self) -> bool:
+        return not self.location.is_local
 
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
+    @property
+    def checkpoints(self) -> Location:
+        return self.location / "checkpoints"
 
+    def _logs(self, name: str) -> list[RowLog]:
+        local = storage.open_rows(storage.open_location(self.local), name)
+        return [local, storage.open_rows(self.location, name)] if self.remote else [local]
 
-def write_config(out: Path, config: dict[str, Any]) -> None:
-    """``config.yaml``: the resolved config."""
-    ckpt_io.write_text_atomic(out / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    def write_config(self, config: dict[str, Any]) -> None:
+        """``config.yaml``: the resolved config."""
+        self._write(CONFIG, yaml.safe_dump(config, sort_keys=False))
 
+    def _write(self, name: str, text: str) -> None:
+        storage.open_location(self.local / name).write_text(text)
+        if self.remote:
+            (self.location / name).write_text(text)
 
-def prepare(out: Path, history: list[Row], upto: int, fresh: bool) -> None:
-    """metrics.jsonl / similarity.jsonl hold exactly rounds 1..``upto`` of the checkpoint
-    (none for a fresh run): rows written after the last checkpoint by a killed run are
-    dropped; a fresh run also clears old checkpoints."""
-    ckpt_io.write_text_atomic(out / METRICS, _jsonl(history))
-    sim = [r for r in read_rows(out / SIMILARITY) if r.get("round", upto + 1) <= upto]
-    ckpt_io.write_text_atomic(out / SIMILARITY, _jsonl(sim))
-    (out / SUMMARY).unlink(missing_ok=True)
-    if fresh:
-        ckpt_io.clear(out / "checkpoints")
+    def publish_shards(self, directory: Path) -> None:
+        """Copy the run's shard files (built locally) to a remote output, once."""
+        if not self.remote:
+            return
+        target = self.location / "shards"
+        present = set(target.listdir()) if target.exists() else set()
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and (path.name not in present or path.name == "clients.json"):
+                (target / path.name).write_bytes(path.read_bytes())
 
+    def prepare(self, history: list[Row], upto: int, fresh: bool) -> None:
+        """metrics / similarity hold exactly rounds 1..``upto`` of the checkpoint (none for
+        a fresh run): rows written after the last checkpoint by a killed run are dropped; a
+        fresh run also clears old checkpoints."""
+        for log in self._logs(METRICS):
+            log.replace(history)
+        for log in self._logs(SIMILARITY):
+            log.truncate_after(upto)
+        for loc in self._summaries():
+            loc.delete(quiet=True)
+        if fresh:
+            ckpt_io.clear(self.checkpoints)
 
-def record_round(out: Path, row: Row, report: AggregationReport) -> None:
-    """Append the round's metrics row and, when the strategy has one, its similarity and
-    weight matrices (clients x clients over ``report.accepted``)."""
-    append_line(out / METRICS, row)
-    if report.similarity is not None:
-        append_line(out / SIMILARITY, {
-            "round": report.round, "clients": report.accepted,
-            "similarity": report.similarity.tolist(),
-            "weights": report.weights.tolist() if report.weights is not None else None})
+    def _summaries(self) -> list[Location]:
+        local = storage.open_location(self.local / SUMMARY)
+        return [local, self.location / SUMMARY] if self.remote else [local]
 
+    def record_round(self, row: Row, report: AggregationReport) -> None:
+        """Append the round's metrics row and, when the strategy has one, its similarity and
+        weight matrices (clients x clients over ``report.accepted``)."""
+        for log in self._logs(METRICS):
+            log.append(row)
+        if report.similarity is None:
+            return
+        sim = {"round": report.round, "clients": report.accepted,
+               "similarity": report.similarity.tolist(),
+               "weights": report.weights.tolist() if report.weights is not None else None}
+        for log in self._logs(SIMILARITY):
+            log.append(sim)
 
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    ckpt_io.write_text_atomic(out / SUMMARY, json.dumps(summary, indent=1))
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """``summary.json``; on a remote output also the consolidated jsonl files."""
+        if self.remote:
+            for name in (METRICS, SIMILARITY):
+                storage.open_rows(self.location, name).consolidate()
+        self._write(SUMMARY, json.dumps(summary, indent=1))
+

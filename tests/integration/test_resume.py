@@ -27,7 +27,7 @@ FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")
 # row fields that may differ between two identical runs: timings, memory, and what depends on
 # which actor took a call (a validation-gate call taken by another actor is sent the client's
 # own state: more bytes out, the same result)
-VOLATILE = {"seconds", "bytes_out"}
+VOLATILE = {"seconds", "bytes_out", "placement"}  # placement: node ids differ per Ray start
 VOLATILE_EXTRA = {"client_peak_rss_mib", "gate_locals_sent"}  # every extra.*_seconds too
 
 
