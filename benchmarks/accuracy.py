@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,103 +26,96 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedbip_ray.config import ConfigError, config_from_dict  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_run_args,
+    bench_parser,
+    command_line,
+    load_partial,
+    machine_line,
+    mean_std,
+    merge,
+    parse_seeds,
+    parse_strategy,
+    plot_curves,
+    preamble_lines,
+    run_dirname,
+    run_recorded,
+    strategy_config,
+)
+from fedbip_ray.config import config_from_dict  # noqa: E402
+
+__all__ = ["SETTINGS", "STRATEGIES", "main", "parse_strategy", "select"]
 
 STRATEGIES = ["local", "fedavg", "fedavg-ft", "fedprox", "fedamp", "fedbip-paper", "fedbip",
               "fedbip-layer", "oracle"]
 
-_NLP = {
-    "model": {"name": "minilm", "max_length": 48, "peft": {"r": 8, "alpha": 16, "dropout": 0.05}},
-    "data": {"dataset": "rotten-tomatoes", "num_clients": 6, "examples_per_client": 200},
-    "train": {"local_epochs": 2, "batch_size": 16, "lr": 0.002},
-    "federation": {"rounds": 5},
-}
-_CV = {
-    "model": {"name": "efficientnet-lite0", "task": "image-classification"},
-    "data": {"dataset": "fashion-mnist", "num_clients": 8, "examples_per_client": 150},
-    "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.003},
-    "federation": {"rounds": 5},
-}
-_TINY = {
-    "model": {"name": "tiny-bert", "max_length": 24, "peft": {"r": 4, "alpha": 8, "dropout": 0.0}},
-    "data": {"dataset": "synthetic-text", "num_clients": 6, "examples_per_client": 60},
-    "train": {"local_epochs": 3, "batch_size": 16, "lr": 0.02},
-    "federation": {"rounds": 4},
-}
-_TINY_CV = {
-    "model": {"name": "tiny-cnn", "task": "image-classification"},
-    "data": {"dataset": "digits", "num_clients": 6, "examples_per_client": 100},
-    "train": {"local_epochs": 2, "batch_size": 16, "lr": 0.01},
-    "federation": {"rounds": 4},
-}
+
+def _preset(model: dict, dataset: str, clients: int, examples: int, epochs: int, batch: int,
+            lr: float, rounds: int) -> dict[str, Any]:
+    """A setting's base config (dict form), without its partition."""
+    return {
+        "model": model,
+        "data": {"dataset": dataset, "num_clients": clients, "examples_per_client": examples},
+        "train": {"local_epochs": epochs, "batch_size": batch, "lr": lr},
+        "federation": {"rounds": rounds},
+    }
+
+
+def _partition(kind: str, **params: Any) -> dict[str, Any]:
+    """The config part that selects a partition."""
+    return {"data": {"partition": {"kind": kind, **params}}}
+
+
+_NLP = _preset({"name": "minilm", "max_length": 48, "peft": {"r": 8, "alpha": 16, "dropout": 0.05}},
+               "rotten-tomatoes", 6, 200, epochs=2, batch=16, lr=0.002, rounds=5)
+_CV = _preset({"name": "efficientnet-lite0", "task": "image-classification"},
+              "fashion-mnist", 8, 150, epochs=1, batch=32, lr=0.003, rounds=5)
+_TINY = _preset({"name": "tiny-bert", "max_length": 24,
+                 "peft": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                "synthetic-text", 6, 60, epochs=3, batch=16, lr=0.02, rounds=4)
+_TINY_CV = _preset({"name": "tiny-cnn", "task": "image-classification"},
+                   "digits", 6, 100, epochs=2, batch=16, lr=0.01, rounds=4)
 
 SETTINGS: dict[str, tuple[dict, dict]] = {
-    "nlp-conflict": (_NLP, {"data": {"partition": {"kind": "groups", "num_groups": 2, "shift": "label-flip"}}}),
-    "nlp-dirichlet": (_NLP, {"data": {"partition": {"kind": "dirichlet", "alpha": 0.1}}}),
-    "cv-rotation": (_CV, {"data": {"partition": {"kind": "groups", "num_groups": 4, "shift": "rotation"}}}),
-    "cv-dirichlet": (_CV, {"data": {"partition": {"kind": "dirichlet", "alpha": 0.1}}}),
-    "tiny-conflict": (_TINY, {"data": {"partition": {"kind": "groups", "num_groups": 2, "shift": "label-flip"}}}),
-    "tiny-dirichlet": (_TINY, {"data": {"partition": {"kind": "dirichlet", "alpha": 0.1}}}),
-    "tiny-cv-rotation": (_TINY_CV, {"data": {"partition": {"kind": "groups", "num_groups": 2, "shift": "rotation"}}}),
+    "nlp-conflict": (_NLP, _partition("groups", num_groups=2, shift="label-flip")),
+    "nlp-dirichlet": (_NLP, _partition("dirichlet", alpha=0.1)),
+    "cv-rotation": (_CV, _partition("groups", num_groups=4, shift="rotation")),
+    "cv-dirichlet": (_CV, _partition("dirichlet", alpha=0.1)),
+    "tiny-conflict": (_TINY, _partition("groups", num_groups=2, shift="label-flip")),
+    "tiny-dirichlet": (_TINY, _partition("dirichlet", alpha=0.1)),
+    "tiny-cv-rotation": (_TINY_CV, _partition("groups", num_groups=2, shift="rotation")),
 }
 FULL = ["nlp-conflict", "nlp-dirichlet", "cv-rotation", "cv-dirichlet"]
 QUICK = ["tiny-conflict", "tiny-dirichlet"]
-
-
-def merge(a: dict, b: dict) -> dict:
-    """Deep merge of two config dicts (b wins)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"fedbip[threshold=0.1;top_k=3]"`` -> ("fedbip", {"threshold": 0.1, "top_k": 3})."""
-    import yaml
-
-    if "[" not in spec:
-        return spec, {}
-    name, rest = spec.split("[", 1)
-    if not rest.endswith("]"):
-        raise ValueError(f"strategy spec {spec!r}: missing closing ']'")
-    params = {}
-    for item in rest[:-1].split(";"):
-        if item.strip():
-            k, v = item.split("=", 1)
-            params[k.strip()] = yaml.safe_load(v)
-    return name, params
+BASELINES = ["local", "fedavg", "fedavg-ft", "fedprox", "fedamp", "fedbip-paper"]
 
 
 def setting_config(setting: str, strategy: str, seed: int, overrides: list[str]) -> Any:
+    """The validated config of one run."""
     base, extra = SETTINGS[setting]
-    name, params = parse_strategy(strategy)
-    data = merge(merge(base, extra), {
-        "name": f"{setting}-{name}-s{seed}", "seed": seed,
-        "strategy": {"name": name, "params": params}, "tracking": {"mlflow": False},
-        "resources": {"num_cpus_per_client": 1},
-    })
+    data = merge(merge(base, extra), strategy_config(setting, strategy, seed))
     return config_from_dict(data, overrides)
 
 
 def select(history: list[dict]) -> dict[str, Any]:
     """Scores of one run: test accuracy at the best-validation round, and at the last round."""
     rows = [r for r in history if r.get("mean_accuracy") is not None]
-    best = max(rows, key=lambda r: (r["mean_val_accuracy"] if r["mean_val_accuracy"] is not None else -1))
+    best = max(rows, key=lambda r: (r["mean_val_accuracy"]
+                                    if r["mean_val_accuracy"] is not None else -1))
     final = rows[-1]
     target = 0.95 * final["mean_accuracy"]
     to95 = next(r["round"] for r in rows if r["mean_accuracy"] >= target)
     return {
-        "selected_round": best["round"], "mean": best["mean_accuracy"], "worst10": best["worst10_accuracy"],
-        "val": best["mean_val_accuracy"],
+        "selected_round": best["round"], "mean": best["mean_accuracy"],
+        "worst10": best["worst10_accuracy"], "val": best["mean_val_accuracy"],
         "final_mean": final["mean_accuracy"], "final_worst10": final["worst10_accuracy"],
         "rounds_to_95": to95, "curve": [(r["round"], r["mean_accuracy"]) for r in rows],
     }
 
 
 def run_dir(workdir: Path, setting: str, strategy: str, seed: int) -> Path:
-    safe = strategy.replace("[", "_").replace("]", "").replace(";", "_")
-    return workdir / setting / f"{safe}-s{seed}"
+    """Where one run writes its outputs."""
+    return workdir / setting / run_dirname(strategy, seed)
 
 
 def group_stats(out: Path) -> dict[str, float]:
@@ -152,7 +143,9 @@ def val_stats(out: Path) -> dict[str, float]:
     return {"val": select([json.loads(x) for x in path.read_text().splitlines()])["val"]}
 
 
-def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdir: Path) -> dict[str, Any]:
+def run_one(setting: str, strategy: str, seed: int, overrides: list[str],
+            workdir: Path) -> dict[str, Any]:
+    """One federation, scored by :func:`select`, with its group statistics and wall time."""
     from fedbip_ray.runtime.federation import run_federation
 
     cfg = setting_config(setting, strategy, seed, overrides)
@@ -166,31 +159,25 @@ def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdi
     return res
 
 
-def _ms(values: list[float]) -> str:
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return "n/a"
-    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
-
 def table(results: list[dict], setting: str) -> list[str]:
+    """Markdown table of one setting: a row per strategy, means ± std over seeds."""
     lines = [f"### {setting}", "",
-             "| strategy | seeds | mean acc (val-selected) | worst-10% | final-round mean | mean val acc "
-             "(selected round) | rounds to 95% | wall s | in-group weight share | ARI |",
+             "| strategy | seeds | mean acc (val-selected) | worst-10% | final-round mean "
+             "| mean val acc (selected round) | rounds to 95% | wall s | in-group weight share "
+             "| ARI |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for strategy in dict.fromkeys(r["strategy"] for r in results if r["setting"] == setting):
         rs = [r for r in results if r["setting"] == setting and r["strategy"] == strategy]
         lines.append(
-            f"| {strategy} | {len(rs)} | {_ms([r['mean'] for r in rs])} | {_ms([r['worst10'] for r in rs])} | "
-            f"{_ms([r['final_mean'] for r in rs])} | {_ms([r.get('val') for r in rs])} | "
+            f"| {strategy} | {len(rs)} | {mean_std([r['mean'] for r in rs])} "
+            f"| {mean_std([r['worst10'] for r in rs])} | "
+            f"{mean_std([r['final_mean'] for r in rs])} | {mean_std([r.get('val') for r in rs])} | "
             f"{np.mean([r['rounds_to_95'] for r in rs]):.1f} | "
-            f"{np.mean([r['wall'] for r in rs]):.0f} | {_ms([r.get('group_share') for r in rs])} | "
-            f"{_ms([r.get('ari') for r in rs])} |")
+            f"{np.mean([r['wall'] for r in rs]):.0f} | "
+            f"{mean_std([r.get('group_share') for r in rs])} | "
+            f"{mean_std([r.get('ari') for r in rs])} |")
     lines.append("")
     return lines
-
-
-BASELINES = ["local", "fedavg", "fedavg-ft", "fedprox", "fedamp", "fedbip-paper"]
 
 
 def _mean_of(results: list[dict], setting: str, strategy: str, key: str) -> float | None:
@@ -199,71 +186,58 @@ def _mean_of(results: list[dict], setting: str, strategy: str, key: str) -> floa
     return float(np.mean(v)) if v else None
 
 
+def _goal_row(results: list[dict], st: str, method: str) -> str | None:
+    """One setting's row of the goals table (None: ``method`` did not run there)."""
+    m = _mean_of(results, st, method, "mean")
+    if m is None:
+        return None
+    base = {b: _mean_of(results, st, b, "mean") for b in BASELINES}
+    base = {k: v for k, v in base.items() if v is not None}
+    best = max(base, key=base.get) if base else None
+    oracle = _mean_of(results, st, "oracle", "mean")
+    fa, lo = base.get("fedavg"), base.get("local")
+    w, wl = _mean_of(results, st, method, "worst10"), _mean_of(results, st, "local", "worst10")
+    r95 = _mean_of(results, st, method, "rounds_to_95")
+    r95a = _mean_of(results, st, "fedavg", "rounds_to_95")
+
+    def diff(x: float | None) -> str:
+        return "n/a" if x is None else f"{m - x:+.3f}"
+
+    return (f"| {st} | {m:.3f} | {best or 'n/a'} {base.get(best, float('nan')):.3f} "
+            f"| {diff(base.get(best))} | {diff(oracle)} | {diff(fa)} | {diff(lo)} | "
+            f"{'n/a' if w is None or wl is None else f'{w - wl:+.3f}'} | "
+            f"{'n/a' if r95 is None or not r95a else f'{r95:.1f} / {r95a:.1f}'} |")
+
+
 def goal_lines(results: list[dict], settings: list[str], method: str = "fedbip") -> list[str]:
     """The goals checked against the measured means (over seeds) of ``method``."""
     lines = [f"### Goals ({method}, means over seeds)", "",
-             "| setting | " + method + " | best baseline (not oracle) | vs best baseline | vs oracle "
-             "| vs fedavg | vs local | worst-10% vs local | rounds to 95%: " + method + " / fedavg |",
+             "| setting | " + method + " | best baseline (not oracle) | vs best baseline "
+             "| vs oracle | vs fedavg | vs local | worst-10% vs local | rounds to 95%: "
+             + method + " / fedavg |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for st in settings:
-        m = _mean_of(results, st, method, "mean")
-        if m is None:
-            continue
-        base = {b: _mean_of(results, st, b, "mean") for b in BASELINES}
-        base = {k: v for k, v in base.items() if v is not None}
-        best = max(base, key=base.get) if base else None
-        oracle = _mean_of(results, st, "oracle", "mean")
-        fa, lo = base.get("fedavg"), base.get("local")
-        w, wl = _mean_of(results, st, method, "worst10"), _mean_of(results, st, "local", "worst10")
-        r95, r95a = _mean_of(results, st, method, "rounds_to_95"), _mean_of(results, st, "fedavg", "rounds_to_95")
-
-        def diff(x: float | None, m: float = m) -> str:
-            return "n/a" if x is None else f"{m - x:+.3f}"
-
-        lines.append(
-            f"| {st} | {m:.3f} | {best or 'n/a'} {base.get(best, float('nan')):.3f} | {diff(base.get(best))} "
-            f"| {diff(oracle)} | {diff(fa)} | {diff(lo)} | "
-            f"{'n/a' if w is None or wl is None else f'{w - wl:+.3f}'} | "
-            f"{'n/a' if r95 is None or not r95a else f'{r95:.1f} / {r95a:.1f}'} |")
+    rows = (_goal_row(results, st, method) for st in settings)
+    lines += [row for row in rows if row is not None]
     lines.append("")
     return lines
 
 
-def plot(results: list[dict], setting: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for strategy in dict.fromkeys(r["strategy"] for r in results if r["setting"] == setting):
-        curves = [dict(r["curve"]) for r in results if r["setting"] == setting and r["strategy"] == strategy]
-        rounds = sorted(set.intersection(*[set(c) for c in curves]))
-        ax.plot(rounds, [np.mean([c[x] for c in curves]) for x in rounds], marker="o", ms=3, label=strategy)
-    ax.set_title(f"{setting}: mean client test accuracy per round")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(results: list[dict], settings: list[str], out: Path, command: str, seeds: list[int],
-                 preamble: str = "") -> str:
+def write_report(results: list[dict], settings: list[str], out: Path, command: str,
+                 seeds: list[int], preamble: str = "") -> str:
+    """Write ``out`` (markdown), one PNG per setting next to it and the results as JSON."""
     lines = ["# Accuracy benchmark", "",
              f"Command: `{command}`  ",
-             f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}; "
-             f"seeds {seeds}.", "", *([preamble.strip(), ""] if preamble.strip() else []),
-             "Mean client accuracy = mean over clients of each client's accuracy on its own test split, at the "
-             "round with the best mean validation accuracy (mean ± std over seeds). Worst-10% = mean of the "
-             "lowest 10% of clients (at least one). Rounds to 95% = first round reaching 95% of the final "
-             "round's mean accuracy.", ""]
+             machine_line(seeds), "", *preamble_lines(preamble),
+             "Mean client accuracy = mean over clients of each client's accuracy on its own test "
+             "split, at the round with the best mean validation accuracy (mean ± std over seeds). "
+             "Worst-10% = mean of the lowest 10% of clients (at least one). Rounds to 95% = first "
+             "round reaching 95% of the final round's mean accuracy.", ""]
     lines += goal_lines(results, settings)
     for s in settings:
         lines += table(results, s)
         png = out.with_name(f"{out.stem}_{s}.png")
-        plot(results, s, png)
+        plot_curves([r for r in results if r["setting"] == s], png,
+                    f"{s}: mean client test accuracy per round", "accuracy")
         lines += [f"![{s}]({png.name})", ""]
     text = "\n".join(lines)
     out.write_text(text + "\n")
@@ -271,64 +245,72 @@ def write_report(results: list[dict], settings: list[str], out: Path, command: s
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    ap = bench_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help=f"settings {QUICK}, 1 seed")
     ap.add_argument("--settings", help=f"comma list from {sorted(SETTINGS)}")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES),
-                    help="comma list; parameters in brackets, e.g. 'fedbip[threshold=0.1;top_k=3]'")
-    ap.add_argument("--seeds", default=None, help="comma list (default 0,1,2; --quick 0)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--workdir", default="/tmp/fedbip_accuracy")
+    add_run_args(ap, STRATEGIES, "/tmp/fedbip_accuracy")
     ap.add_argument("--preamble", type=Path, default=None,
                     help="markdown file inserted after the report's header (reading notes)")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the results recorded so far (an interrupted run's "
                          "partial file) without running anything")
-    args = ap.parse_args(argv)
-    settings = args.settings.split(",") if args.settings else (QUICK if args.quick else FULL)
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    strategies = args.strategies.split(",")
-    for s in settings:
-        if s not in SETTINGS:
-            raise SystemExit(f"unknown setting {s!r} (known: {', '.join(sorted(SETTINGS))})")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / ("accuracy_quick.md" if args.quick else "accuracy.md"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return ap.parse_args(argv)
+
+
+def _recorded(done: dict, workdir: Path, key: tuple[str, str, int]) -> dict:
+    """A result from the partial file, completed with what older runs did not record."""
+    res = done[key]
+    if "group_share" not in res:
+        res.update(group_stats(run_dir(workdir, *key)))
+    if res.get("val") is None:
+        res.update(val_stats(run_dir(workdir, *key)))
+    return res
+
+
+def collect(args: argparse.Namespace, settings: list[str], seeds: list[int],
+            partial: Path) -> list[dict]:
+    """Every (setting, seed, strategy): recorded in ``partial``, else run (unless report-only)."""
+    workdir = Path(args.workdir)
+    done = load_partial(partial, lambda r: (r["setting"], r["strategy"], r["seed"]))
     results: list[dict] = []
-    partial = out.with_suffix(".partial.jsonl")
-    done = {}
-    if partial.is_file():  # resume an interrupted benchmark
-        for line in partial.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["setting"], r["strategy"], r["seed"])] = r
     for setting in settings:
         for seed in seeds:
-            for strategy in strategies:
+            for strategy in args.strategies.split(","):
                 key = (setting, strategy, seed)
                 if key in done:
-                    if "group_share" not in done[key]:
-                        done[key].update(group_stats(run_dir(Path(args.workdir), setting, strategy, seed)))
-                    if done[key].get("val") is None:
-                        done[key].update(val_stats(run_dir(Path(args.workdir), setting, strategy, seed)))
-                    results.append(done[key])
+                    results.append(_recorded(done, workdir, key))
                     continue
                 if args.report_only:
                     continue
-                try:
-                    res = run_one(setting, strategy, seed, args.overrides, Path(args.workdir))
-                except ConfigError as err:
-                    print(f"{setting}/{strategy}/seed {seed}: skipped: {err}", flush=True)
+                res = run_recorded(partial, f"{setting}/{strategy}/seed {seed}", run_one,
+                                   setting, strategy, seed, args.overrides, workdir)
+                if res is None:
                     continue
                 results.append(res)
-                with partial.open("a") as fh:
-                    fh.write(json.dumps(res) + "\n")
                 print(f"{setting:>16} {strategy:>13} seed {seed}: acc {res['mean']:.3f} "
-                      f"worst10 {res['worst10']:.3f} final {res['final_mean']:.3f} ({res['wall']:.0f}s)", flush=True)
+                      f"worst10 {res['worst10']:.3f} final {res['final_mean']:.3f} "
+                      f"({res['wall']:.0f}s)", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the benchmark and write its report."""
+    args = parse_args(argv)
+    settings = args.settings.split(",") if args.settings else (QUICK if args.quick else FULL)
+    seeds = parse_seeds(args.seeds, args.quick)
+    for s in settings:
+        if s not in SETTINGS:
+            raise SystemExit(f"unknown setting {s!r} (known: {', '.join(sorted(SETTINGS))})")
+    name = "accuracy_quick.md" if args.quick else "accuracy.md"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.jsonl")
+    results = collect(args, settings, seeds, partial)
     ran = [s for s in settings if any(r["setting"] == s for r in results)]
     preamble = args.preamble.read_text() if args.preamble else ""
-    print(write_report(results, ran, out, command, seeds, preamble))
+    print(write_report(results, ran, out, command_line("accuracy.py", argv), seeds, preamble))
     if not args.report_only:
         partial.unlink(missing_ok=True)
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import sys
 import time
@@ -33,12 +32,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedbip_ray.config import ConfigError, config_from_dict  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_run_args,
+    bench_parser,
+    command_line,
+    load_partial,
+    machine_line,
+    mean_std,
+    merge,
+    parse_seeds,
+    plot_curves,
+    preamble_lines,
+    run_dirname,
+    run_recorded,
+    strategy_config,
+)
+from fedbip_ray.config import config_from_dict  # noqa: E402
 from fedbip_ray.data.instruct import TASKS  # noqa: E402
 
 STRATEGIES = ["local", "fedavg", "fedamp", "fedbip", "fedbip-layer", "oracle"]
-_DATA = {"dataset": "instruct-tasks", "num_clients": 12, "val_fraction": 0.1, "test_fraction": 0.25,
-         "partition": {"kind": "column"}}
+_DATA = {"dataset": "instruct-tasks", "num_clients": 12, "val_fraction": 0.1,
+         "test_fraction": 0.25, "partition": {"kind": "column"}}
 SETTINGS: dict[str, dict[str, Any]] = {
     "smollm2": {
         "model": {"name": "smollm2", "task": "causal-lm", "max_length": 96,
@@ -49,7 +63,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 80,
-                  "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+                  "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                           "intermediate_size": 64},
                   "peft": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "data": {**_DATA, "examples_per_client": 24},
         "train": {"local_epochs": 2, "batch_size": 8, "lr": 0.05, "eval_batch_size": 16},
@@ -58,33 +73,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def merge(a: dict, b: dict) -> dict:
-    """Deep merge of two config dicts (``b`` wins)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"fedbip[threshold=0.1;top_k=3]"`` -> ("fedbip", {"threshold": 0.1, "top_k": 3})."""
-    import yaml
-
-    if "[" not in spec:
-        return spec, {}
-    name, rest = spec.split("[", 1)
-    pairs = (item.split("=", 1) for item in rest.rstrip("]").split(";") if item.strip())
-    return name, {k.strip(): yaml.safe_load(v) for k, v in pairs}
-
-
 def run_config(setting: str, strategy: str, seed: int, overrides: list[str]) -> Any:
     """The validated config of one run."""
-    name, params = parse_strategy(strategy)
-    data = merge(SETTINGS[setting], {
-        "name": f"instruct-{setting}-{name}-s{seed}", "seed": seed,
-        "strategy": {"name": name, "params": params}, "tracking": {"mlflow": False},
-        "resources": {"num_cpus_per_client": 1},
-    })
+    data = merge(SETTINGS[setting], strategy_config(f"instruct-{setting}", strategy, seed))
     return config_from_dict(data, overrides)
 
 
@@ -110,12 +101,13 @@ def task_scores(per_client: dict[str, float], tasks: dict[str, str]) -> dict[str
     return out
 
 
-def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdir: Path) -> dict[str, Any]:
+def run_one(setting: str, strategy: str, seed: int, overrides: list[str],
+            workdir: Path) -> dict[str, Any]:
     """One federation; per-task final scores, the average per round and timings."""
     from fedbip_ray.runtime.federation import run_federation
 
     cfg = run_config(setting, strategy, seed, overrides)
-    out = workdir / setting / f"{strategy.replace('[', '_').replace(']', '').replace(';', '_')}-s{seed}"
+    out = workdir / setting / run_dirname(strategy, seed)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
     t0 = time.perf_counter()
     summary = run_federation(cfg, out, echo=lambda s: None)
@@ -128,14 +120,8 @@ def run_one(setting: str, strategy: str, seed: int, overrides: list[str], workdi
             "round_seconds": [r["seconds"] for r in rows], "wall": time.perf_counter() - t0,
             "step_seconds": [r["extra"]["train_step_seconds"] for r in rows
                              if "train_step_seconds" in r.get("extra", {})],
-            "client_peak_rss_mib": max((r["extra"].get("client_peak_rss_mib", 0.0) for r in rows), default=0.0)}
-
-
-def _ms(values: list[float]) -> str:
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return "n/a"
-    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+            "client_peak_rss_mib": max((r["extra"].get("client_peak_rss_mib", 0.0) for r in rows),
+                                       default=0.0)}
 
 
 def table(results: list[dict]) -> list[str]:
@@ -146,14 +132,15 @@ def table(results: list[dict]) -> list[str]:
              "|---|" + "---|" * (len(TASKS) + 5)]
     for strategy in dict.fromkeys(r["strategy"] for r in results):
         rs = [r for r in results if r["strategy"] == strategy]
-        cells = [_ms([r["scores"].get(t, math.nan) for r in rs]) for t in (*TASKS, "average")]
+        cells = [mean_std([r["scores"].get(t, math.nan) for r in rs]) for t in (*TASKS, "average")]
         cells[-1] = f"**{cells[-1]}**"
         per_round = np.mean([s for r in rs for s in r["round_seconds"]])
         steps = [s for r in rs for s in r.get("step_seconds", [])]
         step = f"{np.mean(steps):.3f}" if steps else "n/a"
         peak = max((r.get("client_peak_rss_mib", 0.0) for r in rs), default=0.0)
         lines.append(f"| {strategy} | " + " | ".join(cells)
-                     + f" | {per_round:.0f} | {step} | {peak:.0f} | {np.mean([r['wall'] for r in rs]):.0f} |")
+                     + f" | {per_round:.0f} | {step} | {peak:.0f} "
+                     f"| {np.mean([r['wall'] for r in rs]):.0f} |")
     return lines
 
 
@@ -173,30 +160,30 @@ def paired_lines(results: list[dict], reference: str = "fedbip") -> list[str]:
     if not out:
         return []
     return [f"{reference} minus each strategy, average score, paired by seed:", "",
-            "| strategy | difference | seeds where " + reference + " is higher |", "|---|---|---|", *out, ""]
+            "| strategy | difference | seeds where " + reference + " is higher |", "|---|---|---|",
+            *out, ""]
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
-    """Average score (over tasks, then seeds) per round, one line per strategy."""
-    import matplotlib
+def _setup_line(cfg: Any) -> str:
+    """What was trained: model, adapter, clients, data split and schedule."""
+    d = cfg.data
+    return (f"Model `{cfg.model.name}` + LoRA r={cfg.model.peft.r} on "
+            f"{', '.join(cfg.model.peft.target_modules or ('q_proj', 'v_proj'))}; "
+            f"{d.num_clients} clients, one task each ({d.num_clients // len(TASKS)} per task), "
+            f"{d.examples_per_client} examples per client "
+            f"(test {d.test_fraction:.0%}, val {d.val_fraction:.0%}); {cfg.federation.rounds} "
+            f"rounds x {cfg.train.local_epochs} local epoch(s), batch {cfg.train.batch_size}, "
+            f"lr {cfg.train.lr}.")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for strategy in dict.fromkeys(r["strategy"] for r in results):
-        curves = [dict(r["curve"]) for r in results if r["strategy"] == strategy]
-        rounds = sorted(set.intersection(*[set(c) for c in curves]))
-        ax.plot(rounds, [np.mean([c[x] for c in curves]) for x in rounds], marker="o", ms=3, label=strategy)
-    ax.set_title(title, fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("average task score (test)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _tiny_note(cfg: Any) -> list[str]:
+    """The caveat printed under the tables of a random-init model."""
+    if not cfg.model.name.startswith("tiny"):
+        return []
+    return [f"`{cfg.model.name}` is a random-init model: a smoke test of the pipeline, not a "
+            "result. Its adapter trains the token embeddings and output layer, so mixing clients "
+            "of different tasks quickly collapses it to the shared end-of-turn token (empty "
+            "answers).", ""]
 
 
 def write_report(results: list[dict], setting: str, out: Path, command: str, seeds: list[int],
@@ -204,28 +191,21 @@ def write_report(results: list[dict], setting: str, out: Path, command: str, see
     """Write ``out`` (markdown) and the PNG next to it (``preamble``: text after the header)."""
     cfg = run_config(setting, "local", seeds[0], overrides)
     png = out.with_suffix(".png")
-    plot(results, png, f"instruct-tasks, {cfg.model.name}: average test score per round")
-    d = cfg.data
+    plot_curves(results, png, f"instruct-tasks, {cfg.model.name}: average test score per round",
+                "average task score (test)", title_fontsize=9, integer_rounds=True)
     lines = [
         "# Generative benchmark: federated instruction tuning", "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}; "
-        f"seeds {seeds}.", "",
-        *([preamble.strip(), ""] if preamble.strip() else []),
-        f"Model `{cfg.model.name}` + LoRA r={cfg.model.peft.r} on "
-        f"{', '.join(cfg.model.peft.target_modules or ('q_proj', 'v_proj'))}; {d.num_clients} clients, "
-        f"one task each ({d.num_clients // len(TASKS)} per task), {d.examples_per_client} examples per client "
-        f"(test {d.test_fraction:.0%}, val {d.val_fraction:.0%}); {cfg.federation.rounds} rounds x "
-        f"{cfg.train.local_epochs} local epoch(s), batch {cfg.train.batch_size}, lr {cfg.train.lr}.", "",
+        machine_line(seeds), "",
+        *preamble_lines(preamble),
+        _setup_line(cfg), "",
         "Score = each client's greedy-generation score on its own test split at the final round "
-        "(exact match; ROUGE-L F1 for record-to-text), averaged over the task's clients; mean ± std "
-        "over seeds. `sentiment` and `sentiment-flipped` share prompts with opposite answers.", "",
+        "(exact match; ROUGE-L F1 for record-to-text), averaged over the task's clients; "
+        "mean ± std over seeds. `sentiment` and `sentiment-flipped` share prompts with opposite "
+        "answers.", "",
         *table(results), "",
         *paired_lines(results),
-        *([f"`{cfg.model.name}` is a random-init model: a smoke test of the pipeline, not a result. "
-           "Its adapter trains the token embeddings and output layer, so mixing clients of different "
-           "tasks quickly collapses it to the shared end-of-turn token (empty answers).", ""]
-          if cfg.model.name.startswith("tiny") else []),
+        *_tiny_note(cfg),
         f"![average score per round]({png.name})", "",
     ]
     text = "\n".join(lines)
@@ -233,27 +213,49 @@ def write_report(results: list[dict], setting: str, out: Path, command: str, see
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    ap = bench_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny-llama, 1 seed, 2 rounds (CI)")
-    ap.add_argument("--setting", choices=sorted(SETTINGS), default=None, help="default: smollm2 (--quick: tiny)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES),
-                    help="comma list; parameters in brackets, e.g. 'fedbip[threshold=0.1;top_k=3]'")
-    ap.add_argument("--seeds", default=None, help="comma list (default 0,1,2; --quick 0)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--workdir", default="/tmp/fedbip_instruct")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default=None,
+                    help="default: smollm2 (--quick: tiny)")
+    add_run_args(ap, STRATEGIES, "/tmp/fedbip_instruct")
     ap.add_argument("--report-only", action="store_true",
-                    help="rebuild the report from <workdir>/<name>.json of a finished run (give the same --set)")
+                    help="rebuild the report from <workdir>/<name>.json of a finished run "
+                         "(give the same --set)")
     ap.add_argument("--preamble", type=Path, default=None, help="markdown placed after the header")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def collect(args: argparse.Namespace, setting: str, seeds: list[int],
+            partial: Path) -> list[dict]:
+    """Every (seed, strategy): recorded in ``partial`` by an interrupted run, else run now."""
+    done = load_partial(partial, lambda r: (r["strategy"], r["seed"]))
+    results: list[dict] = []
+    for seed in seeds:
+        for strategy in args.strategies.split(","):
+            if (strategy, seed) in done:
+                results.append(done[(strategy, seed)])
+                continue
+            res = run_recorded(partial, f"{strategy}/seed {seed}", run_one,
+                               setting, strategy, seed, args.overrides, Path(args.workdir))
+            if res is None:
+                continue
+            results.append(res)
+            print(f"{strategy:>13} seed {seed}: average {res['scores']['average']:.3f} "
+                  f"({res['wall']:.0f}s, {np.mean(res['round_seconds']):.1f}s/round)", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume, or only report) the benchmark and write its report."""
+    args = parse_args(argv)
     setting = args.setting or ("tiny" if args.quick else "smollm2")
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    strategies = args.strategies.split(",")
+    seeds = parse_seeds(args.seeds, args.quick)
     name = "instruct_quick.md" if args.quick else "instruct.md"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/instruct.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("instruct.py", argv)
     preamble = args.preamble.read_text() if args.preamble else ""
     raw = Path(args.workdir) / f"{out.stem}.json"
     if args.report_only:
@@ -265,27 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.overrides, preamble))
         return 0
     partial = out.with_suffix(".partial.jsonl")
-    done = {}
-    if partial.is_file():  # resume an interrupted benchmark
-        for line in partial.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["strategy"], r["seed"])] = r
-    results: list[dict] = []
-    for seed in seeds:
-        for strategy in strategies:
-            if (strategy, seed) in done:
-                results.append(done[(strategy, seed)])
-                continue
-            try:
-                res = run_one(setting, strategy, seed, args.overrides, Path(args.workdir))
-            except ConfigError as err:
-                print(f"{strategy}/seed {seed}: skipped: {err}", flush=True)
-                continue
-            results.append(res)
-            with partial.open("a") as fh:
-                fh.write(json.dumps(res) + "\n")
-            print(f"{strategy:>13} seed {seed}: average {res['scores']['average']:.3f} "
-                  f"({res['wall']:.0f}s, {np.mean(res['round_seconds']):.1f}s/round)", flush=True)
+    results = collect(args, setting, seeds, partial)
     if not results:
         print("no run finished", file=sys.stderr)
         return 2

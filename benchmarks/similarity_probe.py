@@ -11,21 +11,23 @@ adjusted Rand index of a clustering, and the in-group share of the resulting Fed
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import bench_parser, command_line  # noqa: E402
 from fedbip_ray.config import load_config  # noqa: E402
 from fedbip_ray.core.similarity import group_recovery, similarity_matrix  # noqa: E402
 from fedbip_ray.core.weights import personalized_weights  # noqa: E402
 from fedbip_ray.data.shards import build_shards, read_shard  # noqa: E402
-from fedbip_ray.runtime.trainer import LocalTrainer, seed_for  # noqa: E402
+from fedbip_ray.training.registry import make_trainer  # noqa: E402
+from fedbip_ray.training.seeds import seed_for  # noqa: E402
 
 # (label, reference, options for similarity_matrix)
 OPTIONS: list[tuple[str, str, dict]] = [
@@ -46,10 +48,11 @@ OPTIONS: list[tuple[str, str, dict]] = [
 ]
 
 
-def train_locally(cfg, rounds: int, workdir: Path) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, object]:
+def train_locally(cfg: Any, rounds: int, workdir: Path
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, object]:
     """Per-round deltas and parameters after each round, (N, D) each; groups; layout."""
     shards = build_shards(cfg.data, cfg.seed, workdir / "shards")
-    trainer = LocalTrainer(cfg.model, cfg.train, shards.num_labels, cfg.seed)
+    trainer = make_trainer(cfg, shards.num_labels)
     init = trainer.initial_state()
     data = [trainer.encode(read_shard(p)["train"]) for p in shards.paths]
     states = np.tile(init, (shards.num_clients, 1))
@@ -88,9 +91,11 @@ def score(deltas, thetas, groups, layout, init) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
+    """The report: one table row per similarity option, at the last round."""
     n = len(rows[0]["rounds"])
     lines = [header, "",
-             "| similarity | in-group | cross-group | separation (last) | ARI per round | in-group weight share per round |",
+             "| similarity | in-group | cross-group | separation (last) | ARI per round "
+             "| in-group weight share per round |",
              "|---|---|---|---|---|---|"]
     for row in rows:
         last = row["rounds"][-1]
@@ -106,7 +111,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Train, score every option, print the report and write it to ``--out``."""
+    ap = bench_parser(__doc__)
     ap.add_argument("--config", default="jobs/configs/quickstart.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--rounds", type=int, default=4)
@@ -117,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     deltas, thetas, groups, (layout, init) = train_locally(cfg, args.rounds, Path(args.workdir))
     rows = score(deltas, thetas, groups, layout, init)
-    cmd = "python benchmarks/similarity_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("similarity_probe.py", argv)
     header = (f"# Similarity probe: group recovery by task-vector definition\n\n"
-              f"Command: `{cmd}`  \nSetting: model `{cfg.model.name}`, dataset `{cfg.data.dataset}`, "
+              f"Command: `{cmd}`  \nSetting: model `{cfg.model.name}`, "
+              f"dataset `{cfg.data.dataset}`, "
               f"{cfg.data.num_clients} clients, partition `{cfg.data.partition.kind}` "
               f"({cfg.data.partition.num_groups} groups, shift `{cfg.data.partition.shift}`), "
-              f"{cfg.train.local_epochs} local epochs, lr {cfg.train.lr}, optimizer {cfg.train.optimizer}; "
-              f"local training only. Machine: {platform.machine()}, {platform.python_version()}; "
+              f"{cfg.train.local_epochs} local epochs, lr {cfg.train.lr}, "
+              f"optimizer {cfg.train.optimizer}; local training only. "
+              f"Machine: {platform.machine()}, {platform.python_version()}; "
               f"{time.perf_counter() - t0:.0f} s.")
     md = to_markdown(rows, header)
     print(md)

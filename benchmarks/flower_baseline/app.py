@@ -2,7 +2,7 @@
 
 Runs in the Flower venv (``flwr[simulation]==1.42.0``, which pins ``ray==2.55.1``) with the
 repository on ``PYTHONPATH``: the ClientApp trains and evaluates with fedbip's own trainer class
-(``fedbip_ray.runtime.trainer.make_trainer``; it imports no Ray) on the Parquet shards fedbip
+(``fedbip_ray.training.registry.make_trainer``; it imports no Ray) on the Parquet shards fedbip
 writes, with the same seeds, so the computation per client is identical and only the framework
 differs. Messages carry the adapter state only, one flat (D,) float32 array, as fedbip's do.
 
@@ -72,7 +72,7 @@ def _empty_conversion_cache() -> Iterator[None]:
 def build_trainer(job_path: str) -> tuple[Any, float]:
     """(trainer, seconds spent building it): a new one per call for ``reload``, this process's
     one for ``cached``."""
-    from fedbip_ray.runtime.trainer import make_trainer
+    from fedbip_ray.training.registry import make_trainer
 
     job = load_job(job_path)
     if job["variant"] == "cached" and "trainer" in _TRAINER:
@@ -114,7 +114,7 @@ client_app = ClientApp()
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the received adapter state; replies with the trained state."""
-    from fedbip_ray.runtime.trainer import seed_for
+    from fedbip_ray.training.seeds import seed_for
 
     job_path = str(msg.content["config"]["job"])
     cfg = _config(job_path)
@@ -124,7 +124,8 @@ def train(msg: Message, context: Context) -> Message:
     data = client_data(job_path, trainer, cid)
     t0 = time.perf_counter()
     trainer.load_state(_received_state(msg))
-    metrics = trainer.train(data["train"], cfg.train.local_epochs, seed_for(cfg.seed, cid, rnd), 0.0)
+    metrics = trainer.train(data["train"], cfg.train.local_epochs, seed_for(cfg.seed, cid, rnd),
+                            0.0)
     state = trainer.current_state()
     compute_s = time.perf_counter() - t0
     loss = float(metrics.get("train_loss", float("nan")))
@@ -149,7 +150,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     val, test = trainer.evaluate(data["val"]), trainer.evaluate(data["test"])
     compute_s = time.perf_counter() - t0
     reply = RecordDict({
-        "metrics": MetricRecord({"num-examples": int(test["n"]), "accuracy": float(test["accuracy"]),
+        "metrics": MetricRecord({"num-examples": int(test["n"]),
+                                 "accuracy": float(test["accuracy"]),
                                  "val_accuracy": float(val["accuracy"]), "client": cid,
                                  "load_seconds": load_s, "compute_seconds": compute_s,
                                  "threads": _threads()}),
@@ -227,7 +229,7 @@ def main(grid: Grid, context: Context) -> None:
     job = load_job(job_path)
     n = int(job["num_clients"])
     t0 = time.perf_counter()
-    from fedbip_ray.runtime.trainer import make_trainer
+    from fedbip_ray.training.registry import make_trainer
 
     trainer = make_trainer(_config(job_path), int(job["num_labels"]))
     init = trainer.initial_state()

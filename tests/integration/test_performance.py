@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fedbip_ray.runtime.federation import sample_clients
+from fedbip_ray.runtime.rows import sample_clients
 
 from ..conftest import REPO
 
