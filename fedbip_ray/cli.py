@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   fedbip tune jobs/configs/tune.yaml
   fedbip replay jobs/configs/tune_tiny.yaml --record   # aggregation-only search, no retraining
   fedbip bench aggregation --quick
+  fedbip join runs/quickstart --data new_users.csv --client-column user
 """
 
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--output", help="output directory (default runs/<name>-tune)")
 
     _add_replay_parser(sub)
+    _add_join_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark (writes benchmarks/results/*.md)")
     bench.add_argument("name", choices=["aggregation", "accuracy", "performance", "instruct",
@@ -75,6 +77,35 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
                         metavar="KEY=VALUE", help="override for the recorded run only, e.g. "
                         "strategy.params.self_similarity=one")
     replay.add_argument("--output", help="output directory (default runs/<name>-replay)")
+
+
+def _add_join_parser(sub: argparse._SubParsersAction) -> None:
+    join = sub.add_parser("join", help="give new clients a personalized adapter from a run",
+                          description=(
+        "Each newcomer in FILE fine-tunes the run's initial adapter on its own data, gets an "
+        "aggregate of the stored clients most like it (the run's strategy), and the run's "
+        "validation gate picks the mix. Writes adapters (peft format), weights, similarity "
+        "rows and scores into the output directory (default RUN_DIR/joined). The run itself "
+        "is not changed."))
+    join.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished run")
+    join.add_argument("--data", required=True, metavar="FILE",
+                      help="Parquet, CSV or JSON lines with the run's text and label columns")
+    join.add_argument("--client-column", metavar="C",
+                      help="one newcomer per value of this column (default: one newcomer)")
+    join.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field of the run's config, e.g. resources.max_actors=1")
+    join.add_argument("--output", metavar="DIR", help="output directory (default RUN_DIR/joined)")
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    """Join newcomers to a finished run; prints one line per newcomer."""
+    from fedbip_ray.runtime.join import join_run
+
+    results = join_run(args.run_dir, args.data, args.client_column, args.overrides, args.output,
+                       echo=lambda s: print(s, flush=True))
+    where = args.output or str(Path(args.run_dir) / "joined")
+    print(f"{len(results)} newcomer(s) joined: results in {where}/ (summary.json)", flush=True)
+    return 0
 
 
 def _configure_logging() -> None:
@@ -153,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "tune": cmd_tune, "replay": cmd_replay, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "tune": cmd_tune, "replay": cmd_replay, "bench": cmd_bench,
+                "join": cmd_join}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -18,6 +18,7 @@ import ray
 
 from fedbip_ray.core.aggregate import as_index
 from fedbip_ray.core.gate import mix_candidates
+from fedbip_ray.core.join import informed_rows, join_aggregate, personalizes_by_similarity
 from fedbip_ray.core.similarity import group_recovery
 from fedbip_ray.core.strategies import (
     AggregationInput,
@@ -184,7 +185,7 @@ class FederatedServer:
         idx = np.asarray(v.ids, dtype=np.int64)
         self._gate_local = ({c: k for k, c in enumerate(v.ids)}, inp.theta()
                             if self.strategy.client_options.gate_mixes else None)
-        self.states[idx] = result.states
+        self.states[idx] = self._with_late_joins(round_num, v.ids, inp, result.states)
         report.aggregated = True
         if result.similarity is not None and self.similarity is not None:
             self.similarity[np.ix_(idx, idx)] = result.similarity
@@ -195,6 +196,44 @@ class FederatedServer:
         if self.keep_last:
             self._last = {"round": round_num, "clients": list(v.ids), "deltas": inp.deltas}
         return report
+
+    def _late_rows(self, ids: list[int]) -> list[int]:
+        """Rows (into ``ids``) of participants taking part for the first time (state still
+        ``init``) while some client already holds a trained state; empty for strategies that
+        do not weigh clients by similarity."""
+        assert self.states is not None and self.init is not None
+        if not personalizes_by_similarity(self.strategy):
+            return []
+        fresh = [k for k, c in enumerate(ids) if np.array_equal(self.states[c], self.init)]
+        if not fresh or not informed_rows(self.states, self.init).any():
+            return []
+        return fresh
+
+    def _with_late_joins(self, round_num: int, ids: list[int], inp: AggregationInput,
+                         states: np.ndarray) -> np.ndarray:
+        """``states`` (N_t, D) with each late joiner's row replaced by its join aggregate
+        (:func:`fedbip_ray.core.join.join_aggregate`): the strategy over every other client's
+        cumulative vector (co-participants: after this round's training) and the late joiners'
+        first task vectors, so that it learns from all clients like it, not only from this
+        round's co-participants (late joiners of one round join together, in one strategy
+        call). Without late joiners ``states`` is returned as is."""
+        late = self._late_rows(ids)
+        if not late:
+            return states
+        assert self.states is not None and self.init is not None and self.layout is not None
+        rows = {c: k for k, c in enumerate(ids)}
+        late_ids = {ids[k] for k in late}
+        theta = inp.theta()
+        others = [c for c in range(self.num_clients) if c not in late_ids]
+        stored = np.stack([theta[rows[c]] if c in rows else self.states[c] for c in others])
+        joined = join_aggregate(self.strategy, stored, self.init, inp.deltas[late], self.layout,
+                                np.ones(len(others)), np.ones(len(late)), together=True)
+        out = np.array(states, dtype=np.float32, copy=True)
+        for k, res in zip(late, joined, strict=True):
+            out[k] = res.state
+        log.info("round %d: clients %s joined late: aggregated over every client's cumulative "
+                 "vector", round_num, sorted(late_ids))
+        return out
 
     def _diagnostics(self, idx: np.ndarray, result: Any) -> dict[str, float]:
         """Group recovery of this round's similarity/weights when the true groups are known

@@ -1,0 +1,278 @@
+"""Join benchmark: leave clients out, federate the rest, join the held-out ones.
+
+Per (setting, seed): the clients are drawn from one data pool; ``--holdout`` clients per group
+are held out; the rest federate with ``fedbip`` (the default options), ``fedavg`` and
+``oracle`` (FedAvg inside the true groups). Each held-out client then joins the ``fedbip`` run
+(``fedbip join``) with 10, 25 and 50 training examples (``--train-sizes``) and a fixed-size test
+split, and every method is scored on the newcomers' test splits:
+
+- ``join``: the joined adapter (FedBip aggregate over the stored clients, validation gate);
+- ``local``: the newcomer's own fine-tune of the run's initial adapter (same epochs);
+- ``fedavg``: the FedAvg global model as is; ``fedavg-ft``: it after the same local fine-tune;
+- ``oracle-ft``: the newcomer's true group's FedAvg model after the same local fine-tune;
+- ``in-group``: the share of the join's weight on stored clients that goes to its own group.
+
+    python benchmarks/join.py --quick                     # tiny BERT, synthetic text (minutes)
+    python benchmarks/join.py --setting nlp-groups        # MiniLM, Rotten Tomatoes, 2 groups
+    python benchmarks/join.py --setting nlp-natural       # MiniLM, Rotten Tomatoes by movie
+
+Writes benchmarks/results/join.md (``join_quick.md`` with --quick) and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fedbip_ray.config import DataConfig, config_from_dict  # noqa: E402
+from fedbip_ray.data.datasets import load_dataset  # noqa: E402
+
+METHODS = ("join", "local", "fedavg", "fedavg-ft", "oracle-ft")
+TEST_EXAMPLES = 60
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A leave-clients-out setting: model, dataset, clients per group, examples per client."""
+
+    model: dict[str, Any]
+    dataset: str
+    groups: int  # 0: natural clients (one per key of the dataset's client column)
+    clients_per_group: int
+    examples: int
+    train: dict[str, Any]
+    rounds: int
+
+
+TINY = {"name": "tiny-bert", "max_length": 24, "peft": {"r": 4, "alpha": 8, "dropout": 0.0}}
+MINILM = {"name": "minilm", "max_length": 64, "peft": {"r": 8, "alpha": 16}}
+SETTINGS = {
+    "tiny-groups": Setting(TINY, "synthetic-text", 2, 3, 60,
+                           {"local_epochs": 3, "batch_size": 16, "lr": 0.02}, 2),
+    "nlp-groups": Setting(MINILM, "rotten-tomatoes", 2, 5, 200,
+                          {"local_epochs": 2, "batch_size": 16, "lr": 0.002}, 8),
+    "nlp-natural": Setting(MINILM, "rotten-tomatoes", 0, 10, 150,
+                           {"local_epochs": 2, "batch_size": 16, "lr": 0.002}, 8),
+}
+NOT_RUN = {
+    "generative (SmolLM2)": "python benchmarks/instruct.py (federation) -- a generative join "
+    "needs the instruct data's prompt/response columns in a file dataset, which data.file "
+    "does not carry yet",
+}
+
+
+def pool(setting: Setting, seed: int) -> pd.DataFrame:
+    """The data pool: columns text, label, key (group key or natural client key)."""
+    cfg = DataConfig(dataset=setting.dataset, num_clients=1)
+    frame = load_dataset(cfg, seed).frame.sample(frac=1.0, random_state=seed)
+    return frame.reset_index(drop=True)
+
+
+def split_clients(setting: Setting, frame: pd.DataFrame, holdout: int, sizes: list[int],
+                  seed: int) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """(federated rows with a ``key`` column, one frame per newcomer with ``user``/``group``).
+
+    Grouped settings: client rows are drawn in turn from the pool, group g's labels shifted
+    by g (label flip); natural settings: the most frequent keys federate, the next ones join.
+    """
+    need_new = max(sizes) + max(4, max(sizes) // 2) + TEST_EXAMPLES
+    if setting.groups:
+        fed, new, at = [], [], 0
+        for g in range(setting.groups):
+            for _ in range(setting.clients_per_group):
+                rows = frame.iloc[at:at + setting.examples].assign(key=f"g{g}")
+                fed.append(rows.assign(label=(rows["label"] + g) % 2))
+                at += setting.examples
+            for h in range(holdout):
+                rows = frame.iloc[at:at + need_new].assign(user=f"g{g}-new{h}", group=g)
+                new.append(rows.assign(label=(rows["label"] + g) % 2))
+                at += need_new
+        return pd.concat(fed, ignore_index=True), new
+    counts = frame["client"].value_counts()
+    keys = [k for k, c in counts.items() if c >= setting.examples][: setting.clients_per_group]
+    spare = [k for k, c in counts.items() if c >= need_new and k not in keys][:holdout]
+    fed = frame[frame["client"].isin(keys)].groupby("client").head(setting.examples)
+    new = [frame[frame["client"] == k].head(need_new).assign(user=str(k), group=-1)
+           for k in spare]
+    return fed.rename(columns={"client": "key"}), new
+
+
+def base_config(setting: Setting, data_path: Path, clients: int, seed: int,
+                strategy: str) -> dict[str, Any]:
+    return {
+        "name": f"join-{strategy}", "seed": seed, "model": setting.model,
+        "data": {"dataset": "file", "path": str(data_path), "text_column": "text",
+                 "label_column": "label", "client_column": "key", "num_clients": clients,
+                 "examples_per_client": setting.examples, "partition": {"kind": "column"}},
+        "train": setting.train, "strategy": {"name": strategy},
+        "federation": {"rounds": setting.rounds}, "resources": {"num_cpus_per_client": 1},
+        "tracking": {"mlflow": False},
+    }
+
+
+def split_overrides(n: int) -> list[str]:
+    """Fractions that give a newcomer with ``n`` training examples a fixed-size test split."""
+    val = max(4, n // 2)
+    total = n + val + TEST_EXAMPLES
+    return [f"data.test_fraction={(TEST_EXAMPLES + 0.25) / total:.6f}",
+            f"data.val_fraction={(val + 0.25) / total:.6f}", "tracking.mlflow=false"]
+
+
+def baselines(runs: dict[str, Path], data: Path, overrides: list[str],
+              groups: list[int]) -> dict[str, dict[int, float]]:
+    """Test accuracy per newcomer (by client id) of fedavg, fedavg-ft and oracle-ft."""
+    from fedbip_ray.runtime.join import NewcomerPool, load_run
+    from fedbip_ray.runtime.join_data import read_newcomers, write_newcomer_shard
+
+    avg = load_run(runs["fedavg"], overrides)
+    newcomers = read_newcomers(data, avg.cfg, avg.shards, "user")
+    shards = [write_newcomer_shard(n, avg.cfg, data.parent / "baseline_shards") for n in newcomers]
+    ft = avg.cfg.train.local_epochs
+    pool_ = NewcomerPool(avg, shards)
+    try:
+        ids = [s.newcomer.client_id for s in shards]
+        glob = {c: avg.states[0] for c in ids}
+        out = {"fedavg": pool_.evaluate(glob), "fedavg-ft": pool_.evaluate(glob, ft)}
+        if "oracle" in runs:
+            orc = load_run(runs["oracle"])
+            member = {g: orc.shards.groups.index(g) for g in set(orc.shards.groups)}
+            states = {c: orc.states[member[g]] for c, g in zip(ids, groups, strict=True)}
+            out["oracle-ft"] = pool_.evaluate(states, ft)
+    finally:
+        pool_.close()
+    return {m: {c: r["test"]["accuracy"] for c, r in res.items()} for m, res in out.items()}
+
+
+def run_seed(name: str, setting: Setting, seed: int, holdout: int, sizes: list[int],
+             work: Path) -> list[dict[str, Any]]:
+    """Every method's newcomer test accuracy for one seed: one row per (newcomer, size)."""
+    from fedbip_ray.runtime.federation import run_federation
+    from fedbip_ray.runtime.join import join_run
+
+    d = work / f"{name}_seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    fed, new = split_clients(setting, pool(setting, seed), holdout, sizes, seed)
+    fed.to_parquet(d / "federated.parquet")
+    clients = setting.groups * setting.clients_per_group if setting.groups else fed["key"].nunique()
+    runs = {}
+    for strategy in ("fedbip", "fedavg", *(("oracle",) if setting.groups else ())):
+        cfg = config_from_dict(base_config(setting, d / "federated.parquet", clients, seed,
+                                           strategy))
+        out = d / strategy
+        if not (out / "summary.json").is_file():
+            run_federation(cfg, out, echo=lambda s: None)
+        runs[strategy] = out
+    rows = []
+    for n in sizes:
+        val = max(4, n // 2)
+        frames = [f.head(n + val + TEST_EXAMPLES) for f in new]
+        data = d / f"new_{n}" / "newcomers.parquet"
+        data.parent.mkdir(exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_parquet(data)
+        groups = [int(f["group"].iloc[0]) for f in frames]
+        joined = join_run(runs["fedbip"], data, "user", split_overrides(n), data.parent / "join",
+                          echo=lambda s: None)
+        base = baselines(runs, data, split_overrides(n), groups)
+        for r, g in zip(joined, groups, strict=True):
+            rows.append({"seed": seed, "n": n, "newcomer": r.name, "group": g,
+                         "join": r.test["accuracy"], "local": r.local_test["accuracy"],
+                         "mix": r.mix, "in_group": r.group_share(g) if g >= 0 else None,
+                         **{m: v[r.client_id] for m, v in base.items()}})
+    return rows
+
+
+def mean_std(values: list[float | None]) -> str:
+    v = [x for x in values if x is not None]
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
+
+
+def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float,
+           out: Path) -> None:
+    """The markdown table (mean ± std over newcomers and seeds) and the PNG."""
+    sizes = sorted({r["n"] for r in rows})
+    methods = [m for m in METHODS if any(m in r for r in rows)]
+    lines = [f"# Join benchmark{' (quick)' if args.quick else ''}: {name}", "",
+             f"Command: `{shlex.join(['python', 'benchmarks/join.py', *args.argv])}`  ",
+             f"Seeds {args.seeds}; {args.holdout} held-out clients per group; test split of "
+             f"{TEST_EXAMPLES} examples per newcomer; {seconds / 60:.1f} minutes on "
+             "2 shared CPU cores.", "",
+             "Test accuracy on the newcomers' own test splits (mean ± std over newcomers x "
+             "seeds); `in-group`: share of the join's stored-client weight on the newcomer's "
+             "own group; `mix`: the gate's mean λ.", "",
+             "| train examples | " + " | ".join(methods) + " | in-group | mix |",
+             "|---|" + "---|" * (len(methods) + 2)]
+    for n in sizes:
+        sel = [r for r in rows if r["n"] == n]
+        cells = [mean_std([r.get(m) for r in sel]) for m in methods]
+        cells += [mean_std([r["in_group"] for r in sel]), mean_std([r["mix"] for r in sel])]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Not run here (CPU only, shared machine); the full commands:", ""]
+    for key in SETTINGS:
+        if key != "tiny-groups":
+            lines.append(f"- `python benchmarks/join.py --setting {key} --seeds 0,1,2` (not run)")
+    for what, cmd in NOT_RUN.items():
+        lines.append(f"- {what}: not run; {cmd}")
+    out.write_text("\n".join(lines) + "\n")
+    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    plot(rows, methods, out.with_suffix(".png"), name)
+
+
+def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["n"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        ys = [np.mean([r[m] for r in rows if r["n"] == n and r.get(m) is not None]) for n in sizes]
+        ax.plot(sizes, ys, marker="o", label=m)
+    ax.set_xlabel("newcomer training examples")
+    ax.set_ylabel("newcomer test accuracy")
+    ax.set_title(f"join: {title}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny BERT on synthetic text")
+    ap.add_argument("--setting", choices=list(SETTINGS), default=None)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--holdout", type=int, default=2, help="held-out clients per group")
+    ap.add_argument("--train-sizes", default="10,25,50")
+    ap.add_argument("--workdir", default="runs/bench-join")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    name = args.setting or ("tiny-groups" if args.quick else "nlp-groups")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.train_sizes.split(",")]
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        "join_quick.md" if args.quick else "join.md")
+    t0 = time.perf_counter()
+    rows = []
+    for seed in seeds:
+        rows += run_seed(name, SETTINGS[name], seed, args.holdout, sizes, Path(args.workdir))
+        report(name, rows, args, time.perf_counter() - t0, out)  # partial results as it goes
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
