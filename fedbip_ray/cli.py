@@ -138,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     groups = [int(g) for g in _groups(output)]
     print(format_client_table(summary, groups), flush=True)
     print(f"results in {output}/ (summary.json, metrics.jsonl)", flush=True)
+    for where in filter(None, (cb.where_to_look() for cb in callbacks)):
+        print(where, flush=True)  # the MLflow run's URL (or local store)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""MLflow for every run: params, per-round metrics, matrices, heatmaps, plots, adapters.
+"""MLflow for every run: params, per-round metrics, dataset inputs, matrices, heatmaps, plots,
+adapters; a resumed run continues its MLflow run.
 
 Embedded default: a local sqlite store ``sqlite:///mlflow.db`` in the working directory.
 ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point to a server instead.
@@ -9,20 +10,43 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.runtime.messages import AggregationReport
+from fedbip_ray.tracking.plots import accuracy_plot, heatmap_png
+from fedbip_ray.tracking.run_info import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    MetricLedger,
+    byte_totals,
+    changed_params,
+    final_metrics,
+    flatten,
+    git_commit,
+    git_dirty,
+    git_tags,
+    row_metrics,
+    run_description,
+    run_status_for,
+    source_tags,
+    where_to_look,
+)
+
+__all__ = ["DEFAULT_URI", "MlflowCallback", "absolute_tracking_uri", "accuracy_plot",
+           "byte_totals", "ensure_experiment", "flatten", "git_commit", "git_dirty", "git_tags",
+           "heatmap_png", "probe_tracking", "run_status_for", "tracking_uri"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 HEATMAP_EVERY = 5
+BATCH = 500  # metrics per log_batch call
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_ID_KEY, EXPERIMENT_ID_KEY = "mlflow_run_id", "mlflow_experiment_id"  # in RunContext.meta
 log = logging.getLogger("fedbip.mlflow")
 
 
@@ -62,170 +86,147 @@ def absolute_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
     return uri
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict -> {"a.b.c": "value"} (values as short strings)."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = str(v)[:500]
-    return out
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _git(*args: str) -> str | None:
-    try:
-        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if needed, tagged as a model-training experiment
+    (``mlflow.experimentKind``) so the UI opens it on its runs, not on its GenAI traces view."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return str(client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+        except MlflowException:  # created meanwhile by another run (e.g. a Tune trial)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return str(exp.experiment_id)
 
 
-def git_commit() -> str | None:
-    """The source checkout's commit; ``FEDBIP_GIT_COMMIT`` when there is no ``.git`` (e.g. the
-    working dir uploaded by ``ray job submit``)."""
-    return _git("rev-parse", "HEAD") or os.environ.get("FEDBIP_GIT_COMMIT") or None
-
-
-def git_dirty() -> bool | None:
-    """True when tracked files differ from the commit (None outside a checkout)."""
-    out = _git("status", "--porcelain", "--untracked-files=no")
-    return None if out is None else bool(out)
-
-
-def git_tags() -> dict[str, str]:
-    """``git_commit`` (+ MLflow's own source tag) and ``git_dirty`` for a run, where known."""
-    tags: dict[str, str] = {}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
-    dirty = git_dirty()
-    if dirty is not None:
-        tags["git_dirty"] = str(dirty).lower()
-    return tags
-
-
-def run_status_for(exc: BaseException) -> str:
-    """MLflow status for a run ended by ``exc``: KILLED for interrupts/stops, else FAILED."""
-    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
-
-
-def byte_totals(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Cumulative bytes moved over the rounds in ``history`` (server in = client uploads)."""
-    b_in = float(sum(r.get("bytes_in") or 0 for r in history))
-    b_out = float(sum(r.get("bytes_out") or 0 for r in history))
-    return {"bytes_in_total": b_in, "bytes_out_total": b_out, "bytes_total": b_in + b_out}
-
-
-def heatmap_png(matrix: np.ndarray, labels: list[int], title: str, path: Path) -> None:
-    """Write an (N, N) matrix as an annotated heatmap PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.4 * n))
-    im = ax.imshow(matrix, cmap="viridis")
-    ax.set_xticks(range(n), [str(c) for c in labels], fontsize=7)
-    ax.set_yticks(range(n), [str(c) for c in labels], fontsize=7)
-    ax.set_xlabel("client k")
-    ax.set_ylabel("client i")
-    ax.set_title(title, fontsize=9)
-    if n <= 16:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def accuracy_plot(history: list[dict[str, Any]], path: Path) -> None:
-    """Mean / worst-10% / per-client test accuracy per round as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in history if r.get("mean_accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if rows:
-        rounds = [r["round"] for r in rows]
-        for cid in rows[-1]["per_client_accuracy"]:
-            ax.plot(rounds, [r["per_client_accuracy"].get(cid) for r in rows], color="0.8", lw=0.8)
-        ax.plot(rounds, [r["mean_accuracy"] for r in rows], label="mean", lw=2)
-        ax.plot(rounds, [r["worst10_accuracy"] for r in rows], label="worst 10%", lw=2)
-        ax.legend()
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _ledger(client: Any, run_id: str, keys: list[str]) -> MetricLedger:
+    """Which (metric, step) pairs run ``run_id`` holds, read from the tracking store."""
+    return MetricLedger.from_history(
+        {k: [m.step for m in client.get_metric_history(run_id, k)] for k in keys})
 
 
 class MlflowCallback:
-    """Run callback that mirrors a federation into one MLflow run."""
+    """Run callback that mirrors a federation into one MLflow run (continued on ``--resume``).
 
-    def __init__(self, cfg: Config, parent_run_id: str | None = None, log_adapters: bool = True) -> None:
+    The run id and experiment id go into ``RunContext.meta`` (saved with every checkpoint); a
+    resumed run reopens that MLflow run and logs each (metric, round) pair it does not hold yet.
+    """
+
+    def __init__(self, cfg: Config, parent_run_id: str | None = None,
+                 log_adapters: bool = True) -> None:
         self.cfg = cfg
         self.parent_run_id = parent_run_id
         self.log_adapters = log_adapters
+        self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.client: Any = None
+        self.ledger = MetricLedger()
+        self.resumed = False
         self.status: str | None = None  # terminal status once set (FINISHED/FAILED/KILLED)
-        probe_tracking(tracking_uri(cfg))
+        probe_tracking(self.uri)
 
+    # ------------------------------------------------------------------------------ start
     def on_start(self, run: Any) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import logging
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
-        uri = tracking_uri(self.cfg)
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.tracking.experiment)
-        tags = {"strategy": self.cfg.strategy.name, "mlflow.runName": self.cfg.name,
-                "output_dir": str(run.output), **git_tags()}
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
-        params = flatten(self.cfg.to_dict())
-        items = list(params.items())
-        from mlflow.entities import Param
-
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        self.client = MlflowClient(tracking_uri=self.uri)
+        logged_params: dict[str, str] = {}
+        existing = self._existing_run(run) if run.first_round > 1 else None
+        if existing is not None:
+            logged_params = dict(existing.data.params)
+            self._reopen(run, existing)
+        else:
+            self.experiment_id = ensure_experiment(self.client, self.cfg.tracking.experiment)
+            created = self.client.create_run(self.experiment_id, tags=self._tags(run))
+            self.run_id = created.info.run_id
+            self._log_inputs(run)
+        run.meta[RUN_ID_KEY], run.meta[EXPERIMENT_ID_KEY] = self.run_id, self.experiment_id
+        self._log_params(flatten(self.cfg.to_dict()), logged_params)
         self.client.log_artifact(self.run_id, str(run.output / "config.yaml"))
         self.client.log_artifact(self.run_id, str(run.output / "shards" / "clients.json"), "data")
 
-    def on_round(self, run: Any, row: dict[str, Any], report: AggregationReport) -> None:
+    def _tags(self, run: Any) -> dict[str, str]:
+        tags = {"strategy": self.cfg.strategy.name, "mlflow.runName": self.cfg.name,
+                "output_dir": str(run.output), **git_tags(), **source_tags(),
+                "mlflow.note.content": run_description(self.cfg, run.output)}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return tags
+
+    def _existing_run(self, run: Any) -> Any | None:
+        """The MLflow run a resumed federation started (None: unknown here, or deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = run.meta.get(RUN_ID_KEY)
+        if not run_id:
+            return None
+        try:
+            found = self.client.get_run(str(run_id))
+        except MlflowException:
+            log.warning("MLflow run %s of %s not found at %s: starting a new one", run_id,
+                        run.output, self.uri)
+            return None
+        return found if found.info.lifecycle_stage == "active" else None
+
+    def _reopen(self, run: Any, existing: Any) -> None:
+        """Mark the run RUNNING again; log what it lacks of the checkpoint's rounds."""
+        self.run_id, self.experiment_id = existing.info.run_id, existing.info.experiment_id
+        self.resumed = True
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "resumed_from_round", str(run.first_round - 1))
+        self.ledger = _ledger(self.client, self.run_id, list(existing.data.metrics))
+        for i, row in enumerate(run.history):
+            self._log_metrics(row_metrics(row, run.history[:i + 1]), int(row["round"]))
+        if not existing.inputs.dataset_inputs:
+            self._log_inputs(run)
+
+    def _log_params(self, params: dict[str, str], logged: dict[str, str]) -> None:
+        """Params the run lacks; changed values (MLflow keeps a param's first value) are noted
+        in the tag ``changed_params``."""
+        from mlflow.entities import Param
+
+        items = [(k, v) for k, v in params.items() if k not in logged]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        changed = changed_params(logged, params)
+        if changed:
+            note = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+            self.client.set_tag(self.run_id, "changed_params", note[:5000])
+
+    def _log_inputs(self, run: Any) -> None:
+        from fedbip_ray.tracking.datasets import shard_inputs
+
+        inputs = shard_inputs(run.shards)
+        for i in range(0, len(inputs), 100):
+            self.client.log_inputs(self.run_id, datasets=inputs[i:i + 100])
+
+    def _log_metrics(self, values: dict[str, float], step: int) -> None:
+        """Log the (metric, step) pairs the run does not hold yet."""
         from mlflow.entities import Metric
 
-        step, ts = int(row["round"]), int(__import__("time").time() * 1000)
-        values: dict[str, float] = {
-            "round_seconds": row["seconds"], "bytes_in": row["bytes_in"], "bytes_out": row["bytes_out"],
-            "clients_accepted": len(row["accepted"]), "clients_failed": len(row["failed"]),
-            "clients_rejected": len(row["rejected"]), "stragglers": len(row["stragglers"]),
-        }
-        for key in ("mean_accuracy", "std_accuracy", "worst10_accuracy", "mean_val_accuracy",
-                    "test_loss", "train_loss"):
-            if row.get(key) is not None:
-                values[key] = float(row[key])
-        for cid, acc in row.get("per_client_accuracy", {}).items():
-            values[f"client_{int(cid):04d}_accuracy"] = float(acc)
-        for key, v in row.get("extra", {}).items():
-            values[key] = float(v)
-        values.update(byte_totals(run.history))
-        metrics = [Metric(k, float(v), ts, step) for k, v in values.items() if v == v]
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
+        ts = int(time.time() * 1000)
+        fresh = self.ledger.fresh(values, step)
+        metrics = [Metric(k, v, ts, step) for k, v in fresh.items()]
+        for i in range(0, len(metrics), BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+
+    # ------------------------------------------------------------------------------ rounds
+    def on_round(self, run: Any, row: dict[str, Any], report: AggregationReport) -> None:
+        step = int(row["round"])
+        self._log_metrics(row_metrics(row, run.history), step)
         if report.similarity is not None:
             last = step == run.cfg.federation.rounds
             self._log_matrices(step, report, png=last or step % HEATMAP_EVERY == 0 or step == 1)
@@ -245,9 +246,8 @@ class MlflowCallback:
                             d / f"weights_round_{step:05d}.png")
             self.client.log_artifacts(self.run_id, tmp, "matrices")
 
+    # ------------------------------------------------------------------------------ end
     def on_end(self, run: Any, summary: dict[str, Any]) -> None:
-        import ray
-
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             accuracy_plot(run.history, d / "accuracy_per_round.png")
@@ -255,23 +255,35 @@ class MlflowCallback:
         self.client.log_artifact(self.run_id, str(run.output / "summary.json"))
         self.client.log_artifact(self.run_id, str(run.output / "metrics.jsonl"))
         if self.log_adapters:
-            refs = {cid: run.actor_for(cid).export_adapter.remote(cid, run.server.get_state.remote(cid))
-                    for cid in range(run.shards.num_clients)}
-            with tempfile.TemporaryDirectory() as tmp:
-                for cid, ref in refs.items():
-                    files = ray.get(ref)
-                    target = Path(tmp) / f"client_{cid:04d}"
-                    target.mkdir()
-                    for name, data in files.items():
-                        (target / name).write_bytes(data)
-                self.client.log_artifacts(self.run_id, tmp, "adapters")
-        for key in ("mean_accuracy", "worst10_accuracy", "mean_val_accuracy", "wall_seconds"):
-            if summary.get(key) is not None:
-                self.client.log_metric(self.run_id, f"final_{key}", float(summary[key]))
-        for key, value in byte_totals(run.history).items():
-            self.client.log_metric(self.run_id, f"final_{key}", value)
+            self._log_adapters(run)
+        last = int(run.history[-1]["round"]) if run.history else 0
+        self._log_metrics(final_metrics(summary, run.history), last)
         self.client.set_terminated(self.run_id, "FINISHED")
         self.status = "FINISHED"
+
+    def _log_adapters(self, run: Any) -> None:
+        """Every client's personalized adapter, in peft format, under ``adapters/``."""
+        import ray
+
+        refs = {cid: run.actor_for(cid).export_adapter.remote(cid, run.server.get_state.remote(cid))
+                for cid in range(run.shards.num_clients)}
+        with tempfile.TemporaryDirectory() as tmp:
+            for cid, ref in refs.items():
+                files = ray.get(ref)
+                target = Path(tmp) / f"client_{cid:04d}"
+                target.mkdir()
+                for name, data in files.items():
+                    (target / name).write_bytes(data)
+            self.client.log_artifacts(self.run_id, tmp, "adapters")
+
+    def where_to_look(self) -> str | None:
+        """Where the run can be seen: its URL on a tracking server, else the local store and
+        how to open the dashboard on it (None before ``on_start``)."""
+        if self.run_id is None or self.experiment_id is None:
+            return None
+        default = absolute_tracking_uri(DEFAULT_URI, REPO_ROOT)  # what scripts/mlflow_ui.sh serves
+        return where_to_look(absolute_tracking_uri(self.uri), self.experiment_id, self.run_id,
+                             default)
 
     def on_error(self, run: Any, exc: BaseException) -> None:
         """Mark the run FAILED (KILLED for an interrupt or a Tune stop) with the error as a tag
@@ -283,7 +295,8 @@ class MlflowCallback:
         status = run_status_for(exc)
         try:
             if isinstance(exc, SystemExit):  # how Ray Tune stops a trial (e.g. ASHA)
-                self.client.set_tag(self.run_id, "stopped", "SystemExit (e.g. stopped by a Ray Tune scheduler)")
+                self.client.set_tag(self.run_id, "stopped",
+                                    "SystemExit (e.g. stopped by a Ray Tune scheduler)")
             else:
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {first}"[:500])

@@ -1,5 +1,6 @@
-"""A federation tracked by a real ``mlflow server``: metric history, heatmaps, bytes, git tag,
-adapters that reproduce each client's logged accuracy, and FAILED status on errors."""
+"""A federation tracked by a real ``mlflow server``: metric history, heatmaps, bytes, git and
+source tags, description, per-client dataset inputs, the experiment's kind, adapters that
+reproduce each client's logged accuracy, and FAILED status on errors."""
 
 from __future__ import annotations
 
@@ -87,6 +88,31 @@ def test_run_has_history_heatmaps_bytes_and_git_commit(tracked, mlflow_server):
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapters = {a.path for a in client.list_artifacts(run_id, "adapters")}
     assert adapters == {f"adapters/client_{c:04d}" for c in range(cfg.data.num_clients)}
+
+
+def test_run_page_fields_datasets_and_experiment_kind(tracked, mlflow_server):
+    cfg, out, run_id, summary = tracked
+    from fedbip_ray.tracking.datasets import file_digest
+
+    client = _client(mlflow_server.uri)
+    run = client.get_run(run_id)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] == tags["command"]
+    note = tags["mlflow.note.content"]
+    parts = (cfg.strategy.name, cfg.model.name, cfg.data.dataset, str(out), f"rounds: {ROUNDS}")
+    for part in parts:
+        assert part in note, part
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"client_{c:04d}" for c in range(cfg.data.num_clients)}
+    for c in range(cfg.data.num_clients):
+        item = inputs[f"client_{c:04d}"]
+        assert item.dataset.digest == file_digest(out / "shards" / f"client_{c:05d}.parquet")
+        assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == f"client_{c:04d}"
+        assert json.loads(item.dataset.profile)["num_rows"] == cfg.data.examples_per_client
+    final = client.get_metric_history(run_id, "final_mean_accuracy")
+    assert [m.step for m in final] == [ROUNDS]
 
 
 def test_adapter_from_mlflow_reproduces_each_clients_accuracy(tracked, mlflow_server):
