@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedbip_ray.config import Config, ConfigError, load_config
+from fedbip_ray.runtime.outputs import is_uri, local_side
 
 EXAMPLES = """examples:
   fedbip run jobs/configs/quickstart.yaml
@@ -118,14 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedbip_ray.runtime.progress import PhaseProgress
     from fedbip_ray.runtime.rows import format_client_table
 
-    resume = Path(args.resume) if args.resume else None
-    if resume is not None and not resume.is_dir():
+    resume: str | None = args.resume
+    if resume is not None and not is_uri(resume) and not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: directory not found")
-    config_path = args.config or (str(resume / "config.yaml") if resume else None)
+    config_path = args.config or (_resumed_config(resume) if resume else None)
     if config_path is None:
         raise ConfigError("run: give a CONFIG file (or --resume DIR)")
     cfg: Config = load_config(config_path, args.overrides)
-    output = Path(args.output) if args.output else (resume or Path("runs") / cfg.name)
+    output: str = args.output or resume or str(Path("runs") / cfg.name)
     callbacks = []
     if cfg.tracking.mlflow:
         from fedbip_ray.tracking.mlflow_logger import MlflowCallback
@@ -135,12 +136,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else PhaseProgress(cfg.federation.rounds)
     summary = run_federation(cfg, output, resume=resume is not None, callbacks=callbacks, echo=echo,
                              progress=progress)
-    groups = [int(g) for g in _groups(output)]
+    groups = [int(g) for g in _groups(local_side(output))]
     print(format_client_table(summary, groups), flush=True)
-    print(f"results in {output}/ (summary.json, metrics.jsonl)", flush=True)
+    print(f"results in {output.rstrip('/')}/ (summary.json, metrics.jsonl)", flush=True)
     for where in filter(None, (cb.where_to_look() for cb in callbacks)):
         print(where, flush=True)  # the MLflow run's URL (or local store)
     return 0
+
+
+def _resumed_config(resume: str) -> str:
+    """The resumed run's config.yaml: its path, or for a storage URI a local copy."""
+    if not is_uri(resume):
+        return str(Path(resume) / "config.yaml")
+    from fedbip_ray import storage
+
+    loc = storage.open_location(resume) / "config.yaml"
+    try:
+        text = loc.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {resume}: no config.yaml there (give CONFIG too)") from None
+    copy = local_side(resume) / "config.resumed.yaml"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(text)
+    return str(copy)
 
 
 def _groups(output: Path) -> list[int]:

@@ -58,6 +58,15 @@ def mirror_dir(loc: Location) -> Path:
     return path
 
 
+def local_side(target: str | os.PathLike[str]) -> Path:
+    """The local directory holding a run's shards, config and metrics: the output itself, or
+    the working copy of a storage URI."""
+    if not is_uri(target):
+        return Path(target)
+    loc = storage.open_location(target)
+    return loc.local_path if loc.is_local else mirror_dir(loc)
+
+
 @dataclass
 class RunOutputs:
     """Where a run writes: ``location`` (its output) and ``local`` (a local directory: the
@@ -74,7 +83,7 @@ class RunOutputs:
             loc = storage.open_location(target)
             return cls(loc, loc.local_path)
         loc = storage.probe(target)
-        return cls(loc, loc.local_path if loc.is_local else mirror_dir(loc))
+        return cls(loc, local_side(target))
 
     @property
     def remote(self) -> bool:

@@ -41,7 +41,7 @@ its own (give remote workers the same AWS_* variables, e.g. through the job's ru
 """
 
 from fedbip_ray.storage.errors import StorageError
-from fedbip_ray.storage.location import Location, open_location
+from fedbip_ray.storage.location import Location, open_location, provider_env
 from fedbip_ray.storage.lock import LEASE_S, OwnershipLost, RunLock, acquire, run_lock
 from fedbip_ray.storage.probing import PROBE_TIMEOUT_S, probe
 from fedbip_ray.storage.publish import (
@@ -61,6 +61,7 @@ from fedbip_ray.storage.rows import RowLog, open_rows
 __all__ = [
     "CheckpointInvalid", "LEASE_S", "PROBE_TIMEOUT_S", "Location", "OwnershipLost", "Published", "RowLog", "RunLock", "StorageError",
     "acquire", "checkpoint_name", "clear_checkpoints", "load_latest", "open_location", "open_rows", "probe",
+    "provider_env",
     "prune_checkpoints", "publish_checkpoint", "read_latest", "read_pointer", "read_published",
     "run_lock",
 ]

@@ -301,6 +301,16 @@ def _bucket(text: str, scheme: str, bucket: str, key: str) -> Location:
     return Location(filesystem, path, f"{scheme}://{path}", endpoint)
 
 
+PROVIDER_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
+                         "HADOOP_", "ARROW_LIBHDFS_DIR", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def provider_env() -> dict[str, str]:
+    """This process's storage-provider variables (credentials, endpoints, regions), to hand
+    to a worker that opens the same locations elsewhere (never to logs or configs)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(PROVIDER_ENV_PREFIXES)}
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint override from the standard AWS variables (service-specific first)."""
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
