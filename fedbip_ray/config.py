@@ -105,12 +105,51 @@ class DataConfig(_Frozen):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     partition: PartitionConfig = PartitionConfig()
     shard_dir: str | None = None
+    # generative data from a file (model.task causal-lm): prompt/response columns, or a chat
+    # column of {role, content} turns whose last assistant turn is the response
+    prompt_column: str | None = None
+    response_column: str = "response"
+    messages_column: str | None = None
+    task_column: str | None = None
+    task_metrics: dict[str, Literal["exact", "rougeL"]] = Field(default_factory=dict)
+    default_metric: Literal["exact", "rougeL"] | None = None
+    # a split the user made: the column and its value for each of train/val/test
+    split_column: str | None = None
+    split_values: dict[Literal["train", "val", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    # true group of each natural client (partition.kind column): oracle and diagnostics
+    group_column: str | None = None
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must be < 0.9")
         return self
+
+    @field_validator("split_values", mode="before")
+    @classmethod
+    def _split_defaults(cls, v: Any) -> Any:
+        """Splits the user does not rename keep their own name as value."""
+        return {"train": "train", "val": "val", "test": "test", **v} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _own_data(self) -> DataConfig:
+        if self.prompt_column and self.messages_column:
+            raise ValueError("data.prompt_column and data.messages_column: set one, not both")
+        if self.task_metrics and not self.task_column:
+            raise ValueError("data.task_metrics needs data.task_column")
+        values = list(self.split_values.values())
+        if len(set(values)) != len(values):
+            raise ValueError(f"data.split_values: values must differ (got {values})")
+        if self.group_column and self.partition.kind != "column":
+            raise ValueError("data.group_column needs data.partition.kind 'column' "
+                             f"(got '{self.partition.kind}')")
+        return self
+
+    @property
+    def generative(self) -> bool:
+        """True when the file holds (prompt, response) pairs or chat turns."""
+        return bool(self.prompt_column or self.messages_column)
 
 
 class TrainConfig(_Frozen):

@@ -7,6 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fedbip_ray.config import ConfigError
@@ -14,10 +15,16 @@ from fedbip_ray.config import ConfigError
 
 @dataclass(frozen=True)
 class LoadedDataset:
-    """Examples plus label names; ``frame`` has text/label[/client] columns."""
+    """Examples plus label names; ``frame`` has text/label[/client] columns (n rows).
+
+    ``splits`` (n,) str: the split ("train"/"val"/"test") the user gave each row, None for a
+    random split; ``group_keys`` (n,) str: each row's true group, None when unknown.
+    """
 
     frame: pd.DataFrame
     label_names: tuple[str, ...]
+    splits: np.ndarray | None = None
+    group_keys: np.ndarray | None = None
 
     @property
     def num_labels(self) -> int:

@@ -1,5 +1,6 @@
 """Dataset registry: every loader returns a DataFrame with columns ``text`` (str), ``label``
-(int64 in [0, K)) and optionally ``client`` (str, a natural client/domain key).
+(int64 in [0, K)) and optionally ``client`` (str, a natural client/domain key); generative
+datasets add ``prompt``, ``response``, ``task`` and ``metric`` (and ``turns`` for chat rows).
 
 Nothing is downloaded: real datasets come from files that pip packages ship (see README).
 The image and instruction loaders (torch, larger) are imported only when asked for.
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fedbip_ray.config import ConfigError, DataConfig
+from fedbip_ray.data import own
 from fedbip_ray.data.base import LoadedDataset, package_dir
 
 
@@ -76,7 +78,8 @@ def load_synthetic_text(cfg: DataConfig, seed: int, size: int = 4000) -> LoadedD
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a Parquet, CSV or JSON-lines file into a DataFrame (clear error on failure)."""
+    """Read a Parquet, CSV or JSON-lines file into a DataFrame (clear error on failure; an
+    empty file reads as no rows)."""
     if not path.is_file():
         raise ConfigError(f"data.path '{path}': file not found")
     suffix = "".join(path.suffixes[-2:]) if path.suffix in {".gz", ".bz2"} else path.suffix
@@ -87,35 +90,54 @@ def read_table(path: Path) -> pd.DataFrame:
             return pd.read_csv(path)
         if suffix.startswith(".jsonl") or suffix.startswith(".json"):
             return pd.read_json(path, lines=True)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
     except Exception as exc:  # noqa: BLE001 - any reader failure is a user input error
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"data.path '{path}': cannot read ({first})") from None
     raise ConfigError(f"data.path '{path}': unsupported format (use .parquet, .csv or .jsonl)")
 
 
+def _table_frame(raw: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """text/label columns of a classification table (image bytes decoded to image columns)."""
+    path = str(cfg.path)
+    hint = "; for chat data set data.messages_column: messages" if "messages" in raw.columns else ""
+    try:
+        own.require_columns(raw, path, [("text_column", cfg.text_column),
+                                        ("label_column", cfg.label_column)])
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{hint}") from None
+    labels, names = _encode_labels(raw, cfg.label_column)
+    # a column of PNG/JPEG bytes is an image column: image/height/width columns, text ""
+    images = importlib.import_module("fedbip_ray.data.images").decode_encoded_images(
+        raw[cfg.text_column])
+    text = raw[cfg.text_column].astype(str) if images is None else pd.Series("", index=raw.index)
+    frame = pd.DataFrame({"text": text, "label": labels})
+    if images is not None:
+        frame = pd.concat([frame.reset_index(drop=True), images], axis=1)
+    return frame, names
+
+
 def load_file(cfg: DataConfig, seed: int) -> LoadedDataset:
-    """A user's own table with a text column, a label column and an optional client column."""
+    """A user's own table: text and label columns (classification), or prompt/response
+    columns or a chat messages column (generative); optional client, task, split and group
+    columns (see :mod:`fedbip_ray.data.own`)."""
     if not cfg.path:
         raise ConfigError("data.path: required when data.dataset is 'file'")
     raw = read_table(Path(cfg.path))
-    for field, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
-        if column not in raw.columns:
-            raise ConfigError(
-                f"data.{field}: column '{column}' not in {cfg.path} (columns: {', '.join(map(str, raw.columns))})"
-            )
-    if cfg.client_column and cfg.client_column not in raw.columns:
-        raise ConfigError(f"data.client_column: column '{cfg.client_column}' not in {cfg.path}")
-    raw = raw.dropna(subset=[cfg.text_column])
-    labels, names = _encode_labels(raw, cfg.label_column)
-    # a column of PNG/JPEG bytes is an image column: image/height/width columns, text ""
-    images = importlib.import_module("fedbip_ray.data.images").decode_encoded_images(raw[cfg.text_column])
-    text = raw[cfg.text_column].astype(str) if images is None else pd.Series("", index=raw.index)
-    frame = pd.DataFrame({"text": text, "label": labels})
+    own.require_rows(raw, cfg.path)
+    own.require_columns(raw, cfg.path, [("client_column", cfg.client_column),
+                                        ("task_column", cfg.task_column),
+                                        ("split_column", cfg.split_column),
+                                        ("group_column", cfg.group_column)])
+    if not cfg.generative and cfg.text_column in raw.columns:
+        raw = own.drop_blank(raw, "text_column", cfg.text_column, cfg.path)
+    raw = raw.reset_index(drop=True)
+    frame, names = own.generative_frame(raw, cfg) if cfg.generative else _table_frame(raw, cfg)
     if cfg.client_column:
-        frame["client"] = raw[cfg.client_column].astype(str)
-    if images is not None:
-        frame = pd.concat([frame.reset_index(drop=True), images], axis=1)
-    return LoadedDataset(frame.reset_index(drop=True), names)
+        frame["client"] = own.strings(raw, "client_column", cfg.client_column, cfg.path)
+    return LoadedDataset(frame.reset_index(drop=True), names, own.user_splits(raw, cfg),
+                         own.user_groups(raw, cfg))
 
 
 def _lazy(module: str, name: str) -> Callable[[DataConfig, int], LoadedDataset]:

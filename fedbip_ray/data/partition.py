@@ -132,3 +132,20 @@ def split_client(
     n_val = round(len(order) * val_fraction)
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     return np.sort(train), np.sort(val), np.sort(test)
+
+
+def split_given(idx: np.ndarray, splits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The user's own split of one client's indices: ``splits`` (n,) holds each dataset row's
+    split name ("train"/"val"/"test"); returns sorted (train, val, test) int64 indices."""
+    mine = splits[idx]
+    train, val, test = (np.sort(idx[mine == s]).astype(np.int64) for s in ("train", "val", "test"))
+    return train, val, test
+
+
+def groups_of_clients(parts: list[np.ndarray], group_keys: np.ndarray) -> np.ndarray:
+    """(num_clients,) int64 group of each client: the index, among the sorted distinct groups
+    of all clients, of the group its rows carry (``group_keys`` (n,) per dataset row; every
+    client's rows carry one group)."""
+    firsts = [str(group_keys[p[0]]) if len(p) else "" for p in parts]
+    index = {g: i for i, g in enumerate(sorted(set(firsts)))}
+    return np.asarray([index[g] for g in firsts], dtype=np.int64)

@@ -81,6 +81,8 @@ def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[li
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ConfigError(f"data.num_clients: client {empty[0]} gets no examples from column partition")
+        if ds.group_keys is not None:  # the true groups the user gave (data.group_column)
+            groups = P.groups_of_clients(parts, ds.group_keys)
     elif kind == "pathological":
         parts, groups = P.pathological(ds.frame["label"].to_numpy(), k,
                                        cfg.partition.classes_per_client, per, seed)
@@ -91,6 +93,26 @@ def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[li
         parts = P.iid(n, k, per, seed)
         groups = P.assign_groups(k, cfg.partition.num_groups) if kind == "groups" else np.zeros(k, dtype=np.int64)
     return parts, groups
+
+
+def split_of_client(ds: LoadedDataset, cfg: DataConfig, idx: np.ndarray, seed: int,
+                    cid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices of client ``cid``: the user's split (data.split_column)
+    when there is one, else a seeded random split; ConfigError when a client has no train or
+    no test rows."""
+    if ds.splits is None:
+        train, val, test = P.split_client(idx, cfg.val_fraction, cfg.test_fraction, seed)
+        if len(train) == 0:
+            raise ConfigError(f"data.examples_per_client: client {cid} has no training examples")
+        return train, val, test
+    train, val, test = P.split_given(idx, ds.splits)
+    for name, rows in (("train", train), ("test", test)):
+        if len(rows) == 0:
+            natural = "client" in ds.frame.columns and len(idx)
+            key = f" ('{ds.frame['client'].iat[int(idx[0])]}')" if natural else ""
+            raise ConfigError(f"data.split_column: client {cid}{key} has no {name} rows "
+                              f"(value '{cfg.split_values[name]}' in column '{cfg.split_column}')")
+    return train, val, test
 
 
 def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
@@ -108,9 +130,7 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
     extras = [c for c in ds.frame.columns if c not in ("text", "label", "client")]
     paths, summary = [], []
     for cid, idx in enumerate(parts):
-        train, val, test = P.split_client(idx, cfg.val_fraction, cfg.test_fraction, seed * 100_003 + cid)
-        if len(train) == 0:
-            raise ConfigError(f"data.examples_per_client: client {cid} has no training examples")
+        train, val, test = split_of_client(ds, cfg, idx, seed * 100_003 + cid, cid)
         rows = np.concatenate([train, val, test])
         y = labels[rows]
         if shifted:

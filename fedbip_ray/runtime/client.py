@@ -164,7 +164,8 @@ class ClientActor:
                  splits: tuple[str, ...] = ("val", "test"), finetune_epochs: int = 0,
                  shard: ShardRef | None = None) -> EvalResult:
         """Accuracy/loss of ``state`` on the client's own splits (optionally after a local
-        fine-tune of ``finetune_epochs`` epochs, which is not kept)."""
+        fine-tune of ``finetune_epochs`` epochs, which is not kept); a causal LM whose data
+        names tasks adds ``per_task`` {task: score} to each split."""
         trainer = self._ready()
         data = self._client_data(client_id, shard)
         trainer.load_state(state)

@@ -83,6 +83,17 @@ def round_extra(report: AggregationReport, eval_failed: dict[int, str], actors_r
     return extra
 
 
+def per_task_means(evals: dict[int, dict[str, dict]], split: str) -> dict[str, float]:
+    """{task: mean over the clients that hold the task of their ``split`` score on it}, from
+    each client's ``per_task`` scores (causal LMs with tasks); {} when no client has tasks."""
+    by_task: dict[str, list[float]] = {}
+    for _, e in sorted(evals.items()):
+        for task, score in (e.get(split, {}).get("per_task") or {}).items():
+            if score == score:
+                by_task.setdefault(str(task), []).append(float(score))
+    return {t: float(np.mean(v)) for t, v in sorted(by_task.items())}
+
+
 def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: AggregationReport,
               participants: list[int], stragglers: list[int], seconds: float,
               eval_failed: dict[int, str] | None = None, actors_replaced: int = 0,
@@ -121,6 +132,10 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: Aggrega
         row["gate_mix"] = {str(c): m for c, m in sorted(report.gate.items())}
     if privacy is not None:
         row["privacy"] = privacy
+    tasks_val, tasks_test = per_task_means(evals, "val"), per_task_means(evals, "test")
+    if tasks_val or tasks_test:
+        row["per_task_val_score"] = tasks_val
+        row["per_task_score"] = tasks_test
     return row
 
 

@@ -1,12 +1,15 @@
 """Local instruction tuning of a causal LM adapter (``model.task: causal-lm``).
 
-Each example is a (prompt, response) pair. The prompt is rendered with the tokenizer's chat
-template (a user turn plus the assistant header), or with :data:`PLAIN_TEMPLATE` when the
-tokenizer has none; the loss is the next-token cross entropy on the response tokens only
-(end-of-turn token included). Evaluation generates greedily, at most
+Each example is a (prompt, response) pair, or chat turns (a JSON list of {role, content}
+in the shard's ``turns`` column) and the assistant's answer. The prompt is rendered with the
+tokenizer's chat template (the turns, or one user turn, plus the assistant header), or with
+:data:`PLAIN_TEMPLATE` (:data:`PLAIN_HEADERS` per turn) when the tokenizer has none; the loss
+is the next-token cross entropy on the response tokens only (end-of-turn token included).
+Evaluation generates greedily, at most
 ``min(MAX_NEW_TOKENS, reference length + EVAL_MARGIN)`` new tokens per example, and scores
 the output against the reference by exact match and ROUGE-L (``rouge-score``); ``accuracy`` is
-each example's primary score (column ``metric`` of the shard, else exact match) averaged.
+each example's primary score (column ``metric`` of the shard, else exact match) averaged,
+and ``per_task`` the same average per task (column ``task``) when the split has tasks.
 
 Batches are left-padded, with explicit position ids, so training, scoring and generation share
 one layout and only the last ``longest response + 1`` positions go through the LM head.
@@ -15,6 +18,7 @@ one layout and only the last ``longest response + 1`` positions go through the L
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -32,6 +36,8 @@ from fedbip_ray.training.loops import empty_metrics, evaluation_loop
 from fedbip_ray.training.protocol import EvalMetrics, FitMetrics
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n",
+                 "assistant": "### Response:\n"}
 MAX_NEW_TOKENS = 32  # hard bound on generated tokens per example
 EVAL_MARGIN = 4  # generated tokens allowed beyond the reference's length (end-of-turn included)
 IGNORE_INDEX = -100
@@ -41,37 +47,45 @@ CPU_AUTOCAST_BF16 = True
 
 
 # ------------------------------------------------------------------------------ formatting
-def render_prompt(tok: Any, prompt: str) -> str:
+Turns = Sequence[dict[str, str]]  # chat turns {"role": system|user|assistant, "content": str}
+
+
+def chat_of(prompt: str, turns: Turns | None = None) -> list[dict[str, str]]:
+    """The turns before the answer: ``turns`` when given, else one user turn ``prompt``."""
+    return [dict(t) for t in turns] if turns else [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tok: Any, prompt: str, turns: Turns | None = None) -> str:
     """The text the model sees before its answer (chat template with generation prompt)."""
+    chat = chat_of(prompt, turns)
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return PLAIN_TEMPLATE.format(prompt=prompt)
+        return tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    turns_text = "".join(f"{PLAIN_HEADERS[t['role']]}{t['content']}\n\n" for t in chat)
+    return turns_text + PLAIN_HEADERS["assistant"]
 
 
-def render_response(tok: Any, prompt: str, response: str) -> str:
+def render_response(tok: Any, prompt: str, response: str, turns: Turns | None = None) -> str:
     """The text the model should produce after :func:`render_prompt` (ends with end-of-turn)."""
     eos = tok.eos_token or ""
     if getattr(tok, "chat_template", None):
-        head = render_prompt(tok, prompt)
-        full = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-            tokenize=False,
-        )
+        head = render_prompt(tok, prompt, turns)
+        chat = chat_of(prompt, turns) + [{"role": "assistant", "content": response}]
+        full = tok.apply_chat_template(chat, tokenize=False)
         if full.startswith(head):
             text = full[len(head):].rstrip()
             return text if text.endswith(eos) else text + eos
     return response + eos
 
 
-def encode_example(tok: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids (L,) of prompt + response and labels (L,): IGNORE_INDEX on the prompt, the
-    token id on the response. L <= max_length: the response keeps at most max_length // 2
-    tokens, the prompt is cut from the left (its end, the question and assistant header, stays).
+def encode_example(tok: Any, prompt: str, response: str, max_length: int,
+                   turns: Turns | None = None) -> tuple[list[int], list[int]]:
+    """Token ids (L,) of prompt (or ``turns``) + response and labels (L,): IGNORE_INDEX on the
+    prompt, the token id on the response. L <= max_length: the response keeps at most
+    max_length // 2 tokens, the prompt is cut from the left (its end, the question and
+    assistant header, stays).
     """
-    p = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
-    r = tok(render_response(tok, prompt, response), add_special_tokens=False)["input_ids"]
+    p = tok(render_prompt(tok, prompt, turns), add_special_tokens=False)["input_ids"]
+    r = tok(render_response(tok, prompt, response, turns), add_special_tokens=False)["input_ids"]
     if len(p) + len(r) > max_length:
         r = r[: max(1, max_length // 2)] if len(r) > max_length // 2 else r
         p = p[len(p) - (max_length - len(r)):]
@@ -132,7 +146,30 @@ def score_predictions(predictions: Sequence[str], references: Sequence[str],
     return {"accuracy": float(np.mean(per)), "exact_match": float(np.mean(em)), "rouge_l": float(np.mean(rl))}
 
 
+def task_scores(predictions: Sequence[str], references: Sequence[str], primary: Sequence[str],
+                tasks: Sequence[str]) -> dict[str, float]:
+    """{task: mean primary score of its examples} over the named tasks ("" is no task)."""
+    out = {}
+    for task in sorted({t for t in tasks if t}):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        out[task] = score_predictions([predictions[i] for i in rows], [references[i] for i in rows],
+                                      [primary[i] for i in rows])["accuracy"]
+    return out
+
+
 # ------------------------------------------------------------------------------ data
+@dataclass(frozen=True)
+class LMColumns:
+    """The text of a shard split, one entry per example; ``turns`` None where the example is
+    a plain prompt."""
+
+    prompts: list[str]
+    responses: list[str]
+    metrics: list[str]
+    tasks: list[str]
+    turns: list[list[dict[str, str]] | None]
+
+
 @dataclass(frozen=True)
 class LMExamples:
     """A tokenized split: per example prompt+response ids, labels (IGNORE_INDEX on the
@@ -152,27 +189,31 @@ class LMExamples:
         return len(self.ids[i]) - self.prompt_lengths[i]
 
 
-def frame_columns(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(prompts, responses, metrics, tasks) of a shard split; ``prompt``/``response`` columns,
-    else ``text`` and the label as a string."""
-    prompts = frame["prompt"] if "prompt" in frame.columns else frame["text"]
-    responses = frame["response"] if "response" in frame.columns else frame["label"]
-    metrics = frame["metric"] if "metric" in frame.columns else pd.Series(["exact_match"] * len(frame))
-    tasks = frame["task"] if "task" in frame.columns else pd.Series([""] * len(frame))
-    return ([str(x) for x in prompts], [str(x) for x in responses],
-            [str(x) for x in metrics], [str(x) for x in tasks])
+def frame_columns(frame: pd.DataFrame) -> LMColumns:
+    """The text of a shard split: ``prompt``/``response`` columns, else ``text`` and the label
+    as a string; ``turns`` (JSON chat turns, "" for none), ``metric`` (default exact match)
+    and ``task`` (default "") when present."""
+    def column(name: str, fallback: Any) -> list[str]:
+        values = frame[name] if name in frame.columns else fallback
+        return [str(x) for x in values]
+
+    blank = [""] * len(frame)
+    turns = [json.loads(t) if t else None for t in column("turns", blank)]
+    return LMColumns(column("prompt", frame["text"]), column("response", frame["label"]),
+                     column("metric", ["exact_match"] * len(frame)), column("task", blank), turns)
 
 
 def encode_frame(tok: Any, frame: pd.DataFrame, max_length: int) -> LMExamples:
     """Tokenize every row of ``frame`` with :func:`encode_example`."""
-    prompts, responses, metrics, tasks = frame_columns(frame)
+    cols = frame_columns(frame)
     ids, labels, plen = [], [], []
-    for p, r in zip(prompts, responses, strict=True):
-        x, y = encode_example(tok, p, r, max_length)
+    for p, r, t in zip(cols.prompts, cols.responses, cols.turns, strict=True):
+        x, y = encode_example(tok, p, r, max_length, t)
         ids.append(tuple(x))
         labels.append(tuple(y))
         plen.append(sum(1 for v in y if v == IGNORE_INDEX))
-    return LMExamples(tuple(ids), tuple(labels), tuple(plen), tuple(responses), tuple(metrics), tuple(tasks))
+    return LMExamples(tuple(ids), tuple(labels), tuple(plen), tuple(cols.responses),
+                      tuple(cols.metrics), tuple(cols.tasks))
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -283,9 +324,13 @@ class CausalLMTrainer(AdapterTrainer):
         return [preds[i] for i in range(len(data))], totals.get("loss", 0.0) / max(totals.get("tokens", 0), 1)
 
     def evaluate(self, data: LMExamples) -> EvalMetrics:
-        """accuracy (mean primary score), exact_match, rouge_l, loss (per response token), n."""
+        """accuracy (mean primary score), exact_match, rouge_l, loss (per response token), n,
+        and ``per_task`` {task: mean primary score} when the examples name tasks."""
         if len(data) == 0:
             return {**empty_metrics(), "exact_match": math.nan, "rouge_l": math.nan}
         preds, loss = self.predict(data)
-        scores = score_predictions(preds, data.references, data.metrics)
+        scores: dict[str, Any] = score_predictions(preds, data.references, data.metrics)
+        per_task = task_scores(preds, data.references, data.metrics, data.tasks)
+        if per_task:
+            scores["per_task"] = per_task
         return {**scores, "loss": loss, "n": len(data)}  # type: ignore[typeddict-item]
