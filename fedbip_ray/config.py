@@ -242,6 +242,10 @@ class ResourcesConfig(_Frozen):
     num_cpus_per_client: float = Field(1.0, ge=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     max_actors: int | None = Field(None, ge=1)
+    # client actors to reserve (None: as many as the clients, max_actors and the cluster allow)
+    num_actors: int | None = Field(None, ge=1)
+    # on a joined cluster: how long to wait for the actors' resources (the autoscaler's nodes)
+    acquire_timeout_s: float = Field(600, gt=0)
     # auto: CUDA when Ray assigned the actor a GPU that torch can see, else CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

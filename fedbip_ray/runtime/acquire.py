@@ -115,7 +115,8 @@ def configured_capacity(bundle: Bundle, node_types: tuple[NodeType, ...],
 
 
 def ceiling_capacity(bundle: Bundle, limits: ClusterLimits) -> int | None:
-    """Bundles the cluster could ever hold; None when an autoscaler's limits are unknown or unbounded."""
+    """Bundles the cluster could ever hold; None when an autoscaler's limits are unknown or
+    unbounded."""
     present = present_capacity(bundle, limits.nodes)
     if not limits.autoscaler:
         return present
@@ -249,14 +250,15 @@ def cluster_limits(bundle: Bundle | None = None, status_wait_s: float = 15.0) ->
     return ClusterLimits(True, types, cap, nodes, f"the autoscaler's config ({path})")
 
 
-# ------------------------------------------------------------------------------- how many, and why not
+# ------------------------------------------------------------------------ how many, and why not
 FIELDS = {"CPU": "resources.num_cpus_per_client", "GPU": "resources.num_gpus_per_client"}
 
 
 def describe_limits(limits: ClusterLimits) -> str:
     """``gpu_worker {CPU: 1, GPU: 1} x3, ...`` or the present nodes' totals."""
     if limits.autoscaler and limits.node_types is not None:
-        kinds = ", ".join(f"{t.name} {format_bundle(t.resources)} x{t.max_count if t.max_count >= 0 else 'any'}"
+        kinds = ", ".join(f"{t.name} {format_bundle(t.resources)} "
+                          f"x{t.max_count if t.max_count >= 0 else 'any'}"
                           for t in limits.node_types)
         cap = "" if limits.max_workers is None else f", at most {limits.max_workers} workers"
         return f"{limits.source}: {kinds}{cap}"
@@ -272,17 +274,20 @@ def describe_limits(limits: ClusterLimits) -> str:
 def never_message(bundle: Bundle, limits: ClusterLimits) -> str:
     """One line: which per-client resource no node can ever hold."""
     per_node = [t.resources for t in limits.node_types or ()] + list(limits.nodes)
-    short = [k for k, v in bundle.items() if all(r.get(k, 0.0) + EPS < v for r in per_node)] or list(bundle)
+    short = [k for k, v in bundle.items()
+             if all(r.get(k, 0.0) + EPS < v for r in per_node)] or list(bundle)
     key = short[0]
     field = FIELDS.get(key, f"resources {key}")
     hint = " (set it to 0 to train on CPU)" if key == "GPU" else ""
-    return (f"{field}={bundle[key]:g}: no node can ever hold a client's bundle {format_bundle(bundle)} "
+    return (f"{field}={bundle[key]:g}: no node can ever hold a client's bundle "
+            f"{format_bundle(bundle)} "
             f"({describe_limits(limits)}){hint}")
 
 
 def plan_num_actors(num_clients: int, bundle: Bundle, limits: ClusterLimits,
                     requested: int | None = None, max_actors: int | None = None) -> int:
-    """Client actors to ask for: ``requested`` if set, else min(num_clients, max_actors, ceiling).
+    """Client actors to ask for: ``requested`` (at most ``num_clients``) if set, else
+    min(num_clients, max_actors, ceiling).
 
     The ceiling is what the cluster could ever hold (``ceiling_capacity``); with an autoscaler
     of unknown limits there is none and the acquisition's timeout decides. Raises ConfigError
@@ -292,8 +297,10 @@ def plan_num_actors(num_clients: int, bundle: Bundle, limits: ClusterLimits,
     if ceiling == 0:
         raise ConfigError(never_message(bundle, limits))
     if requested is not None:
+        requested = max(1, min(requested, num_clients))
         if ceiling is not None and requested > ceiling:
-            raise ConfigError(f"resources.num_actors={requested}: the cluster can hold at most {ceiling} "
+            raise ConfigError(f"resources.num_actors={requested}: the cluster can hold at most "
+                              f"{ceiling} "
                               f"bundles {format_bundle(bundle)} ({describe_limits(limits)})")
         return requested
     n = num_clients
@@ -306,7 +313,8 @@ def plan_num_actors(num_clients: int, bundle: Bundle, limits: ClusterLimits,
 # ------------------------------------------------------------------------------------ acquisition
 def acquire_bundles(num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
                     timeout_s: float = 600.0, echo: Callable[[str], None] = print,
-                    progress_s: float = 5.0, limits: ClusterLimits | None = None) -> PlacementGroup | None:
+                    progress_s: float = 5.0,
+                    limits: ClusterLimits | None = None) -> PlacementGroup | None:
     """Reserve ``num_actors`` bundles {CPU, GPU} in one SPREAD placement group and wait for it.
 
     Creating the group is the autoscaler's scale-up request. Prints a progress line every
@@ -363,7 +371,8 @@ def timeout_message(bundle: Bundle, num_actors: int, waited: float, limits: Clus
         why += f" ({len(failed)} node launches failed)" if failed else ""
     else:
         why = "no autoscaler can add nodes"
-    return (f"the cluster gave {got} of {num_actors} bundles {format_bundle(bundle)} in {waited:.0f} s; "
+    return (f"the cluster gave {got} of {num_actors} bundles {format_bundle(bundle)} in "
+            f"{waited:.0f} s; "
             f"{why} ({describe_limits(limits)}); lower resources.num_actors or raise "
             f"resources.acquire_timeout_s")
 

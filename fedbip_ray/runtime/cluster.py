@@ -1,4 +1,12 @@
-"""Ray start-up, client-actor sizing and the actors' lifecycle (start, heal, stop)."""
+"""Ray start-up, client-actor sizing and the actors' lifecycle (start, heal, stop).
+
+:func:`provision` sizes the client actors: on the embedded local Ray by what it has now
+(:func:`plan_actors`); on a cluster this process joined (``RAY_ADDRESS``, ``ray job submit``)
+by what the cluster could ever hold, reserving one bundle per actor in a placement group that
+the autoscaler scales up for (:mod:`fedbip_ray.runtime.acquire`); inside a Ray Tune trial by
+the trial's own reservation. Actor ``i`` lives in bundle ``i``; :class:`Placement` also keeps
+where each actor runs (node id, device, assigned GPUs) for the metrics rows.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,25 @@ import math
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import ray
+from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedbip_ray.config import Config, ConfigError
+from fedbip_ray.runtime.acquire import (
+    ClusterLimits,
+    acquire_bundles,
+    actor_options,
+    bundle_shape,
+    cluster_limits,
+    plan_num_actors,
+    release_bundles,
+)
 from fedbip_ray.runtime.client import ClientActor
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.messages import ServerSettings
@@ -105,10 +125,99 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> int:
         fit = min(fit, cpus // rc.num_cpus_per_client)
     if rc.num_gpus_per_client > 0:
         fit = min(fit, gpus // rc.num_gpus_per_client)
+    if rc.num_actors is not None:
+        if rc.num_actors > fit:
+            raise ConfigError(f"resources.num_actors={rc.num_actors}: the Ray cluster holds at "
+                              f"most {int(fit)} client actors ({cpus:g} CPUs, {gpus:g} GPUs)")
+        return min(rc.num_actors, cfg.data.num_clients)
     n = min(cfg.data.num_clients, int(fit) if fit != math.inf else cfg.data.num_clients)
     if rc.max_actors:
         n = min(n, rc.max_actors)
     return max(1, n)
+
+
+@dataclass
+class Placement:
+    """Where a run's client actors run.
+
+    ``num_actors``: how many. ``group``: their placement group, actor ``i`` in bundle ``i``
+    (None without one: the embedded local Ray, or inside a Tune trial's own group). ``where``:
+    each actor index's ``node_id/device`` (see :func:`describe_where`) as last seen.
+    """
+
+    num_actors: int
+    group: PlacementGroup | None = None
+    where: dict[int, str] = field(default_factory=dict)
+
+    def of_clients(self, ran_on: Mapping[int, int]) -> dict[str, str]:
+        """``{client: node_id/device}`` for ``ran_on`` (client -> actor index)."""
+        return {str(c): self.where.get(a, "unknown") for c, a in sorted(ran_on.items())}
+
+
+def describe_where(node_id: str, device: str | None, gpu_ids: Sequence[str]) -> str:
+    """``node_id/device``, plus the GPUs Ray assigned when there are any:
+    ``<node id>/cpu (GPU 0)`` is an actor given GPU 0 that trains on CPU."""
+    text = f"{node_id}/{device or 'none'}"
+    return f"{text} (GPU {','.join(gpu_ids)})" if gpu_ids else text
+
+
+def actor_gpu_ids(actor: Any, info: Mapping[str, Any]) -> list[str]:
+    """The GPU ids Ray assigned ``actor``: ``info["gpu_ids"]`` when the actor reports them,
+    else the GCS actor table's resource mapping ([] when unknown)."""
+    if info.get("gpu_ids") is not None:
+        return [str(g) for g in info["gpu_ids"]]
+    try:
+        from ray.core.generated import gcs_pb2
+
+        accessor = ray._private.state.state._connect_and_get_accessor()
+        data = gcs_pb2.ActorTableData.FromString(accessor.get_actor_info(actor._actor_id))
+    except Exception:  # noqa: BLE001 - private API: the ids are a diagnostic only
+        return []
+    ids = {int(r.index) for m in data.resource_mapping
+           if m.name == "GPU" or m.name.startswith("GPU_group_") for r in m.resource_ids}
+    return [str(i) for i in sorted(ids)]
+
+
+def joined_cluster() -> bool:
+    """Whether the connected Ray was started elsewhere (``RAY_ADDRESS``, ``ray job submit``)
+    rather than by this process (the embedded local Ray)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return not bool(getattr(node, "head", False))
+
+
+def joined_limits(cfg: Config) -> ClusterLimits | None:
+    """What a joined cluster could ever provide for the clients' bundle (autoscaler included);
+    None on the embedded local Ray. Ray must be connected."""
+    if not joined_cluster():
+        return None
+    rc = cfg.resources
+    return cluster_limits(bundle_shape(rc.num_cpus_per_client, rc.num_gpus_per_client))
+
+
+def provision(cfg: Config, num_clients: int,
+              echo: Callable[[str], None] = print) -> Placement:
+    """Connect to Ray and size (and, on a joined cluster, reserve) the client actors.
+
+    Embedded local Ray: :func:`plan_actors` on what it has. Inside a Tune trial: the actors the
+    trial reserved (``resources.max_actors``). A joined cluster: ``plan_num_actors`` on what it
+    could ever hold, then ``acquire_bundles`` (the autoscaler's request; progress lines via
+    ``echo``). Raises a one-line ConfigError when the actors could never, or did not within
+    ``resources.acquire_timeout_s``, get their resources.
+    """
+    ensure_ray()
+    rc = cfg.resources
+    if get_current_placement_group() is not None:  # a Tune trial: actors go into its group
+        n = rc.max_actors or rc.num_actors or plan_actors(cfg, ray.cluster_resources())
+        return Placement(max(1, min(num_clients, n)))
+    limits = joined_limits(cfg)
+    if limits is None:
+        return Placement(plan_actors(cfg, ray.cluster_resources()))
+    bundle = bundle_shape(rc.num_cpus_per_client, rc.num_gpus_per_client)
+    n = plan_num_actors(num_clients, bundle, limits, requested=rc.num_actors,
+                        max_actors=rc.max_actors)
+    group = acquire_bundles(n, rc.num_cpus_per_client, rc.num_gpus_per_client,
+                            timeout_s=rc.acquire_timeout_s, echo=echo, limits=limits)
+    return Placement(n, group)
 
 
 def forwarded_test_env() -> dict[str, str]:
@@ -116,14 +225,31 @@ def forwarded_test_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
 
 
-def spawn_client(cfg: Config, num_labels: int) -> Any:
-    """One client actor with the run's per-client resources."""
+def spawn_client(cfg: Config, num_labels: int, placement: Placement | None = None,
+                 index: int = 0) -> Any:
+    """One client actor with the run's per-client resources (in bundle ``index`` of the
+    placement's group, when there is one)."""
     rc = cfg.resources
     opts: dict[str, Any] = {"num_cpus": rc.num_cpus_per_client, "num_gpus": rc.num_gpus_per_client}
     env = forwarded_test_env()
     if env:
         opts["runtime_env"] = {"env_vars": env}
+    if placement is not None:
+        opts.update(actor_options(placement.group, index))
     return ClientActor.options(**opts).remote(cfg.to_dict(), num_labels)
+
+
+def driver_node() -> NodeAffinitySchedulingStrategy:
+    """Scheduling on the driver's node (the head under ``ray job submit``): the server actor
+    holds every client's state, so it must not live on a worker node that can be lost. Hard
+    affinity: with a soft one Ray 2.60 may place a zero-CPU actor on another node although the
+    driver's node is alive."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _record_where(placement: Placement, index: int, actor: Any, info: Mapping[str, Any]) -> None:
+    placement.where[index] = describe_where(str(info.get("node_id") or "unknown"),
+                                            info.get("device"), actor_gpu_ids(actor, info))
 
 
 def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
@@ -132,50 +258,72 @@ def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
     Raises ConfigError when a client cannot build its model (one line, from the actor).
     """
     assert ctx.strategy is not None, "the run's strategy is built before its actors"
-    ctx.actors = [spawn_client(ctx.cfg, ctx.shards.num_labels) for _ in range(num_actors)]
+    if ctx.placement is None:
+        ctx.placement = Placement(num_actors)
+    placement = ctx.placement
+    ctx.actors = [spawn_client(ctx.cfg, ctx.shards.num_labels, placement, i)
+                  for i in range(num_actors)]
     settings = ServerSettings.from_config(ctx.cfg, ctx.strategy, ctx.shards.groups)
-    ctx.server = ServerActor.options(num_cpus=0).remote(settings)
+    ctx.server = ServerActor.options(num_cpus=0, scheduling_strategy=driver_node()).remote(settings)
     infos = ray.get([a.info.remote() for a in ctx.actors])
     for info in infos:
         if info.get("error"):
             raise ConfigError(info["error"])
+    for i, (actor, info) in enumerate(zip(ctx.actors, infos, strict=True)):
+        _record_where(placement, i, actor, info)
     return infos[0]
 
 
 def stop_actors(ctx: RunContext) -> None:
-    """Kill the run's actors (those already gone are skipped)."""
+    """Kill the run's actors (those already gone are skipped) and release their bundles."""
     for actor in [*ctx.actors, ctx.server]:
         if actor is not None:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+    if ctx.placement is not None:
+        release_bundles(ctx.placement.group)
+        ctx.placement.group = None
+
+
+def probe_actor(actor: Any, timeout: float) -> tuple[bool, dict[str, Any] | None]:
+    """(alive, its ``info()``): alive is False only if the actor is dead for good (a
+    restarting one is waited for); the info is None when it did not answer in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return True, info
+        except ray.exceptions.ActorDiedError:
+            return False, None
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                return True, None
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError:
+            return True, None  # busy (e.g. still on a cancelled straggler call)
 
 
 def actor_alive(actor: Any, timeout: float) -> bool:
     """False only if the actor is dead for good (a restarting one is waited for)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            return True
-        except ray.exceptions.ActorDiedError:
-            return False
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                return True
-            time.sleep(0.5)
-        except ray.exceptions.GetTimeoutError:
-            return True  # busy (e.g. still on a cancelled straggler call)
+    return probe_actor(actor, timeout)[0]
 
 
 def heal_actors(ctx: RunContext, actor_indices: Sequence[int]) -> int:
-    """Wait for the client actors ``actor_indices`` to be back; replace those that are dead for
-    good. Returns the number replaced."""
+    """Wait for the client actors ``actor_indices`` to be back (Ray restarts them, in their
+    bundle, on a node the cluster still has or adds); replace those that are dead for good.
+    Updates where each runs. Returns the number replaced."""
     replaced = 0
+    if ctx.placement is None:
+        ctx.placement = Placement(len(ctx.actors))
     for i in sorted(set(actor_indices)):
-        if not actor_alive(ctx.actors[i], PING_TIMEOUT_S):
+        alive, info = probe_actor(ctx.actors[i], PING_TIMEOUT_S)
+        if not alive:
             log.warning("client actor %d is dead (restarts exhausted): starting a new one", i)
-            ctx.actors[i] = spawn_client(ctx.cfg, ctx.shards.num_labels)
+            ctx.actors[i] = spawn_client(ctx.cfg, ctx.shards.num_labels, ctx.placement, i)
             replaced += 1
+            info = probe_actor(ctx.actors[i], PING_TIMEOUT_S)[1]
+        if info is not None and not info.get("error"):
+            _record_where(ctx.placement, i, ctx.actors[i], info)
     return replaced

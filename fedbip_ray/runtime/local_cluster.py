@@ -1,4 +1,5 @@
-"""A fake multi-node Ray cluster on this machine (``cluster.local.yaml``), started and stopped by pid.
+"""A fake multi-node Ray cluster on this machine (``cluster.local.yaml``), started and stopped by
+pid.
 
 ``start(DIR)`` runs ``ray start --head`` with Ray's fake multi-node autoscaler under the Ray temp
 dir ``DIR`` on free loopback ports and writes ``DIR/fedbip-cluster.json`` (addresses, ports, the
@@ -84,15 +85,19 @@ def head_command(temp_dir: Path, config_path: Path, head_resources: dict[str, fl
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head",
            "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
            f"--dashboard-port={ports['dashboard']}", "--dashboard-host=127.0.0.1",
-           f"--num-cpus={head_resources.get('CPU', 1):g}", f"--num-gpus={head_resources.get('GPU', 0):g}",
+           f"--num-cpus={head_resources.get('CPU', 1):g}",
+           f"--num-gpus={head_resources.get('GPU', 0):g}",
            f"--temp-dir={temp_dir}", f"--autoscaling-config={config_path}", "--disable-usage-stats"]
     return cmd + [f"--{flag}={ports[flag]}" for flag in PORT_FLAGS]
 
 
-def start(temp_dir: str | Path, config: str | Path = DEFAULT_CONFIG, timeout_s: float = 120.0) -> LocalCluster:
-    """Start the head (no workers yet) under ``temp_dir``; raises RuntimeError if it does not come up.
+def start(temp_dir: str | Path, config: str | Path = DEFAULT_CONFIG, timeout_s: float = 120.0,
+          env: dict[str, str] | None = None) -> LocalCluster:
+    """Start the head (no workers yet) under ``temp_dir``; RuntimeError if it does not come up.
 
     ``temp_dir`` should be short (Ray's socket paths live under it) and hold no other cluster.
+    ``env``: extra environment of the head's processes (e.g. ``RAY_health_check_period_ms``);
+    the nodes the autoscaler adds inherit it.
     """
     tmp = Path(temp_dir).resolve()
     tmp.mkdir(parents=True, exist_ok=True)
@@ -104,12 +109,13 @@ def start(temp_dir: str | Path, config: str | Path = DEFAULT_CONFIG, timeout_s: 
     cfg = write_autoscaling_config(Path(config), gcs, cfg_path)
     head_res = cfg["available_node_types"][cfg["head_node_type"]].get("resources", {})
     try:
-        proc = subprocess.run(head_command(tmp, cfg_path, head_res, ports), env=ray_env(),
+        proc = subprocess.run(head_command(tmp, cfg_path, head_res, ports), env=ray_env(env),
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         stop(tmp)
         raise RuntimeError(f"ray start did not return in {timeout_s:g} s") from None
-    cluster = LocalCluster(str(tmp), gcs, f"http://127.0.0.1:{ports['dashboard']}", str(cfg_path), ports)
+    cluster = LocalCluster(str(tmp), gcs, f"http://127.0.0.1:{ports['dashboard']}",
+                           str(cfg_path), ports)
     if proc.returncode != 0:
         stop(tmp)
         raise RuntimeError(f"ray start failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -117,7 +123,8 @@ def start(temp_dir: str | Path, config: str | Path = DEFAULT_CONFIG, timeout_s: 
         wait_http(f"{cluster.dashboard_url}/api/version", timeout_s)
     except TimeoutError:
         stop(tmp)
-        raise RuntimeError(f"the dashboard at {cluster.dashboard_url} did not answer in {timeout_s:g} s") from None
+        raise RuntimeError(f"the dashboard at {cluster.dashboard_url} did not answer in "
+                           f"{timeout_s:g} s") from None
     cluster = LocalCluster(**{**asdict(cluster), "pids": _with_create_times(cluster_pids(tmp))})
     (tmp / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=2))
     return cluster
@@ -252,6 +259,47 @@ def stop(temp_dir: str | Path, grace_s: float = 3.0) -> list[int]:
     if left:
         raise RuntimeError(f"processes of the cluster under {temp_dir} still alive: {left}")
     return sorted(stopped)
+
+
+def node_pids(temp_dir: str | Path, node_id: str) -> list[int]:
+    """Pids of one node of the cluster under ``temp_dir``: this user's processes whose command
+    line names ``node_id`` (the raylet's ``--node_id=``, the agents' ``--node-id=``) and a path
+    under ``temp_dir``, and their descendants (the node's workers)."""
+    flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
+    prefix, uid = f"{Path(temp_dir).resolve()}{os.sep}", os.getuid()
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
+        if uids and uids.real == uid and flags & set(cmd) and any(prefix in c for c in cmd):
+            found.add(proc.pid)
+    return sorted((found | _descendants(found)) - _own_lineage())
+
+
+def kill_node(temp_dir: str | Path, node_id: str) -> list[int]:
+    """SIGKILL every process of one node at once (as when its machine is lost); returns the
+    pids. RuntimeError if the node has no process under ``temp_dir``."""
+    pids = node_pids(temp_dir, node_id)
+    if not pids:
+        raise RuntimeError(f"no process of node {node_id} under {temp_dir}")
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.kill()
+            procs.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(procs, timeout=10)
+    return pids
+
+
+def nodes(cluster: LocalCluster, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The cluster's nodes as its dashboard lists them (``node_id``, ``state``,
+    ``is_head_node``, ``resources_total``, ...), dead ones included."""
+    url = f"{cluster.dashboard_url}/api/v0/nodes?limit=1000&detail=true"
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        body = json.loads(r.read())
+    return list(body["data"]["result"]["result"])
 
 
 def _is_monitor(pid: int) -> bool:

@@ -97,9 +97,11 @@ def per_task_means(evals: dict[int, dict[str, dict]], split: str) -> dict[str, f
 def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: AggregationReport,
               participants: list[int], stragglers: list[int], seconds: float,
               eval_failed: dict[int, str] | None = None, actors_replaced: int = 0,
-              privacy: dict[str, Any] | None = None) -> Row:
+              privacy: dict[str, Any] | None = None,
+              placement: dict[str, str] | None = None) -> Row:
     """One metrics.jsonl row (see README, Outputs and Guarantees). ``evals`` maps a client
-    to its ``{"val": {...}, "test": {...}}`` scores."""
+    to its ``{"val": {...}, "test": {...}}`` scores; ``placement`` each fitted client's
+    ``node_id/device`` (cluster.describe_where)."""
     acc = {c: e["test"]["accuracy"] for c, e in sorted(evals.items())}
     val = {c: e["val"]["accuracy"] for c, e in sorted(evals.items())}
     values = [a for a in acc.values() if a == a]
@@ -132,6 +134,8 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: Aggrega
         row["gate_mix"] = {str(c): m for c, m in sorted(report.gate.items())}
     if privacy is not None:
         row["privacy"] = privacy
+    if placement:
+        row["placement"] = placement
     tasks_val, tasks_test = per_task_means(evals, "val"), per_task_means(evals, "test")
     if tasks_val or tasks_test:
         row["per_task_val_score"] = tasks_val

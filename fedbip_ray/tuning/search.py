@@ -34,7 +34,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from fedbip_ray.config import Config, ConfigError, config_from_dict, dump_config
-from fedbip_ray.runtime.cluster import ensure_ray, plan_actors
+from fedbip_ray.runtime.acquire import (
+    ClusterLimits,
+    bundle_shape,
+    ceiling_capacity,
+    describe_limits,
+    format_bundle,
+    plan_num_actors,
+)
+from fedbip_ray.runtime.cluster import ensure_ray, joined_limits, plan_actors
 from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.runtime.messages import AggregationReport
 from fedbip_ray.runtime.rows import worst_fraction_mean
@@ -81,25 +89,36 @@ def absolutize_paths(data: Mapping[str, Any], cwd: str | Path, uri: str) -> dict
     return out
 
 
-def trial_bundles(cfg: Config, settings: TuneSettings, cluster: Mapping[str, float]
-                  ) -> tuple[int, list[dict[str, float]]]:
+def trial_bundles(cfg: Config, settings: TuneSettings, cluster: Mapping[str, float],
+                  limits: ClusterLimits | None = None) -> tuple[int, list[dict[str, float]]]:
     """(client actors per trial, placement-group bundles of one trial).
 
     The head bundle (the trial's driver, which only waits on actors) is empty; then one bundle
-    per client actor with the client's CPUs/GPUs. By default the cluster's actor capacity is
-    split evenly over ``max_concurrent`` trials. ConfigError if one trial cannot fit at all.
+    per client actor with the client's CPUs/GPUs. Per trial: ``tune.actors_per_trial``, else
+    ``resources.num_actors``, else the cluster's actor capacity split evenly over
+    ``max_concurrent`` trials. The capacity is the run's own planning: what ``cluster`` (the
+    embedded local Ray) has now, or, with ``limits`` (a joined cluster), what it could ever
+    hold, autoscaler included: Tune's placement group per trial is then the autoscaler's
+    request. ConfigError if one trial cannot fit at all.
     """
 
     rc = cfg.resources
-    capacity = plan_actors(cfg, dict(cluster))  # ConfigError if not even one actor fits
-    n = settings.actors_per_trial or max(1, capacity // settings.max_concurrent)
+    bundle = bundle_shape(rc.num_cpus_per_client, rc.num_gpus_per_client)
+    if limits is None:
+        capacity = plan_actors(cfg, dict(cluster))  # ConfigError if not even one actor fits
+    else:
+        capacity = plan_num_actors(cfg.data.num_clients, bundle, limits, max_actors=rc.max_actors)
+    source = "tune.actors_per_trial" if settings.actors_per_trial else "resources.num_actors"
+    n = settings.actors_per_trial or rc.num_actors or max(1, capacity // settings.max_concurrent)
     n = min(n, cfg.data.num_clients)
-    bundle = {k: float(v) for k, v in (("CPU", rc.num_cpus_per_client),
-                                       ("GPU", rc.num_gpus_per_client)) if v > 0}
+    ceiling = ceiling_capacity(bundle, limits) if limits is not None and bundle else None
+    if ceiling is not None and n > ceiling:
+        raise ConfigError(f"{source}={n}: one trial needs {n} bundles {format_bundle(bundle)}, the "
+                          f"cluster can hold at most {ceiling} ({describe_limits(limits)})")
     for res, per in bundle.items():
         have = float(cluster.get(res, 0.0))
-        if per * n > have:
-            raise ConfigError(f"tune.actors_per_trial={n}: one trial needs {per * n:g} {res} "
+        if limits is None and per * n > have:
+            raise ConfigError(f"{source}={n}: one trial needs {per * n:g} {res} "
                               f"({n} client actors x {per:g}), the Ray cluster has {have:g}")
     if not bundle:  # clients need no resources: reserve one CPU for the trial itself
         return n, [{"CPU": 1.0}]
@@ -387,7 +406,7 @@ def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
     out = Path(output or Path("runs") / f"{cfg.name}-tune").resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
-    actors, bundles = trial_bundles(cfg, settings, ray.cluster_resources())
+    actors, bundles = trial_bundles(cfg, settings, ray.cluster_resources(), joined_limits(cfg))
     parent = ParentRun(cfg, uri) if cfg.tracking.mlflow else None
     parent_id = parent.start(settings, out) if parent else None
     trials: list[dict[str, Any]] = []

@@ -1,4 +1,5 @@
-"""runtime/local_cluster.py without Ray: config filling, and stopping exactly the processes of a dir."""
+"""runtime/local_cluster.py without Ray: config filling, stopping exactly the processes of a dir,
+and killing exactly one node's processes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from fedbip_ray.runtime import local_cluster
@@ -45,5 +47,37 @@ def test_stop_ends_the_processes_holding_the_dir_and_spares_the_rest(tmp_path):
         assert os.getpid() not in local_cluster.cluster_pids(held)
     finally:
         for p in (mine, spare):
+            p.kill()
+            p.wait()
+
+
+def test_kill_node_ends_one_nodes_processes_and_their_children_only(tmp_path):
+    held = tmp_path / "c"
+    held.mkdir()
+    node = "ab" * 28
+    sleeper = "import subprocess, sys, time; "
+    parent = (sleeper + "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "time.sleep(60)")
+    raylet = subprocess.Popen([sys.executable, "-c", parent, f"--node_id={node}",
+                               f"--store_socket_name={held}/sockets/plasma"])
+    other_dir = subprocess.Popen([sys.executable, "-c", sleeper + "time.sleep(60)",
+                                  f"--node_id={node}", f"--store_socket_name={tmp_path}/x/p"])
+    other_node = subprocess.Popen([sys.executable, "-c", sleeper + "time.sleep(60)",
+                                   f"--node-id={'cd' * 28}", f"--session-dir={held}/session"])
+    procs = (raylet, other_dir, other_node)
+    try:
+        deadline = time.time() + 10
+        while len(local_cluster.node_pids(held, node)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        pids = local_cluster.node_pids(held, node)
+        assert raylet.pid in pids and len(pids) == 2  # the node's process and its child
+        assert local_cluster.kill_node(held, node) == pids
+        assert raylet.wait(5) is not None
+        assert other_dir.poll() is None and other_node.poll() is None
+        assert local_cluster.node_pids(held, node) == []
+        with pytest.raises(RuntimeError, match="no process of node"):
+            local_cluster.kill_node(held, node)
+    finally:
+        for p in procs:
             p.kill()
             p.wait()
