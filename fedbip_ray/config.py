@@ -281,6 +281,14 @@ class Config(_Frozen):
         if self.privacy.clip_norm is not None and self.strategy.checked_params.get("reference") == "gradient":
             raise ValueError("strategy.params.reference 'gradient' sends gradient signals that "
                              "privacy does not cover: use 'pretrained' or 'round' with privacy")
+        generative = self.data.prompt_column or self.data.messages_column
+        if generative and self.model.task != "causal-lm":
+            field = "prompt_column" if self.data.prompt_column else "messages_column"
+            raise ValueError(f"data.{field} holds instruction data: it needs model.task "
+                             f"'causal-lm' (got '{self.model.task}')")
+        if self.strategy.name == "fedsa-lora" and self.model.peft.method != "lora":
+            raise ValueError("strategy 'fedsa-lora' shares LoRA A factors: it needs "
+                             f"model.peft.method 'lora' (got '{self.model.peft.method}')")
         return self
 
     def clients_per_round(self) -> int:

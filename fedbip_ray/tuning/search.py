@@ -33,6 +33,7 @@ from ray.tune import CLIReporter
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from fedbip_ray import storage
 from fedbip_ray.config import Config, ConfigError, config_from_dict, dump_config
 from fedbip_ray.runtime.acquire import (
     ClusterLimits,
@@ -45,6 +46,7 @@ from fedbip_ray.runtime.acquire import (
 from fedbip_ray.runtime.cluster import ensure_ray, joined_limits, plan_actors
 from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.runtime.messages import AggregationReport
+from fedbip_ray.runtime.outputs import is_uri, local_side
 from fedbip_ray.runtime.rows import worst_fraction_mean
 from fedbip_ray.tracking.mlflow_logger import (
     MlflowCallback,
@@ -127,7 +129,6 @@ def trial_bundles(cfg: Config, settings: TuneSettings, cluster: Mapping[str, flo
 
 def round_metrics(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """What a trial reports for one round (None for a round without evaluation)."""
-
     if row.get("mean_val_accuracy") is None:
         return None
     vals = [float(v) for v in row.get("per_client_val_accuracy", {}).values() if v == v]
@@ -165,7 +166,6 @@ def pick_best(trials: Sequence[Mapping[str, Any]], metric: str, mode: str, round
 
 def tune_domains(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
     """Ray Tune sampling domains for the parsed space (same semantics as :func:`sample_space`)."""
-
     out: dict[str, Any] = {}
     for key, spec in space.items():
         v = spec.values
@@ -189,7 +189,6 @@ def short_name(key: str) -> str:
 
 def make_reporter(settings: TuneSettings) -> Any:
     """The console progress table: trial status, round, validation metrics and parameters."""
-
     metrics = {"round": "round", "mean_val_accuracy": "val_acc",
                "worst10_val_accuracy": "worst10_val", "train_loss": "train_loss"}
     return CLIReporter(metric_columns=metrics,
@@ -230,13 +229,15 @@ class TuneReportCallback:
 
 
 def _report(metrics: dict[str, Any]) -> None:
-
     tune.report(metrics)
 
 
 def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors: int,
-                         root: str, parent_run_id: str | None, log_adapters: bool) -> None:
-    """One Tune trial: the base run config + ``params`` as one federation."""
+                         root: str, parent_run_id: str | None, log_adapters: bool,
+                         env: dict[str, str] | None = None) -> None:
+    """One Tune trial: the base run config + ``params`` as one federation. ``env``: the
+    driver's storage credentials and endpoints, for a trial on any node."""
+    os.environ.update(env or {})
 
 
     trial_id = tune.get_context().get_trial_id()
@@ -246,7 +247,12 @@ def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors
     cfg = config_from_dict(run_data)
     mlflow_cb = MlflowCallback(cfg, parent_run_id, log_adapters=log_adapters) if cfg.tracking.mlflow else None
     callbacks = ([mlflow_cb] if mlflow_cb else []) + [TuneReportCallback(mlflow_cb)]
-    run_federation(cfg, Path(root) / "trials" / trial_id, callbacks=callbacks, echo=log.info)
+    run_federation(cfg, child(root, "trials", trial_id), callbacks=callbacks, echo=log.info)
+
+
+def child(root: str, *names: str) -> str:
+    """``root/names...`` for a local path or a storage URI."""
+    return "/".join([root.rstrip("/"), *names])
 
 
 # ---------------------------------------------------------------------------------- MLflow parent
@@ -254,7 +260,6 @@ class ParentRun:
     """The MLflow run that groups a search's trials (children carry ``mlflow.parentRunId``)."""
 
     def __init__(self, cfg: Config, uri: str) -> None:
-
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -265,8 +270,6 @@ class ParentRun:
         self.cfg = cfg
 
     def start(self, settings: TuneSettings, output: Path) -> str:
-
-
         tags = {"mlflow.runName": f"{self.cfg.name}-tune", "fedbip.kind": "tune",
                 "strategy": self.cfg.strategy.name, "output_dir": str(output), **git_tags()}
         self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
@@ -317,7 +320,6 @@ class ParentRun:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, exc: BaseException) -> None:
-
         try:
             self.client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {exc}"[:500])
             self.client.set_terminated(self.run_id, run_status_for(exc))
@@ -346,11 +348,13 @@ def collect_trials(results: Any, rounds: int) -> list[dict[str, Any]]:
 
 
 def _fit(settings: TuneSettings, data: dict[str, Any], actors: int, bundles: list[dict[str, float]],
-         output: Path, parent_run_id: str | None, rounds: int) -> Any:
-
+         root: str, parent_run_id: str | None, rounds: int) -> Any:
+    """Tune's search; trials write their runs under ``root`` (a path or a storage URI), and
+    Tune keeps its own state there too (``root/ray_results``)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores CLIReporter
     trainable = tune.with_resources(
-        tune.with_parameters(federation_trainable, data=data, actors=actors, root=str(output),
+        tune.with_parameters(federation_trainable, data=data, actors=actors, root=root,
+                             env=storage.provider_env() if is_uri(root) else None,
                              parent_run_id=parent_run_id, log_adapters=settings.log_adapters),
         tune.PlacementGroupFactory(bundles))
     if settings.scheduler == "asha":
@@ -368,13 +372,21 @@ def _fit(settings: TuneSettings, data: dict[str, Any], actors: int, bundles: lis
                                              max_concurrent=settings.max_concurrent),
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(
-            name="search", storage_path=str(output / "ray_results"), verbose=1,
+            name="search", **tune_storage(root), verbose=1,
             progress_reporter=make_reporter(settings),
             failure_config=tune.FailureConfig(max_failures=0)))
     return tuner.fit()
 
 
-def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings, output: Path,
+def tune_storage(root: str) -> dict[str, Any]:
+    """Tune's ``storage_path`` (and filesystem, for a URI) under ``root``."""
+    if not is_uri(root):
+        return {"storage_path": str(Path(root) / "ray_results")}
+    loc = storage.open_location(root) / "ray_results"
+    return {"storage_path": loc.path, "storage_filesystem": loc.filesystem}
+
+
+def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings, output: str,
                parent_run_id: str | None) -> tuple[float | None, str, str | None]:
     """(test mean accuracy, where it comes from, MLflow run id of a rerun).
 
@@ -389,7 +401,7 @@ def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings
                 f"trial {best['trial_id']} round {best['last'].get('round')}", None)
 
     cbs = [MlflowCallback(best_cfg, parent_run_id, log_adapters=True)] if best_cfg.tracking.mlflow else []
-    summary = run_federation(best_cfg, output / "best_rerun", callbacks=cbs, echo=log.info)
+    summary = run_federation(best_cfg, child(output, "best_rerun"), callbacks=cbs, echo=log.info)
     return summary.get("mean_accuracy"), "rerun of the best config", cbs[0].run_id if cbs else None
 
 
@@ -403,8 +415,11 @@ def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
     uri = absolute_tracking_uri(tracking_uri(cfg))
     run_data = absolutize_paths(data, Path.cwd(), uri)
     check_space(run_data, settings)
-    out = Path(output or Path("runs") / f"{cfg.name}-tune").resolve()
+    target = str(output or Path("runs") / f"{cfg.name}-tune")
+    remote = storage.probe(target) if is_uri(target) else None  # one line if unusable
+    out = local_side(target).resolve()  # the search's local files (its own, or a working copy)
     out.mkdir(parents=True, exist_ok=True)
+    root = target if remote is not None else str(out)
     ensure_ray()
     actors, bundles = trial_bundles(cfg, settings, ray.cluster_resources(), joined_limits(cfg))
     parent = ParentRun(cfg, uri) if cfg.tracking.mlflow else None
@@ -412,7 +427,7 @@ def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
     trials: list[dict[str, Any]] = []
     rounds = cfg.federation.rounds
     try:
-        results = _fit(settings, run_data, actors, bundles, out, parent_id, rounds)
+        results = _fit(settings, run_data, actors, bundles, root, parent_id, rounds)
         trials = collect_trials(results, rounds)
         try:
             best = pick_best(trials, settings.metric, settings.mode, rounds)
@@ -425,20 +440,23 @@ def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
         best_cfg = config_from_dict(best_data)
         dump_config(best_cfg, out / "best_config.yaml")
         rerun_cfg = config_from_dict(set_dotted(best_data, "tracking.tracking_uri", uri))
-        test, source, rerun_id = final_test(best, rerun_cfg, settings, out, parent_id)
+        test, source, rerun_id = final_test(best, rerun_cfg, settings, root, parent_id)
         summary = {
             "metric": settings.metric, "mode": settings.mode,
             "best": {"trial_id": best["trial_id"], "params": best["params"],
                      "metric_value": best["last"][settings.metric], "round": best["last"].get("round"),
                      "test_mean_accuracy": test, "test_source": source,
                      "mlflow_run_id": best.get("mlflow_run_id"), "rerun_mlflow_run_id": rerun_id,
-                     "output": str(out / "trials" / best["trial_id"])},
-            "best_config": str(out / "best_config.yaml"),
+                     "output": child(root, "trials", best["trial_id"])},
+            "best_config": child(root, "best_config.yaml"),
             "actors_per_trial": actors, "trial_bundles": bundles,
             "parent_run_id": parent_id, "trials": trials,
             "wall_seconds": time.perf_counter() - start,
         }
         (out / "tune_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if remote is not None:  # the search's own files beside its trials on the store
+            for name in ("tune_summary.json", "best_config.yaml"):
+                (remote / name).write_bytes((out / name).read_bytes())
         if parent:
             parent.close_children(trials, rounds)
             parent.finish(summary, out)

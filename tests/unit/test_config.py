@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -91,4 +93,17 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 )
 def test_model_dataset_task_mismatch(data, needle):
     with pytest.raises(ConfigError, match=needle):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"data": {"dataset": "file", "path": "x.jsonl", "messages_column": "messages"}},
+     "data.messages_column holds instruction data: it needs model.task 'causal-lm'"),
+    ({"data": {"dataset": "file", "path": "x.csv", "prompt_column": "q"}},
+     "data.prompt_column holds instruction data"),
+    ({"strategy": {"name": "fedsa-lora"}, "model": {"peft": {"method": "ia3"}}},
+     "strategy 'fedsa-lora' shares LoRA A factors: it needs model.peft.method 'lora'"),
+])
+def test_combinations_that_cannot_work_are_refused_at_parse_time(data, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         config_from_dict(data)
