@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,16 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session=True`` and everything in its session
+    (an embedded Ray included), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 def tiny_config(**sections) -> dict:

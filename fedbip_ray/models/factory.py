@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
-from fedbip_ray.models.names import minilm_path, resolve_model_path
+from fedbip_ray.models.names import minilm_path, resolve_model_path, tiny_dims
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -52,16 +52,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int, seed: in
     _quiet_transformers()
     torch.manual_seed(seed)
     if cfg.name == "tiny-bert":
-        t = cfg.tiny
-        bcfg = BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=max(cfg.max_length, 64),
-            num_labels=num_labels,
-        )
+        bcfg = BertConfig(vocab_size=vocab_size, num_labels=num_labels, **tiny_dims(cfg))
         return BertForSequenceClassification(bcfg)
     path = resolve_model_path(cfg.name)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
-from fedbip_ray.models.names import resolve_model_path
+from fedbip_ray.models.names import resolve_model_path, tiny_dims
 from fedbip_ray.models.smollm2 import quiet_transformers, smollm2_available, smollm2_tokenizer_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,18 +72,9 @@ def tiny_llama(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     """Random-init Llama sized by ``cfg.tiny`` (untied embeddings), float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    t = cfg.tiny
     torch.manual_seed(seed)
-    lcfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_heads,
-        max_position_embeddings=max(cfg.max_length, 64),
-        tie_word_embeddings=False,
-    )
+    lcfg = LlamaConfig(vocab_size=vocab_size, num_key_value_heads=cfg.tiny.num_heads,
+                       tie_word_embeddings=False, **tiny_dims(cfg))
     return LlamaForCausalLM(lcfg)
 
 

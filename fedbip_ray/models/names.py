@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fedbip_ray.config import ConfigError
+from fedbip_ray.config import ConfigError, ModelConfig
 from fedbip_ray.models.smollm2 import smollm2_model_dir
 
 MODEL_ALIASES: dict[str, str] = {
@@ -44,3 +44,11 @@ def resolve_model_path(name: str) -> str:
             raise ConfigError(f"model.name '{name}': directory has no config.json")
         return str(p)
     return name  # a hub id: must already be in the local cache (HF_HUB_OFFLINE=1)
+
+
+def tiny_dims(cfg: ModelConfig) -> dict[str, int]:
+    """The transformer sizes of a random-init test model (``model.tiny``), as config kwargs."""
+    t = cfg.tiny
+    return {"hidden_size": t.hidden_size, "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads, "intermediate_size": t.intermediate_size,
+            "max_position_embeddings": max(cfg.max_length, 64)}

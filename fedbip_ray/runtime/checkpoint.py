@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from fedbip_ray.config import ConfigError
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.storage import Location, clear_checkpoints
+from fedbip_ray.storage.location import fsync_dir
 
 Root = Path | Location  # a checkpoint root: a local directory, or a Location (maybe remote)
 
@@ -69,20 +72,6 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------- atomic files
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a fsynced temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -143,7 +132,7 @@ def write_checkpoint(root: Root, round_num: int, tensors: Mapping[str, np.ndarra
             "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
     if isinstance(root, Location):
         if not root.is_local:
-            from fedbip_ray.runtime.checkpoint_remote import publish
+            from fedbip_ray.runtime.checkpoint_remote import publish  # (imports this module)
 
             return publish(root, round_num, tensors, layout, meta)
         root = root.local_path
@@ -229,8 +218,6 @@ def read_latest(root: Root) -> Checkpoint | None:
 
 def read_checkpoint(path: Path, expected_round: int | None = None) -> Checkpoint:
     """Load and validate one local checkpoint directory (sha256, shapes, dtypes, history)."""
-    from safetensors.numpy import load_file
-
     if not path.is_dir():
         raise _bad(path, "directory missing")
     meta = check_meta(_read_json(path / "meta.json", path), path, expected_round)
@@ -255,8 +242,6 @@ def check_meta(meta: Any, where: Any, expected_round: int | None) -> dict[str, A
 
 def load_tensors(load: Callable[[], dict[str, np.ndarray]], where: Any) -> dict[str, np.ndarray]:
     """``load()`` of a safetensors file, its errors as one ConfigError line."""
-    from safetensors import SafetensorError
-
     try:
         return load()
     except (SafetensorError, OSError, ValueError) as exc:

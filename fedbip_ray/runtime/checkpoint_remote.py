@@ -6,11 +6,13 @@ complete checkpoint: an upload that was cut off is never loaded. Same format as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import numpy as np
+from safetensors.numpy import load as load_safetensors
 
 from fedbip_ray import storage
 from fedbip_ray.runtime import checkpoint as ckpt
@@ -47,10 +49,6 @@ def _json(pub: Published, name: str) -> Any:
 
 def from_published(pub: Published) -> ckpt.Checkpoint:
     """The validated checkpoint of a verified round directory (ConfigError if it is not one)."""
-    import hashlib
-
-    from safetensors.numpy import load
-
     where = pub.location
     meta = ckpt.check_meta(_json(pub, "meta.json"), where.describe(), pub.round)
     data = pub.files.get(ckpt.TENSORS)
@@ -58,7 +56,7 @@ def from_published(pub: Published) -> ckpt.Checkpoint:
         raise ckpt._bad(where.describe(), f"{ckpt.TENSORS} missing")
     if hashlib.sha256(data).hexdigest() != (meta.get("sha256") or {}).get(ckpt.TENSORS):
         raise ckpt._bad(where.describe(), f"{ckpt.TENSORS} is corrupt (sha256 mismatch)")
-    tensors = ckpt.load_tensors(lambda: load(data), where.describe())
+    tensors = ckpt.load_tensors(lambda: load_safetensors(data), where.describe())
     return ckpt.validated(where, meta, tensors, _json(pub, "layout.json"))
 
 

@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from huggingface_hub import constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from fedbip_ray import storage
 from fedbip_ray.config import Config, ConfigError, ModelConfig
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.shards import build_shards, format_summary
+from fedbip_ray.models.names import MODEL_ALIASES, resolve_model_path  # torch-free
 from fedbip_ray.runtime import checkpoint as ckpt_io
 from fedbip_ray.runtime.cluster import (
     heal_actors,
@@ -64,7 +67,6 @@ def preflight_model(model: ModelConfig) -> None:
     Aliases are checked by the actors (one-line error via ``info``); a directory must hold a
     config.json; any other name must be a valid model id already in the local HF cache.
     """
-    from fedbip_ray.models.names import MODEL_ALIASES, resolve_model_path  # no torch in the driver
 
     name = model.name
     if model.task == "image-classification" or name in MODEL_ALIASES:
@@ -73,9 +75,6 @@ def preflight_model(model: ModelConfig) -> None:
         if model.task == "sequence-classification":
             resolve_model_path(name)  # a directory must hold config.json
         return
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     hint = (f"model.name '{name}': not an alias ({', '.join(MODEL_ALIASES)}), an existing "
             "directory, or a model in the local Hugging Face cache (nothing is downloaded)")
     try:

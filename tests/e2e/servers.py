@@ -7,8 +7,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from fedbip_ray.runtime.local_cluster import wait_http
 
 BIN = Path(sys.executable).parent
 
@@ -27,18 +28,6 @@ def env() -> dict[str, str]:
               "PATH": f"{BIN}{os.pathsep}{e.get('PATH', '')}"})
     e.pop("RAY_ADDRESS", None)
     return e
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout}s")
 
 
 class RayHead:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from ..conftest import REPO, tiny_config
+from ..conftest import REPO, kill_tree, tiny_config
 
 pytestmark = pytest.mark.e2e
 FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")
@@ -34,12 +33,6 @@ def fedbip(*args: str, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def rows(out: Path) -> list[dict]:

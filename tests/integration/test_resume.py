@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.numpy import load_file
 
 from fedbip_ray.cli import main
 
-from ..conftest import REPO
+from ..conftest import REPO, kill_tree
 from .test_faults import clean_config, clean_run
 
 pytestmark = pytest.mark.ray
@@ -47,13 +46,6 @@ def start_run(config: Path, out: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything in its session (embedded Ray processes included)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def latest_round(out: Path) -> int:
@@ -132,8 +124,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(
 def test_checkpoint_writer_overlaps_one_write_and_surfaces_its_error(ray_local, tmp_path):
     from fedbip_ray.config import config_from_dict
     from fedbip_ray.core import Layout
-    from fedbip_ray.runtime.checkpoint import read_latest
-    from fedbip_ray.runtime.checkpoint import CheckpointWriter
+    from fedbip_ray.runtime.checkpoint import CheckpointWriter, read_latest
     from fedbip_ray.runtime.context import RunContext
     from fedbip_ray.runtime.federation import submit_checkpoint
     from fedbip_ray.runtime.messages import ServerSettings
