@@ -120,7 +120,7 @@ def run_dir(workdir: Path, setting: str, strategy: str, seed: int) -> Path:
 
 def group_stats(out: Path) -> dict[str, float]:
     """In-group weight share and ARI of the last aggregation, when the clients have groups."""
-    from fedbip_ray.core.similarity import group_recovery
+    from fedbip_ray.core.grouping import group_recovery
 
     sim_file, clients = out / "similarity.jsonl", out / "shards" / "clients.json"
     if not sim_file.is_file() or not clients.is_file():

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bench_parser, command_line  # noqa: E402
 from fedbip_ray.config import load_config  # noqa: E402
-from fedbip_ray.core.similarity import group_recovery, similarity_matrix  # noqa: E402
+from fedbip_ray.core.grouping import group_recovery  # noqa: E402
+from fedbip_ray.core.similarity import similarity_matrix  # noqa: E402
 from fedbip_ray.core.weights import personalized_weights  # noqa: E402
 from fedbip_ray.data.shards import build_shards, read_shard  # noqa: E402
 from fedbip_ray.training.registry import make_trainer  # noqa: E402

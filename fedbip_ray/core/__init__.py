@@ -5,11 +5,10 @@ or peft. Torch tensors are accepted duck-typed where noted.
 """
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors, clip_rows, mix_models
+from .grouping import adjusted_rand_index, group_recovery
 from .similarity import (
     SCOPES,
-    adjusted_rand_index,
     cosine_similarity,
-    group_recovery,
     per_module_similarity,
     similarity_matrix,
     smooth_similarity,

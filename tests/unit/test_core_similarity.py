@@ -7,12 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedbip_ray.core.similarity import (
+from fedbip_ray.core.grouping import (
     _average_linkage_numpy,
     adjusted_rand_index,
     cluster_similarity,
-    cosine_similarity,
     group_recovery,
+)
+from fedbip_ray.core.similarity import (
+    cosine_similarity,
     lora_pairs,
     per_module_similarity,
     similarity_matrix,
