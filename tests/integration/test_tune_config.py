@@ -9,12 +9,7 @@ import pytest
 import yaml
 
 from fedbip_ray.config import ConfigError, config_from_dict
-from fedbip_ray.tuning.search import (
-    absolutize_paths,
-    pick_best,
-    round_metrics,
-    trial_bundles,
-)
+from fedbip_ray.tuning.search import absolutize_paths
 from fedbip_ray.tuning.space import (
     check_space,
     load_tune_config,
@@ -23,6 +18,7 @@ from fedbip_ray.tuning.space import (
     split_tune_config,
     trial_config,
 )
+from fedbip_ray.tuning.trials import pick_best, round_metrics, trial_bundles
 
 from ..conftest import REPO, tiny_config
 

@@ -56,8 +56,8 @@ def test_the_round_row_carries_the_placement_only_when_there_is_one():
 
 
 def test_a_tune_trial_on_an_autoscaling_cluster_reserves_what_the_node_types_could_hold():
-    from fedbip_ray.tuning.search import trial_bundles
     from fedbip_ray.tuning.space import TuneSettings
+    from fedbip_ray.tuning.trials import trial_bundles
 
     head = acquire.NodeType("ray.head.default", {"CPU": 1.0}, 1, head=True)
     gpu = acquire.NodeType("gpu_worker", {"CPU": 1.0, "GPU": 1.0}, 3)
