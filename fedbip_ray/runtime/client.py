@@ -13,6 +13,7 @@ Test-only fault injection: with ``FEDBIP_TEST_POISON`` set, ``fit`` results go t
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -74,18 +75,45 @@ def _abort_if_cancelled(_module: Any, _inputs: Any) -> None:
         raise TaskCancelled("cancelled by the driver (past the round deadline)")
 
 
+def check_model_on_node(name: str) -> None:
+    """A model given as a local directory must exist on the node that loads it (the driver
+    checked its own disk only); ConfigError naming the path otherwise."""
+    path = os.path.expanduser(name)
+    if os.path.isabs(path) and not os.path.exists(path):
+        raise ConfigError(f"model.name '{name}': directory not found on this worker node (put it "
+                          "on storage every node mounts, or in the nodes' image)")
+
+
+def node_suffix(node_id: str) -> str:
+    """`` (node 1a2b3c4d5e6f)`` on a cluster of several nodes, else nothing."""
+    try:
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # noqa: BLE001 - naming the node is a courtesy
+        return ""
+    return f" (node {node_id[:12]})" if alive > 1 else ""
+
+
+def quiet_library_warnings() -> None:
+    """Silence the deprecation notices transformers and peft print in every actor (they are
+    about their own internals, not about anything a user configured)."""
+    for module in ("transformers", "peft", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
 @ray.remote(max_restarts=3, max_task_retries=0)
 class ClientActor:
     """Ray actor wrapping one trainer (:class:`fedbip_ray.training.protocol.Trainer`). ``cfg`` is
-    ``Config.to_dict()``.
+    the run's validated :class:`Config`.
 
     A model that cannot be built is not raised from the constructor (that would make Ray
     restart the actor in vain and print a traceback): :meth:`info` reports it as ``error``.
     """
 
-    def __init__(self, cfg: dict[str, Any], num_labels: int) -> None:
+    def __init__(self, cfg: Config, num_labels: int) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.cfg = Config.model_validate(cfg)
+        quiet_library_warnings()
+        self.cfg = cfg  # validated once by the driver, like the server's ServerSettings
         self._data: dict[int, dict[str, Any]] = {}
         # {client: (round, (D,) state after its own training)} for this round's validation gate
         self._trained: dict[int, tuple[int, np.ndarray]] = {}
@@ -93,10 +121,12 @@ class ClientActor:
         self.trainer: Trainer | None = None
         self.node_id = ray.get_runtime_context().get_node_id()
         try:
+            check_model_on_node(self.cfg.model.name)
             self.trainer = _build_trainer(self.cfg, num_labels, self.node_id)
         except _INPUT_ERRORS as exc:
             self.error = one_line(exc) if isinstance(exc, ConfigError) else (
                 f"model '{self.cfg.model.name}': {type(exc).__name__}: {one_line(exc)}")
+            self.error += node_suffix(self.node_id)
             return
         self.trainer.model.register_forward_pre_hook(_abort_if_cancelled)
 
@@ -106,7 +136,8 @@ class ClientActor:
         if self.trainer is None:
             return {"error": self.error, "pid": os.getpid(), "node_id": self.node_id, "device": None}
         return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(), "node_id": self.node_id,
-                "device": str(self.trainer.device), "error": None}
+                "device": str(self.trainer.device), "error": None,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def _ready(self) -> Trainer:
         if self.trainer is None:

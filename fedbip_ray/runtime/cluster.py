@@ -236,7 +236,7 @@ def spawn_client(cfg: Config, num_labels: int, placement: Placement | None = Non
         opts["runtime_env"] = {"env_vars": env}
     if placement is not None:
         opts.update(actor_options(placement.group, index))
-    return ClientActor.options(**opts).remote(cfg.to_dict(), num_labels)
+    return ClientActor.options(**opts).remote(cfg, num_labels)
 
 
 def driver_node() -> NodeAffinitySchedulingStrategy:

@@ -19,7 +19,7 @@ import ray
 from fedbip_ray.core.aggregate import as_index
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.core.join import informed_rows, join_aggregate, personalizes_by_similarity
-from fedbip_ray.core.similarity import group_recovery
+from fedbip_ray.core.grouping import group_recovery
 from fedbip_ray.core.strategies import (
     AggregationInput,
     GaussianNoiseStrategy,

@@ -267,7 +267,7 @@ class ReplayEvaluator:
         num_actors = plan_actors(cfg, ray.cluster_resources())
         rc = cfg.resources
         self.actors = [ClientActor.options(num_cpus=rc.num_cpus_per_client,
-                                           num_gpus=rc.num_gpus_per_client).remote(cfg.to_dict(), shards.num_labels)
+                                           num_gpus=rc.num_gpus_per_client).remote(cfg, shards.num_labels)
                        for _ in range(num_actors)]
         self.shards = {c: ShardRef(c, ray.put(path.read_bytes())) for c, path in enumerate(shards.paths)}
         infos = ray.get([a.info.remote() for a in self.actors])

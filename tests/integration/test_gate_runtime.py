@@ -29,7 +29,7 @@ def fitted(ray_local, tmp_path_factory):
     cfg = config_from_dict(tiny_config(data={"num_clients": 2}))
     shards = build_shards(cfg.data, cfg.seed, tmp_path_factory.mktemp("gate") / "shards")
     refs = {c: ShardRef(c, ray.put(p.read_bytes())) for c, p in enumerate(shards.paths)}
-    actor = ClientActor.options(num_cpus=1).remote(cfg.to_dict(), shards.num_labels)
+    actor = ClientActor.options(num_cpus=1).remote(cfg, shards.num_labels)
     init = ray.get(actor.initial_state.remote())
     updates = [actor.fit.remote(c, init, 1, 0.0, refs[c], False, True) for c in (0, 1)]
     yield cfg, shards, refs, actor, init, updates
@@ -54,7 +54,7 @@ def test_gate_phase_sends_the_trained_state_only_to_clients_whose_actor_lost_it(
     ray = ray_local
     cfg, shards, refs, _, init, _ = fitted
     # a fresh actor stands for a restarted one: it holds no trained states
-    fresh = ClientActor.options(num_cpus=1).remote(cfg.to_dict(), shards.num_labels)
+    fresh = ClientActor.options(num_cpus=1).remote(cfg, shards.num_labels)
     server = ServerActor.options(num_cpus=0).remote(ServerSettings.of("fedbip", {}, 2))
     try:
         layout = Layout.from_dict(ray.get(fresh.info.remote())["layout"])
