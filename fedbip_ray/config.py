@@ -214,6 +214,8 @@ class FederationConfig(_Frozen):
     # write a checkpoint every k rounds (and always after the last); 0: only after the last
     checkpoint_every: int = Field(1, ge=0)
     updates: UpdateCheckConfig = UpdateCheckConfig()
+    # nearest neighbours per client in each round's report (the matrices go to similarity/)
+    report_top_k: int = Field(8, ge=1)
 
     def checkpoint_due(self, round_num: int) -> bool:
         """Whether round ``round_num``'s checkpoint is written."""
@@ -248,12 +250,17 @@ class ResourcesConfig(_Frozen):
     acquire_timeout_s: float = Field(600, gt=0)
     # auto: CUDA when Ray assigned the actor a GPU that torch can see, else CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the server actor's CPUs (its BLAS threads) and memory reservation (GiB; None: none)
+    server_cpus: float = Field(0.0, ge=0)
+    server_memory_gb: float | None = Field(None, gt=0)
 
 
 class TrackingConfig(_Frozen):
     mlflow: bool = True
     tracking_uri: str | None = None
     experiment: str = "fedbip"
+    # per-client metrics per round up to this many clients; beyond: quantiles and a histogram
+    per_client_metrics_limit: int = Field(100, ge=0)
 
 
 class Config(_Frozen):

@@ -38,6 +38,7 @@ from fedbip_ray.runtime.client import ClientActor
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.messages import ServerSettings
 from fedbip_ray.runtime.server import ServerActor
+from fedbip_ray.storage import Location, provider_env
 
 log = logging.getLogger("fedbip.cluster")
 TEST_ENV_PREFIX = "FEDBIP_TEST_"  # forwarded to client actors (test-only fault injection)
@@ -120,6 +121,7 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> int:
     if rc.num_cpus_per_client > cpus:
         raise ConfigError(f"resources.num_cpus_per_client={rc.num_cpus_per_client:g}: "
                           f"the Ray cluster has {cpus:g} CPUs")
+    cpus -= server_share(cfg, resources)
     fit = math.inf
     if rc.num_cpus_per_client > 0:
         fit = min(fit, cpus // rc.num_cpus_per_client)
@@ -134,6 +136,49 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> int:
     if rc.max_actors:
         n = min(n, rc.max_actors)
     return max(1, n)
+
+
+def server_share(cfg: Config, resources: Mapping[str, float], where: str = "Ray cluster") -> float:
+    """The CPUs the server actor takes from ``resources`` (``resources.server_cpus``); raises
+    ConfigError (one line) when the server and one client actor cannot fit together, or the
+    server's memory reservation exceeds what ``resources`` has."""
+    rc = cfg.resources
+    cpus, server = float(resources.get("CPU", 0)), float(rc.server_cpus)
+    if server + rc.num_cpus_per_client > cpus:
+        raise ConfigError(f"resources.server_cpus={server:g}: the server and one client actor "
+                          f"(resources.num_cpus_per_client={rc.num_cpus_per_client:g}) need "
+                          f"{server + rc.num_cpus_per_client:g} CPUs, the {where} has {cpus:g}")
+    memory = float(resources.get("memory", math.inf))
+    if rc.server_memory_gb is not None and rc.server_memory_gb * 2**30 > memory:
+        raise ConfigError(f"resources.server_memory_gb={rc.server_memory_gb:g}: the {where} has "
+                          f"{memory / 2**30:.1f} GiB of memory for actors")
+    return server
+
+
+def driver_node_resources() -> dict[str, float]:
+    """The total resources of the node this driver runs on (where the server actor lives)."""
+    me = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == me:
+            return {k: float(v) for k, v in node.get("Resources", {}).items()}
+    return {}
+
+
+def check_server_fits(cfg: Config) -> None:
+    """On a joined cluster the server actor is pinned to the driver's node: its CPUs and
+    memory must fit there (ConfigError, one line)."""
+    rc = cfg.resources
+    if rc.server_cpus == 0 and rc.server_memory_gb is None:
+        return
+    node = driver_node_resources()
+    cpus = node.get("CPU", 0.0)
+    if rc.server_cpus > cpus:
+        raise ConfigError(f"resources.server_cpus={rc.server_cpus:g}: the server actor runs on "
+                          f"the driver's node, which has {cpus:g} CPUs")
+    memory = node.get("memory", math.inf)
+    if rc.server_memory_gb is not None and rc.server_memory_gb * 2**30 > memory:
+        raise ConfigError(f"resources.server_memory_gb={rc.server_memory_gb:g}: the server "
+                          f"actor runs on the driver's node, which has {memory / 2**30:.1f} GiB")
 
 
 @dataclass
@@ -212,6 +257,7 @@ def provision(cfg: Config, num_clients: int,
     limits = joined_limits(cfg)
     if limits is None:
         return Placement(plan_actors(cfg, ray.cluster_resources()))
+    check_server_fits(cfg)
     bundle = bundle_shape(rc.num_cpus_per_client, rc.num_gpus_per_client)
     n = plan_num_actors(num_clients, bundle, limits, requested=rc.num_actors,
                         max_actors=rc.max_actors)
@@ -252,6 +298,29 @@ def _record_where(placement: Placement, index: int, actor: Any, info: Mapping[st
                                             info.get("device"), actor_gpu_ids(actor, info))
 
 
+def server_options(cfg: Config, output: Location | None) -> dict[str, Any]:
+    """The server actor's Ray options: ``resources.server_cpus`` / ``server_memory_gb`` on
+    the driver's node; the storage-provider variables when it writes to a remote output."""
+    rc = cfg.resources
+    opts: dict[str, Any] = {"num_cpus": rc.server_cpus, "scheduling_strategy": driver_node()}
+    if rc.server_memory_gb is not None:
+        opts["memory"] = int(rc.server_memory_gb * 2**30)
+    env = provider_env() if output is not None and not output.is_local else {}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return opts
+
+
+def spawn_server(ctx: RunContext) -> Any:
+    """The run's server actor: writes each round's matrices to the run's output, runs its
+    BLAS on ``max(1, int(resources.server_cpus))`` threads."""
+    assert ctx.strategy is not None
+    output = ctx.outputs.location if ctx.outputs is not None else None
+    settings = ServerSettings.from_config(ctx.cfg, ctx.strategy, ctx.shards.groups, output)
+    threads = max(1, int(ctx.cfg.resources.server_cpus))
+    return ServerActor.options(**server_options(ctx.cfg, output)).remote(settings, threads)
+
+
 def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
     """Start the client and server actors; return the first client's ``info()``.
 
@@ -263,8 +332,7 @@ def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
     placement = ctx.placement
     ctx.actors = [spawn_client(ctx.cfg, ctx.shards.num_labels, placement, i)
                   for i in range(num_actors)]
-    settings = ServerSettings.from_config(ctx.cfg, ctx.strategy, ctx.shards.groups)
-    ctx.server = ServerActor.options(num_cpus=0, scheduling_strategy=driver_node()).remote(settings)
+    ctx.server = spawn_server(ctx)
     infos = ray.get([a.info.remote() for a in ctx.actors])
     for info in infos:
         if info.get("error"):

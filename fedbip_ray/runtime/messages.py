@@ -11,6 +11,10 @@ import numpy as np
 from fedbip_ray.config import Config
 from fedbip_ray.core.strategies import Strategy, make_strategy
 from fedbip_ray.core.taskvector import Layout
+from fedbip_ray.storage import Location
+
+FULL_MATRIX_MAX = 64  # participants up to which reports and similarity.jsonl hold the matrices
+VIEW_CELLS = 64  # a block view has at most VIEW_CELLS x VIEW_CELLS cells
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,126 @@ class ShardRef:
     ref: Any
 
 
+@dataclass(frozen=True)
+class BlockView:
+    """An (N, N) matrix reordered (true groups, else :func:`cluster_order`) and averaged over
+    blocks of consecutive clients: ``similarity`` / ``weights`` (C, C) float32 with C <=
+    ``VIEW_CELLS``; ``labels`` (C,) names each block (``g<group>`` or ``#<first position>``)."""
+
+    labels: tuple[str, ...]
+    similarity: np.ndarray | None
+    weights: np.ndarray
+
+
+@dataclass(frozen=True)
+class MatrixSummary:
+    """Bounded view of one round's matrices over ``AggregationReport.accepted`` (N_t x k, not
+    N_t x N_t): each client's ``k`` largest-weight peers (self excluded) as ``neighbors``
+    (N_t, k) int64 client ids, their ``neighbor_weights`` and ``neighbor_similarity`` (N_t, k)
+    float32, ``self_weight`` (N_t,) float32, the heatmap ``view`` and the matrices' ``file``
+    (relative to the run's output; None when not written)."""
+
+    neighbors: np.ndarray
+    neighbor_weights: np.ndarray
+    neighbor_similarity: np.ndarray | None
+    self_weight: np.ndarray
+    view: BlockView
+    file: str | None = None
+
+    @classmethod
+    def of(cls, ids: Sequence[int], similarity: np.ndarray | None, weights: np.ndarray,
+           top_k: int, groups: np.ndarray | None = None,
+           file: str | None = None) -> MatrixSummary:
+        """From (N_t, N_t) ``similarity`` (or None) and ``weights`` over clients ``ids``."""
+        w = np.asarray(weights, dtype=np.float32)
+        n = len(ids)
+        k = max(0, min(top_k, n - 1))
+        masked = w.copy()
+        np.fill_diagonal(masked, -np.inf)
+        rows = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        sim = None
+        if similarity is not None:
+            sim = np.take_along_axis(np.asarray(similarity, dtype=np.float32), rows, axis=1)
+        return cls(ids_arr[rows], np.take_along_axis(w, rows, axis=1), sim,
+                   np.diagonal(w).copy(), block_view(similarity, weights, groups), file)
+
+
+def cluster_order(matrix: np.ndarray, seeds: int = VIEW_CELLS) -> np.ndarray:
+    """(N,) int64 order that puts similar rows of (N, N) ``matrix`` next to each other: up to
+    ``seeds`` farthest-point seeds, each row assigned to its most similar seed, rows sorted by
+    (seed, similarity to it descending). O(N * seeds); NaN counts as dissimilar."""
+    m = np.nan_to_num(np.asarray(matrix, dtype=np.float32), nan=-1.0)
+    n = len(m)
+    chosen = [0]
+    best = m[:, 0].copy()
+    for _ in range(1, min(seeds, n)):
+        nxt = int(np.argmin(best))
+        if best[nxt] >= 0.999 or nxt in chosen:
+            break
+        chosen.append(nxt)
+        best = np.maximum(best, m[:, nxt])
+    to_seed = m[:, chosen]
+    nearest = np.argmax(to_seed, axis=1)
+    closeness = to_seed[np.arange(n), nearest]
+    rank = np.argsort(chain_order(m[np.ix_(chosen, chosen)]))  # similar seeds side by side
+    return np.lexsort((-closeness, rank[nearest])).astype(np.int64)
+
+
+def chain_order(matrix: np.ndarray) -> np.ndarray:
+    """(S,) greedy nearest-neighbour chain through an (S, S) similarity: from row 0, always
+    on to the most similar row not visited yet."""
+    s = len(matrix)
+    order, left = [0], np.ones(s, dtype=bool)
+    left[0] = False
+    for _ in range(1, s):
+        row = np.where(left, matrix[order[-1]], -np.inf)
+        nxt = int(np.argmax(row))
+        order.append(nxt)
+        left[nxt] = False
+    return np.asarray(order, dtype=np.int64)
+
+
+def block_mean(matrix: np.ndarray, cells: int = VIEW_CELLS) -> np.ndarray:
+    """(C, C) float32 means of (N, N) ``matrix`` over C = min(N, cells) near-equal blocks of
+    consecutive rows and columns (NaN entries left out; an all-NaN block is NaN)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    n = len(m)
+    starts = np.linspace(0, n, min(n, cells) + 1).astype(np.int64)[:-1]
+    known = ~np.isnan(m)
+    sums = np.add.reduceat(np.add.reduceat(np.where(known, m, 0.0), starts, 0), starts, 1)
+    counts = np.add.reduceat(np.add.reduceat(known.astype(np.int64), starts, 0), starts, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+
+
+def block_view(similarity: np.ndarray | None, weights: np.ndarray,
+               groups: np.ndarray | None = None, cells: int = VIEW_CELLS) -> BlockView:
+    """The heatmap view of (N, N) matrices: clients sorted by true group (when known) or by
+    :func:`cluster_order` of the similarity (weights without one), then :func:`block_mean`."""
+    n = len(weights)
+    if groups is not None:
+        order = np.argsort(np.asarray(groups), kind="stable")
+    else:
+        order = cluster_order(similarity if similarity is not None else weights)
+    if n <= cells:
+        order = np.arange(n)  # full view: the clients' own order
+    starts = np.linspace(0, n, min(n, cells) + 1).astype(np.int64)[:-1]
+    labels = (tuple(f"g{int(np.asarray(groups)[order[s]])}" for s in starts)
+              if groups is not None and n > cells else tuple(f"#{int(s)}" for s in starts))
+    sub = np.ix_(order, order)
+    sim = block_mean(np.asarray(similarity)[sub], cells) if similarity is not None else None
+    return BlockView(labels, sim, block_mean(np.asarray(weights)[sub], cells))
+
+
 @dataclass
 class AggregationReport:
     """What one round's aggregation did, built by the server and completed by the driver.
 
     Client ids are ints. ``similarity`` / ``weights`` are (N_t, N_t) float64 over ``accepted``
-    (in that order), None when nothing was aggregated or the strategy has no similarity.
+    (in that order) for N_t <= ``FULL_MATRIX_MAX``, else None (as when nothing was aggregated or
+    the strategy has no similarity); ``summary`` is their bounded view at any N_t (the server
+    writes the full matrices to ``similarity/round_XXXXX.npz`` at the run's output).
     The driver adds ``failed`` (clients whose fit never reached the server), ``bytes_out``,
     ``gate`` (λ chosen per client), ``gate_locals_sent`` and ``phase_seconds``.
     """
@@ -72,6 +190,7 @@ class AggregationReport:
     aggregated: bool = False
     similarity: np.ndarray | None = None
     weights: np.ndarray | None = None
+    summary: MatrixSummary | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
     train_losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -97,7 +216,9 @@ class NoiseSettings:
 class ServerSettings:
     """Everything the server needs, built once by the driver from the validated config.
 
-    ``groups`` (num_clients,) are the true groups when known; ``privacy`` None is off.
+    ``groups`` (num_clients,) are the true groups when known; ``privacy`` None is off;
+    ``output`` is where the server writes each round's matrices (None: nowhere); ``top_k``
+    the neighbours per client in a report's :class:`MatrixSummary`.
     """
 
     strategy: Strategy
@@ -107,6 +228,8 @@ class ServerSettings:
     on_excess_norm: Literal["reject", "clip"] = "reject"
     privacy: NoiseSettings | None = None
     seed: int = 0
+    output: Location | None = None
+    top_k: int = 8
 
     @classmethod
     def of(cls, strategy: str, params: dict[str, Any], num_clients: int,
@@ -116,11 +239,12 @@ class ServerSettings:
                    tuple(groups) if groups is not None else None, **kw)
 
     @classmethod
-    def from_config(cls, cfg: Config, strategy: Strategy, groups: Sequence[int]) -> ServerSettings:
+    def from_config(cls, cfg: Config, strategy: Strategy, groups: Sequence[int],
+                    output: Location | None = None) -> ServerSettings:
         """The run's server settings (``strategy``: the run's, built once; ``groups``: one
-        per client of the run's shards)."""
+        per client of the run's shards; ``output``: the run's output location)."""
         upd, pc = cfg.federation.updates, cfg.privacy
         noise = (NoiseSettings(float(pc.clip_norm), float(pc.noise_multiplier))
                  if pc.clip_norm is not None else None)
         return cls(strategy, len(groups), tuple(int(g) for g in groups), upd.max_norm,
-                   upd.on_excess_norm, noise, cfg.seed)
+                   upd.on_excess_norm, noise, cfg.seed, output, cfg.federation.report_top_k)

@@ -1,6 +1,9 @@
 """A run's outputs at a local directory or a storage URI (:mod:`fedbip_ray.storage`):
 ``config.yaml``, ``metrics.jsonl``, ``similarity.jsonl``, ``summary.json``, ``shards/`` and
-``checkpoints/`` (written by :mod:`fedbip_ray.runtime.checkpoint`).
+``checkpoints/`` (written by :mod:`fedbip_ray.runtime.checkpoint`) and ``similarity/`` (one
+compressed ``round_XXXXX.npz`` per aggregated round with ``clients``, ``similarity`` and
+``weights`` float32, written by the server actor; ``similarity.jsonl`` holds the same rows only
+for rounds of up to ``FULL_MATRIX_MAX`` participants).
 
 A local output is written exactly as always. For a URI the driver also keeps a local working
 copy (``RunOutputs.local``: shards, config, metrics, summary; never checkpoints), because the
@@ -12,6 +15,7 @@ consolidated into ``metrics.jsonl`` / ``similarity.jsonl`` at the end.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fedbip_ray import storage
@@ -29,7 +34,60 @@ from fedbip_ray.runtime.rows import Row
 from fedbip_ray.storage import Location, RowLog
 
 METRICS, SIMILARITY, SUMMARY, CONFIG = "metrics", "similarity", "summary.json", "config.yaml"
+MATRICES = "similarity"  # folder of round_XXXXX.npz
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of `ray job submit`
+
+
+@dataclass(frozen=True)
+class RoundMatrices:
+    """One round's matrices over ``clients`` (N_t,) int64: ``similarity`` (N_t, N_t) float32
+    (None when the strategy has none) and ``weights`` (N_t, N_t) float32."""
+
+    round: int
+    clients: np.ndarray
+    similarity: np.ndarray | None
+    weights: np.ndarray
+
+
+def matrices_name(round_num: int) -> str:
+    """``similarity/round_XXXXX.npz``: round ``round_num``'s file, relative to the output."""
+    return f"{MATRICES}/round_{round_num:05d}.npz"
+
+
+def write_round_matrices(output: Location, round_num: int, clients: list[int],
+                         similarity: np.ndarray | None, weights: np.ndarray) -> str:
+    """Write round ``round_num``'s (N_t, N_t) matrices over ``clients`` as one compressed
+    npz (float32) at ``output``; returns its name relative to ``output``."""
+    arrays = {"clients": np.asarray(clients, dtype=np.int64),
+              "weights": np.asarray(weights, dtype=np.float32)}
+    if similarity is not None:
+        arrays["similarity"] = np.asarray(similarity, dtype=np.float32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    name = matrices_name(round_num)
+    (output / name).write_bytes(buf.getvalue())
+    return name
+
+
+def read_round_matrices(output: Location | str | os.PathLike[str],
+                        round_num: int) -> RoundMatrices:
+    """Round ``round_num``'s matrices from the run at ``output`` (a path, URI or Location);
+    StorageError when the round has no file."""
+    data = storage.open_location(output) / matrices_name(round_num)
+    with np.load(io.BytesIO(data.read_bytes()), allow_pickle=False) as npz:
+        sim = npz["similarity"] if "similarity" in npz.files else None
+        return RoundMatrices(round_num, npz["clients"], sim, npz["weights"])
+
+
+def drop_matrices_after(output: Location, round_num: int) -> None:
+    """Delete the ``similarity/round_XXXXX.npz`` files of rounds after ``round_num``."""
+    folder = output / MATRICES
+    if not folder.exists():
+        return
+    for name in folder.listdir():
+        stem = name.removeprefix("round_").removesuffix(".npz")
+        if stem.isdigit() and int(stem) > round_num:
+            (folder / name).delete(quiet=True)
 
 
 def is_uri(target: str | os.PathLike[str]) -> bool:
@@ -117,13 +175,14 @@ class RunOutputs:
                 (target / path.name).write_bytes(path.read_bytes())
 
     def prepare(self, history: list[Row], upto: int, fresh: bool) -> None:
-        """metrics / similarity hold exactly rounds 1..``upto`` of the checkpoint (none for
-        a fresh run): rows written after the last checkpoint by a killed run are dropped; a
-        fresh run also clears old checkpoints."""
+        """metrics / similarity (rows and ``similarity/`` files) hold exactly rounds
+        1..``upto`` of the checkpoint (none for a fresh run): what a killed run wrote after
+        its last checkpoint is dropped; a fresh run also clears old checkpoints."""
         for log in self._logs(METRICS):
             log.replace(history)
         for log in self._logs(SIMILARITY):
             log.truncate_after(upto)
+        drop_matrices_after(self.location, upto)
         for loc in self._summaries():
             loc.delete(quiet=True)
         if fresh:
@@ -134,8 +193,10 @@ class RunOutputs:
         return [local, self.location / SUMMARY] if self.remote else [local]
 
     def record_round(self, row: Row, report: AggregationReport) -> None:
-        """Append the round's metrics row and, when the strategy has one, its similarity and
-        weight matrices (clients x clients over ``report.accepted``)."""
+        """Append the round's metrics row and, when the report holds them (a strategy with a
+        similarity, up to ``FULL_MATRIX_MAX`` participants), its similarity and weight
+        matrices (clients x clients over ``report.accepted``) to ``similarity.jsonl``; larger
+        rounds are in ``similarity/`` only (written by the server)."""
         for log in self._logs(METRICS):
             log.append(row)
         if report.similarity is None:

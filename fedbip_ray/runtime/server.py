@@ -10,6 +10,7 @@ Every update is validated (layout, finiteness, norm) before it can reach aggrega
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +24,17 @@ from fedbip_ray.core.grouping import group_recovery
 from fedbip_ray.core.strategies import (
     AggregationInput,
     GaussianNoiseStrategy,
-    Strategy,
 )
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.core.validation import UpdateRejected, validate_update
-from fedbip_ray.runtime.messages import AggregationReport, ClientUpdate, ServerSettings
+from fedbip_ray.runtime.messages import (
+    FULL_MATRIX_MAX,
+    AggregationReport,
+    ClientUpdate,
+    MatrixSummary,
+    ServerSettings,
+)
+from fedbip_ray.runtime.outputs import write_round_matrices
 
 log = logging.getLogger("fedbip.server")
 
@@ -47,6 +54,7 @@ class FederatedServer:
                        if settings.groups is not None else None)
         self.max_norm, self.on_excess_norm = settings.max_norm, settings.on_excess_norm
         self.privacy, self.seed = settings.privacy, settings.seed
+        self.output, self.top_k = settings.output, settings.top_k
         self.layout: Layout | None = None
         self.init: np.ndarray | None = None
         self.states: np.ndarray | None = None
@@ -159,8 +167,8 @@ class FederatedServer:
 
         With fewer than ``min_accepted`` valid updates the aggregation is skipped and every
         state is kept (``report.aggregated`` is False). The report holds accepted/rejected
-        client ids, the similarity and weight matrices (accepted x accepted) and the bytes
-        received.
+        client ids, the similarity and weight matrices (accepted x accepted; up to
+        ``FULL_MATRIX_MAX`` of them), their bounded summary and the bytes received.
         """
         assert self.states is not None and self.layout is not None
         self._gate_local = ({}, None)
@@ -189,13 +197,27 @@ class FederatedServer:
         report.aggregated = True
         if result.similarity is not None and self.similarity is not None:
             self.similarity[np.ix_(idx, idx)] = result.similarity
-        if result.similarity is not None:
-            report.similarity = np.asarray(result.similarity, dtype=np.float64)
-        report.weights = np.asarray(result.weights, dtype=np.float64)
+        self._report_matrices(report, result.similarity, result.weights)
         report.diagnostics = self._diagnostics(idx, result)
         if self.keep_last:
             self._last = {"round": round_num, "clients": list(v.ids), "deltas": inp.deltas}
         return report
+
+    def _report_matrices(self, report: AggregationReport, similarity: np.ndarray | None,
+                         weights: np.ndarray) -> None:
+        """Write the round's (N_t, N_t) matrices to ``similarity/round_XXXXX.npz`` at the
+        output (when set) and put their bounded summary into ``report``; the matrices
+        themselves only up to ``FULL_MATRIX_MAX`` participants."""
+        ids = report.accepted
+        file = None
+        if self.output is not None:
+            file = write_round_matrices(self.output, report.round, ids, similarity, weights)
+        if len(ids) <= FULL_MATRIX_MAX:
+            if similarity is not None:
+                report.similarity = np.asarray(similarity, dtype=np.float64)
+            report.weights = np.asarray(weights, dtype=np.float64)
+        groups = self.groups[np.asarray(ids, dtype=np.int64)] if self.groups is not None else None
+        report.summary = MatrixSummary.of(ids, similarity, weights, self.top_k, groups, file)
 
     def _late_rows(self, ids: list[int]) -> list[int]:
         """Rows (into ``ids``) of participants taking part for the first time (state still
@@ -342,7 +364,17 @@ def noise_seed(seed: int, round_num: int) -> int:
 
 @ray.remote(max_restarts=0)
 class ServerActor(FederatedServer):
-    """The server as a Ray actor: fetches update refs itself (driver never touches them)."""
+    """The server as a Ray actor: fetches update refs itself (driver never touches them).
+
+    ``threads``: its BLAS/OpenMP threads (``resources.server_cpus``, at least 1)."""
+
+    def __init__(self, settings: ServerSettings, threads: int = 1) -> None:
+        self.threads = set_blas_threads(threads)
+        super().__init__(settings)
+
+    def blas_threads(self) -> int:
+        """The threads the actor's BLAS pools run with now (the largest pool)."""
+        return blas_threads()
 
     def get_state(self, client_id: int) -> np.ndarray:
         """(D,) float32 personalized state of one client: a view, which Ray copies into the
@@ -368,6 +400,30 @@ class ServerActor(FederatedServer):
         report = self.aggregate(round_num, updates, min_accepted)
         report.failed = failed
         return report
+
+
+def set_blas_threads(threads: int) -> int:
+    """Limit this process's BLAS / OpenMP pools to ``threads`` (>= 1): the environment for
+    libraries loaded later, threadpoolctl for those already loaded (numpy's OpenBLAS).
+    Returns the count applied."""
+    n = max(1, int(threads))
+    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[key] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without it only libraries loaded from now on follow the variables
+        return n
+    threadpool_limits(limits=n)
+    return n
+
+
+def blas_threads() -> int:
+    """This process's largest BLAS / OpenMP pool (``OMP_NUM_THREADS`` without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+    return max((int(i["num_threads"]) for i in threadpool_info()), default=1)
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -19,7 +19,12 @@ from typing import Any
 
 from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.runtime.messages import AggregationReport
-from fedbip_ray.tracking.plots import accuracy_plot, heatmap_png
+from fedbip_ray.tracking.plots import (
+    accuracy_plot,
+    block_heatmap_png,
+    heatmap_png,
+    histogram_png,
+)
 from fedbip_ray.tracking.run_info import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -189,7 +194,9 @@ class MlflowCallback:
         self.client.set_tag(self.run_id, "resumed_from_round", str(run.first_round - 1))
         self.ledger = _ledger(self.client, self.run_id, list(existing.data.metrics))
         for i, row in enumerate(run.history):
-            self._log_metrics(row_metrics(row, run.history[:i + 1]), int(row["round"]))
+            self._log_metrics(row_metrics(row, run.history[:i + 1],
+                                          self.cfg.tracking.per_client_metrics_limit),
+                              int(row["round"]))
         if not existing.inputs.dataset_inputs:
             self._log_inputs(run)
 
@@ -226,10 +233,39 @@ class MlflowCallback:
     # ------------------------------------------------------------------------------ rounds
     def on_round(self, run: Any, row: dict[str, Any], report: AggregationReport) -> None:
         step = int(row["round"])
-        self._log_metrics(row_metrics(row, run.history), step)
+        limit = self.cfg.tracking.per_client_metrics_limit
+        self._log_metrics(row_metrics(row, run.history, limit), step)
+        per_client = row.get("per_client_accuracy") or {}
+        if len(per_client) > limit:
+            self._log_histogram(step, list(per_client.values()))
+        last = step == run.cfg.federation.rounds
+        png = last or step % HEATMAP_EVERY == 0 or step == 1
         if report.similarity is not None:
-            last = step == run.cfg.federation.rounds
-            self._log_matrices(step, report, png=last or step % HEATMAP_EVERY == 0 or step == 1)
+            self._log_matrices(step, report, png)
+        elif report.summary is not None and report.summary.view.similarity is not None and png:
+            self._log_views(step, report)
+
+    def _log_histogram(self, step: int, values: list[float]) -> None:
+        """Per-client accuracy of an evaluated round as a histogram PNG (many clients)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"client_accuracy_round_{step:05d}.png"
+            histogram_png(values, f"per-client test accuracy, round {step} "
+                          f"({len(values)} clients)", path)
+            self.client.log_artifact(self.run_id, str(path), "plots")
+
+    def _log_views(self, step: int, report: AggregationReport) -> None:
+        """Block-view heatmaps of a round with too many participants for its full matrices."""
+        assert report.summary is not None
+        view, n = report.summary.view, len(report.accepted)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            if view.similarity is not None:
+                block_heatmap_png(view.similarity, view.labels, f"task-vector cosine, round "
+                                  f"{step} ({n} clients, block means)",
+                                  d / f"similarity_round_{step:05d}.png")
+            block_heatmap_png(view.weights, view.labels, f"personalized weights, round {step} "
+                              f"({n} clients, block means)", d / f"weights_round_{step:05d}.png")
+            self.client.log_artifacts(self.run_id, tmp, "matrices")
 
     def _log_matrices(self, step: int, report: AggregationReport, png: bool) -> None:
         clients = report.accepted

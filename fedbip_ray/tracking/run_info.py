@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedbip_ray.config import Config
 
 # MLflow 3.x opens an experiment without this tag on its GenAI (traces) view
@@ -26,6 +28,8 @@ ROW_COUNTS = {"clients_accepted": "accepted", "clients_failed": "failed",
 ROW_VALUES = ("mean_accuracy", "std_accuracy", "worst10_accuracy", "mean_val_accuracy",
               "test_loss", "train_loss")
 FINAL_KEYS = ("mean_accuracy", "worst10_accuracy", "mean_val_accuracy", "wall_seconds")
+PER_CLIENT_LIMIT = 100  # tracking.per_client_metrics_limit's default
+QUANTILES = ("min", "p10", "p50", "p90", "max")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -113,15 +117,30 @@ def byte_totals(history: list[dict[str, Any]]) -> dict[str, float]:
     return {"bytes_in_total": b_in, "bytes_out_total": b_out, "bytes_total": b_in + b_out}
 
 
-def row_metrics(row: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, float]:
+def client_quantiles(values: Iterable[float]) -> dict[str, float]:
+    """``client_accuracy_{min,p10,p50,p90,max}`` of per-client values (empty: none)."""
+    arr = np.asarray([v for v in values if v == v], dtype=np.float64)
+    if not arr.size:
+        return {}
+    qs = np.quantile(arr, [0.0, 0.1, 0.5, 0.9, 1.0])
+    return {f"client_accuracy_{name}": float(q) for name, q in zip(QUANTILES, qs, strict=True)}
+
+
+def row_metrics(row: dict[str, Any], history: list[dict[str, Any]],
+                per_client_limit: int = PER_CLIENT_LIMIT) -> dict[str, float]:
     """A metrics.jsonl row as MLflow metrics; ``history`` holds rows 1..row's round (for the
-    cumulative byte counts). NaN values are left out."""
+    cumulative byte counts). One metric per client up to ``per_client_limit`` clients, else
+    their quantiles (:func:`client_quantiles`). NaN values are left out."""
     values: dict[str, float] = {"round_seconds": row["seconds"], "bytes_in": row["bytes_in"],
                                 "bytes_out": row["bytes_out"]}
     values.update({name: len(row[key]) for name, key in ROW_COUNTS.items()})
     values.update({k: float(row[k]) for k in ROW_VALUES if row.get(k) is not None})
-    for cid, acc in row.get("per_client_accuracy", {}).items():
-        values[f"client_{int(cid):04d}_accuracy"] = float(acc)
+    per_client = row.get("per_client_accuracy", {})
+    if len(per_client) > per_client_limit:
+        values.update(client_quantiles(float(a) for a in per_client.values()))
+    else:
+        for cid, acc in per_client.items():
+            values[f"client_{int(cid):04d}_accuracy"] = float(acc)
     values.update({k: float(v) for k, v in row.get("extra", {}).items()})
     values.update(byte_totals(history))
     return {k: float(v) for k, v in values.items() if float(v) == float(v)}

@@ -167,7 +167,8 @@ class TaskVectorRecorder:
             (self.directory / "layout.json").write_text(json.dumps(layout))
             save_file({"init": np.ascontiguousarray(init)}, str(self.directory / "init.safetensors"))
         ids = [int(c) for c in report.accepted]
-        if not ids or report.weights is None or not report.aggregated:
+        weights = _round_weights(run, rnd, report)
+        if not ids or weights is None or not report.aggregated:
             return
         idx = np.asarray(ids, dtype=np.int64)
         deltas = _exported_deltas(run.server, rnd, ids)
@@ -177,18 +178,31 @@ class TaskVectorRecorder:
                               "strategy.params.gate=[]")
         if deltas is None:
             try:
-                deltas = recover_deltas(before[idx], after[idx], np.asarray(report.weights))
+                deltas = recover_deltas(before[idx], after[idx], weights)
             except ValueError as exc:
                 raise ConfigError(
                     f"round {rnd}: cannot record task vectors: {exc} (e.g. identical weight rows "
                     "under self_similarity 'max-peer'); record with --set strategy.name=local "
                     "or strategy.params.self_similarity=one") from None
         save_file({"clients": idx, "deltas": deltas,
-                   "weights": np.asarray(report.weights, dtype=np.float64)},
+                   "weights": weights},
                   str(self.directory / f"round_{rnd:05d}.safetensors"))
 
     def on_end(self, run: Any, summary: dict[str, Any]) -> None:
         pass
+
+
+def _round_weights(run: Any, rnd: int, report: Any) -> np.ndarray | None:
+    """(N_t, N_t) float64 weights of round ``rnd``: the report's, or (many participants) the
+    server's ``similarity/round_XXXXX.npz`` at the run's output; None without any."""
+    if report.weights is not None:
+        return np.asarray(report.weights, dtype=np.float64)
+    summary, outputs = getattr(report, "summary", None), getattr(run, "outputs", None)
+    if summary is None or summary.file is None or outputs is None:
+        return None
+    from fedbip_ray.runtime.outputs import read_round_matrices
+
+    return read_round_matrices(outputs.location, rnd).weights.astype(np.float64)
 
 
 @dataclass(frozen=True)
