@@ -10,7 +10,6 @@ Every update is validated (layout, finiteness, norm) before it can reach aggrega
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +18,8 @@ import ray
 
 from fedbip_ray.core.aggregate import as_index
 from fedbip_ray.core.gate import mix_candidates
-from fedbip_ray.core.join import informed_rows, join_aggregate, personalizes_by_similarity
 from fedbip_ray.core.grouping import group_recovery
+from fedbip_ray.core.join import informed_rows, join_aggregate, personalizes_by_similarity
 from fedbip_ray.core.strategies import (
     AggregationInput,
     GaussianNoiseStrategy,
@@ -35,6 +34,7 @@ from fedbip_ray.runtime.messages import (
     ServerSettings,
 )
 from fedbip_ray.runtime.outputs import write_round_matrices
+from fedbip_ray.runtime.threads import blas_threads, set_blas_threads
 
 log = logging.getLogger("fedbip.server")
 
@@ -400,30 +400,6 @@ class ServerActor(FederatedServer):
         report = self.aggregate(round_num, updates, min_accepted)
         report.failed = failed
         return report
-
-
-def set_blas_threads(threads: int) -> int:
-    """Limit this process's BLAS / OpenMP pools to ``threads`` (>= 1): the environment for
-    libraries loaded later, threadpoolctl for those already loaded (numpy's OpenBLAS).
-    Returns the count applied."""
-    n = max(1, int(threads))
-    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[key] = str(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # without it only libraries loaded from now on follow the variables
-        return n
-    threadpool_limits(limits=n)
-    return n
-
-
-def blas_threads() -> int:
-    """This process's largest BLAS / OpenMP pool (``OMP_NUM_THREADS`` without threadpoolctl)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
-    return max((int(i["num_threads"]) for i in threadpool_info()), default=1)
 
 
 def failure_reason(exc: BaseException) -> str:

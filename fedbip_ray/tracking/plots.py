@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from fedbip_ray.runtime.messages import FULL_MATRIX_MAX, block_mean, cluster_order
+from fedbip_ray.core.matrix_view import block_mean, cluster_order
+from fedbip_ray.runtime.messages import FULL_MATRIX_MAX
 
 VIEW_FIGSIZE = (8.0, 7.0)  # inches, for every block view whatever the number of clients
 MAX_TICKS = 16

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 
 from fedbip_ray.config import Config, ConfigError
+from fedbip_ray.core.matrix_view import VIEW_CELLS
 from fedbip_ray.core.taskvector import Layout
-from fedbip_ray.runtime.messages import (
-    FULL_MATRIX_MAX,
-    VIEW_CELLS,
-    ClientUpdate,
-    ServerSettings,
-    block_view,
-)
+from fedbip_ray.runtime.messages import FULL_MATRIX_MAX, ClientUpdate, ServerSettings, block_view
 from fedbip_ray.runtime.outputs import RunOutputs, read_round_matrices
 from fedbip_ray.runtime.rows import round_row
 from fedbip_ray.runtime.server import FederatedServer
