@@ -59,6 +59,7 @@ class FederatedServer:
         self.init: np.ndarray | None = None
         self.states: np.ndarray | None = None
         self.similarity: np.ndarray | None = None  # (num_clients, num_clients) smoothed, NaN unknown
+        self.memory: np.ndarray | None = None  # (num_clients, M) f64 strategy memory, NaN: none yet
         # this round's own-training states for the validation gate: ({client: row}, (N_t, D))
         self._gate_local: tuple[dict[int, int], np.ndarray | None] = ({}, None)
         self.keep_last = False
@@ -159,6 +160,7 @@ class FederatedServer:
             layout=self.layout, init=self.init,
             groups=self.groups[idx] if self.groups is not None else None, prev_similarity=prev,
             signals=np.stack(v.signals) if v.signals else None,
+            memory=self.memory[idx] if self.memory is not None else None,
         )
 
     def aggregate(self, round_num: int, updates: list[ClientUpdate],
@@ -194,6 +196,7 @@ class FederatedServer:
         self._gate_local = ({c: k for k, c in enumerate(v.ids)}, inp.theta()
                             if self.strategy.client_options.gate_mixes else None)
         self.states[idx] = self._with_late_joins(round_num, v.ids, inp, result.states)
+        self.remember(idx, result.memory)
         report.aggregated = True
         if result.similarity is not None and self.similarity is not None:
             self.similarity[np.ix_(idx, idx)] = result.similarity
@@ -312,6 +315,8 @@ class FederatedServer:
         tensors = {"states": self.states, "init": self.init}
         if self.similarity is not None:
             tensors["similarity"] = self.similarity.astype(np.float64)
+        if self.memory is not None:
+            tensors["memory"] = self.memory
         return tensors, self.layout
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], lay: Layout) -> int:
@@ -325,7 +330,19 @@ class FederatedServer:
         sim = tensors.get("similarity")
         self.similarity = (np.asarray(sim, dtype=np.float64).copy() if sim is not None
                            else np.full((self.num_clients, self.num_clients), np.nan))
+        memory = tensors.get("memory")
+        self.memory = np.asarray(memory, dtype=np.float64).copy() if memory is not None else None
         return lay.size
+
+    def remember(self, idx: np.ndarray, memory: np.ndarray | None) -> None:
+        """Keep the strategy's (N_t, M) memory rows of the participants ``idx`` for the next
+        round each takes part in (FedAWA's logits); other clients keep theirs."""
+        if memory is None:
+            return
+        mem = np.asarray(memory, dtype=np.float64)
+        if self.memory is None or self.memory.shape[1] != mem.shape[1]:
+            self.memory = np.full((self.num_clients, mem.shape[1]), np.nan)
+        self.memory[idx] = mem
 
 
 def all_finite(x: np.ndarray, block_rows: int = 64) -> bool:
