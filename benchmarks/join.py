@@ -40,7 +40,6 @@ from fedbip_ray.config import DataConfig, config_from_dict  # noqa: E402
 from fedbip_ray.data.datasets import load_dataset  # noqa: E402
 
 METHODS = ("join", "local", "fedavg", "fedavg-ft", "oracle-ft")
-TEST_EXAMPLES = 60
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,8 @@ class Setting:
     examples: int
     train: dict[str, Any]
     rounds: int
+    test_examples: int = 60  # per newcomer
+    command: str = ""  # the full run of this setting (results file)
 
 
 TINY = {"name": "tiny-bert", "max_length": 24, "peft": {"r": 4, "alpha": 8, "dropout": 0.0}}
@@ -62,9 +63,13 @@ SETTINGS = {
     "tiny-groups": Setting(TINY, "synthetic-text", 2, 3, 60,
                            {"local_epochs": 3, "batch_size": 16, "lr": 0.02}, 2),
     "nlp-groups": Setting(MINILM, "rotten-tomatoes", 2, 5, 200,
-                          {"local_epochs": 2, "batch_size": 16, "lr": 0.002}, 8),
-    "nlp-natural": Setting(MINILM, "rotten-tomatoes", 0, 10, 150,
-                           {"local_epochs": 2, "batch_size": 16, "lr": 0.002}, 8),
+                          {"local_epochs": 2, "batch_size": 16, "lr": 0.002}, 8,
+                          command="python benchmarks/join.py --setting nlp-groups --seeds 0,1,2"),
+    # natural clients: one Rotten Tomatoes movie each (at most 35 snippets per movie)
+    "nlp-natural": Setting(MINILM, "rotten-tomatoes", 0, 20, 30,
+                           {"local_epochs": 2, "batch_size": 16, "lr": 0.002}, 8, 5,
+                           command="python benchmarks/join.py --setting nlp-natural --seeds 0,1,2 "
+                           "--holdout 10 --train-sizes 10,20"),
 }
 NOT_RUN = {
     "generative (SmolLM2)": "python benchmarks/instruct.py (federation) -- a generative join "
@@ -87,7 +92,7 @@ def split_clients(setting: Setting, frame: pd.DataFrame, holdout: int, sizes: li
     Grouped settings: client rows are drawn in turn from the pool, group g's labels shifted
     by g (label flip); natural settings: the most frequent keys federate, the next ones join.
     """
-    need_new = max(sizes) + max(4, max(sizes) // 2) + TEST_EXAMPLES
+    need_new = max(sizes) + max(4, max(sizes) // 2) + setting.test_examples
     if setting.groups:
         fed, new, at = [], [], 0
         for g in range(setting.groups):
@@ -122,11 +127,11 @@ def base_config(setting: Setting, data_path: Path, clients: int, seed: int,
     }
 
 
-def split_overrides(n: int) -> list[str]:
-    """Fractions that give a newcomer with ``n`` training examples a fixed-size test split."""
+def split_overrides(n: int, test: int) -> list[str]:
+    """Fractions that give a newcomer with ``n`` training examples ``test`` test examples."""
     val = max(4, n // 2)
-    total = n + val + TEST_EXAMPLES
-    return [f"data.test_fraction={(TEST_EXAMPLES + 0.25) / total:.6f}",
+    total = n + val + test
+    return [f"data.test_fraction={(test + 0.25) / total:.6f}",
             f"data.val_fraction={(val + 0.25) / total:.6f}", "tracking.mlflow=false"]
 
 
@@ -177,14 +182,15 @@ def run_seed(name: str, setting: Setting, seed: int, holdout: int, sizes: list[i
     rows = []
     for n in sizes:
         val = max(4, n // 2)
-        frames = [f.head(n + val + TEST_EXAMPLES) for f in new]
+        frames = [f.head(n + val + setting.test_examples) for f in new]
         data = d / f"new_{n}" / "newcomers.parquet"
         data.parent.mkdir(exist_ok=True)
         pd.concat(frames, ignore_index=True).to_parquet(data)
         groups = [int(f["group"].iloc[0]) for f in frames]
-        joined = join_run(runs["fedbip"], data, "user", split_overrides(n), data.parent / "join",
+        splits = split_overrides(n, setting.test_examples)
+        joined = join_run(runs["fedbip"], data, "user", splits, data.parent / "join",
                           echo=lambda s: None)
-        base = baselines(runs, data, split_overrides(n), groups)
+        base = baselines(runs, data, splits, groups)
         for r, g in zip(joined, groups, strict=True):
             rows.append({"seed": seed, "n": n, "newcomer": r.name, "group": g,
                          "join": r.test["accuracy"], "local": r.local_test["accuracy"],
@@ -206,7 +212,7 @@ def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float
     lines = [f"# Join benchmark{' (quick)' if args.quick else ''}: {name}", "",
              f"Command: `{shlex.join(['python', 'benchmarks/join.py', *args.argv])}`  ",
              f"Seeds {args.seeds}; {args.holdout} held-out clients per group; test split of "
-             f"{TEST_EXAMPLES} examples per newcomer; {seconds / 60:.1f} minutes on "
+             f"{SETTINGS[name].test_examples} examples per newcomer; {seconds / 60:.1f} minutes on "
              "2 shared CPU cores.", "",
              "Test accuracy on the newcomers' own test splits (mean ± std over newcomers x "
              "seeds); `in-group`: share of the join's stored-client weight on the newcomer's "
@@ -219,9 +225,9 @@ def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float
         cells += [mean_std([r["in_group"] for r in sel]), mean_std([r["mix"] for r in sel])]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "Not run here (CPU only, shared machine); the full commands:", ""]
-    for key in SETTINGS:
-        if key != "tiny-groups":
-            lines.append(f"- `python benchmarks/join.py --setting {key} --seeds 0,1,2` (not run)")
+    for key, s in SETTINGS.items():
+        if s.command and key != name:
+            lines.append(f"- {key}: `{s.command}` (not run)")
     for what, cmd in NOT_RUN.items():
         lines.append(f"- {what}: not run; {cmd}")
     out.write_text("\n".join(lines) + "\n")

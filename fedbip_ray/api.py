@@ -5,7 +5,7 @@ Example::
     import fedbip_ray
 
     summary = fedbip_ray.run("jobs/configs/quickstart.yaml", output="runs/qs",
-                             **{"federation.rounds": 3})
+                             federation__rounds=3)
     joined = fedbip_ray.join("runs/qs", "new_users.csv", client_column="user")
     print(joined[0].weights, joined[0].test["accuracy"])
     model = fedbip_ray.load_client_model("runs/qs", 3)                # a stored client
@@ -27,13 +27,15 @@ __all__ = ["join", "load_client_model", "run"]
 
 
 def _overrides(sets: Mapping[str, Any]) -> list[str]:
-    """``{"federation.rounds": 3}`` as ``["federation.rounds=3"]`` (values as YAML)."""
+    """``{"federation.rounds": 3}`` (or ``federation__rounds=3``) as
+    ``["federation.rounds=3"]`` (values as YAML)."""
     import yaml
 
     out = []
     for key, value in sets.items():
         text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True)
-        out.append(f"{key}={str(text).strip().removesuffix('...').strip()}")
+        value_text = str(text).strip().removesuffix("...").strip()
+        out.append(f"{key.replace('__', '.')}={value_text}")
     return out
 
 
@@ -52,11 +54,13 @@ def run(config: str | Path | Mapping[str, Any] | Config, output: str | Path | No
     Args:
         config: a YAML path, a config mapping or a :class:`~fedbip_ray.config.Config`.
         output: output directory (default ``runs/<name>``).
-        **sets: dotted overrides, e.g. ``**{"strategy.name": "fedavg"}``.
+        **sets: overrides, dotted (``**{"strategy.name": "fedavg"}``) or with ``__`` for the
+            dots (``federation__rounds=3``).
 
     Example::
 
-        summary = fedbip_ray.run("jobs/configs/quickstart.yaml", output="runs/qs")
+        summary = fedbip_ray.run("jobs/configs/quickstart.yaml", output="runs/qs",
+                                 federation__rounds=3, strategy__name="fedbip")
         print(summary["mean_accuracy"])
     """
     from fedbip_ray.runtime.federation import run_federation

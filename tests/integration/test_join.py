@@ -184,3 +184,18 @@ def test_late_joiner_aggregates_over_every_stored_client():
     # a round of clients that all took part before is the strategy's plain aggregation
     server.aggregate(3, [_update(1, 3, e[1], layout), _update(2, 3, e[0], layout)])
     assert np.allclose(server.all_states()[2], after[2] + e[0])
+
+
+def test_api_is_lazy_and_takes_overrides():
+    import subprocess
+    import sys
+
+    code = ("import sys, fedbip_ray; fedbip_ray.run, fedbip_ray.join, fedbip_ray.load_client_model;"
+            "assert not {'torch', 'ray', 'mlflow'} & set(sys.modules), sys.modules.keys()")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    from fedbip_ray.api import _config
+
+    cfg = _config(tiny_config(), {"federation__rounds": 5, "strategy.params.gate": [1.0, 0.0]})
+    assert cfg.federation.rounds == 5 and cfg.strategy.params == {"gate": [1.0, 0.0]}
+    with pytest.raises(AttributeError):
+        fedbip_ray.no_such_thing  # noqa: B018
