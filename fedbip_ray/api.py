@@ -53,7 +53,7 @@ def run(config: str | Path | Mapping[str, Any] | Config, output: str | Path | No
 
     Args:
         config: a YAML path, a config mapping or a :class:`~fedbip_ray.config.Config`.
-        output: output directory (default ``runs/<name>``).
+        output: output directory or storage URI (default ``runs/<name>``).
         **sets: overrides, dotted (``**{"strategy.name": "fedavg"}``) or with ``__`` for the
             dots (``federation__rounds=3``).
 
@@ -71,7 +71,7 @@ def run(config: str | Path | Mapping[str, Any] | Config, output: str | Path | No
         from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
         callbacks.append(MlflowCallback(cfg))
-    out = Path(output) if output is not None else Path("runs") / cfg.name
+    out = str(output) if output is not None else str(Path("runs") / cfg.name)  # path or URI
     return run_federation(cfg, out, callbacks=callbacks, echo=lambda s: None)
 
 

@@ -29,7 +29,8 @@ EXAMPLES = """examples:
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("config", nargs="?" if optional else None, help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set strategy.params.threshold=0.1 (repeatable)")
+                   help="override a config field, e.g. --set strategy.params.threshold=0.1 "
+                        "(repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run, optional=True)
     run.add_argument("--output", help="output directory (default runs/<name>)")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue the run in DIR from its latest checkpoint (config from DIR/config.yaml "
+                     help="continue the run in DIR from its latest checkpoint (config from "
+                          "DIR/config.yaml "
                           "unless CONFIG is given)")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
 
@@ -88,7 +90,8 @@ def _add_join_parser(sub: argparse._SubParsersAction) -> None:
         "validation gate picks the mix. Writes adapters (peft format), weights, similarity "
         "rows and scores into the output directory (default RUN_DIR/joined). The run itself "
         "is not changed."))
-    join.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished run")
+    join.add_argument("run_dir", metavar="RUN_DIR",
+                      help="output directory (or storage URI) of a finished run")
     join.add_argument("--data", required=True, metavar="FILE",
                       help="Parquet, CSV or JSON lines with the run's text and label columns")
     join.add_argument("--client-column", metavar="C",
@@ -104,7 +107,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     results = join_run(args.run_dir, args.data, args.client_column, args.overrides, args.output,
                        echo=lambda s: print(s, flush=True))
-    where = args.output or str(Path(args.run_dir) / "joined")
+    where = args.output or str(local_side(args.run_dir) / "joined")
     print(f"{len(results)} newcomer(s) joined: results in {where}/ (summary.json)", flush=True)
     return 0
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedbip_ray import storage
 from fedbip_ray.config import Config, ConfigError, load_config
 from fedbip_ray.core.gate import choose_mix, mix_candidates
 from fedbip_ray.core.join import NewcomerAggregate, join_aggregate
@@ -42,6 +43,7 @@ from fedbip_ray.runtime.join_data import (
     write_newcomer_shard,
 )
 from fedbip_ray.runtime.messages import ShardRef
+from fedbip_ray.runtime.outputs import fetch_run, is_uri
 
 SPLITS = ("val", "test")
 
@@ -70,13 +72,14 @@ class RunSnapshot:
 def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunSnapshot:
     """The run in ``run_dir`` (``config.yaml`` with ``overrides``, latest checkpoint, shards);
     :class:`ConfigError` (one line) when something is missing or does not fit."""
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise ConfigError(f"join: run directory {d} not found")
+    if not is_uri(run_dir) and not Path(run_dir).is_dir():
+        raise ConfigError(f"join: run directory {run_dir} not found")
+    d = fetch_run(run_dir)  # a storage URI: its config and shards, copied locally
     if not (d / "config.yaml").is_file():
         raise ConfigError(f"join: {d} is not a run directory (no config.yaml)")
     cfg = load_config(d / "config.yaml", overrides)
-    ck = ckpt_io.read_latest(d / "checkpoints")
+    root = storage.open_location(run_dir) / "checkpoints" if is_uri(run_dir) else d / "checkpoints"
+    ck = ckpt_io.read_latest(root)
     if ck is None:
         raise ConfigError(f"join: {d} has no checkpoint (checkpoints/latest.json)")
     shards = ShardSet.load(d / "shards")

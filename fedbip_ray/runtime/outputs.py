@@ -125,6 +125,23 @@ def local_side(target: str | os.PathLike[str]) -> Path:
     return loc.local_path if loc.is_local else mirror_dir(loc)
 
 
+def fetch_run(target: str | os.PathLike[str]) -> Path:
+    """A finished run's local side: the directory itself, or for a storage URI its
+    ``config.yaml`` and ``shards/`` copied into the local working copy (checkpoints stay on the
+    store and are read from there). ConfigError (one line) when the URI holds no run."""
+    local = local_side(target)
+    if not is_uri(target):
+        return local
+    loc = storage.open_location(target)
+    if not (loc / CONFIG).exists():
+        raise ConfigError(f"{loc.describe()}: not a run (no {CONFIG})")
+    (local / "shards").mkdir(parents=True, exist_ok=True)
+    (local / CONFIG).write_bytes((loc / CONFIG).read_bytes())
+    for name in (loc / "shards").listdir():
+        (local / "shards" / name).write_bytes((loc / "shards" / name).read_bytes())
+    return local
+
+
 @dataclass
 class RunOutputs:
     """Where a run writes: ``location`` (its output) and ``local`` (a local directory: the

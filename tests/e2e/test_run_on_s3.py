@@ -188,3 +188,18 @@ def _walk(loc: storage.Location) -> list[str]:
         child = loc / name
         out.extend([child.describe()] if child.info().is_file else _walk(child))
     return out
+
+
+def test_newcomers_join_a_run_that_lives_on_the_store(s3env, ray_local, tmp_path, monkeypatch):
+    import fedbip_ray
+    from tests.integration.test_join import STRATEGY, _newcomers
+
+    monkeypatch.setenv("FEDBIP_CACHE_DIR", str(tmp_path / "cache"))  # a fresh local side
+    fedbip_ray.run(tiny_config(federation={"rounds": 1}, strategy=STRATEGY), output=s3env)
+    data = _newcomers(tmp_path)
+    rc = main(["join", s3env, "--data", str(data), "--client-column", "user",
+               "--output", str(tmp_path / "joined")])
+    assert rc == 0
+    entries = json.loads((tmp_path / "joined" / "summary.json").read_text())["newcomers"]
+    assert sorted(e["name"] for e in entries) == ["g0", "odd"]
+    assert all(len(e["weights"]) == 5 for e in entries)  # the run's 4 clients + self
