@@ -1,4 +1,5 @@
-"""GPU benchmark: the quickstart and instruct configs, briefly, with 1, 2 and 4 client actors per GPU.
+"""GPU benchmark: the quickstart and instruct configs, briefly, with 1, 2 and 4 client actors
+per GPU.
 
     python benchmarks/gpu.py [--budget-s 480] [--out benchmarks/results/gpu.md]
 
@@ -57,7 +58,8 @@ class Case:
     def overrides(self) -> list[str]:
         base = [*COMMON, *CONFIGS[self.config][1], f"resources.max_actors={self.actors}"]
         if self.per_gpu:
-            return [*base, f"resources.num_gpus_per_client={1 / self.per_gpu:g}", "resources.device=cuda"]
+            return [*base, f"resources.num_gpus_per_client={1 / self.per_gpu:g}",
+                    "resources.device=cuda"]
         return [*base, "resources.num_gpus_per_client=0", "resources.device=cpu"]
 
 
@@ -153,7 +155,8 @@ def run_case(case: Case, workdir: Path, timeout_s: float) -> Result:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         res.note = f"exit {proc.returncode}: {tail[:200]}"
         return res
-    res.rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    res.rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                if line]
     res.summary = json.loads((out / "summary.json").read_text())
     res.ok = True
     return res
@@ -225,9 +228,11 @@ def gpu_memory(res: Result) -> tuple[str, str]:
 def table(results: list[Result], config: str) -> list[str]:
     """The markdown table of one config's cases."""
     mine = [r for r in results if r.case.config == config]
-    cpu1 = next((samples_per_s(r) for r in mine if r.ok and r.case.per_gpu == 0 and r.case.actors == 1), None)
+    cpu1 = next((samples_per_s(r) for r in mine
+                 if r.ok and r.case.per_gpu == 0 and r.case.actors == 1), None)
     lines = [f"### {config} (`{CONFIGS[config][0]}`)", "",
-             "| case | s/round (r1 / rest) | samples/s per client | vs CPU 1 actor | GPU MiB per actor "
+             "| case | s/round (r1 / rest) | samples/s per client | vs CPU 1 actor "
+             "| GPU MiB per actor "
              "| device | mean accuracy | wall s |", "|---|---|---|---|---|---|---|---|"]
     for res in mine:
         if not res.ok:
@@ -237,7 +242,8 @@ def table(results: list[Result], config: str) -> list[str]:
         sps = samples_per_s(res)
         ratio = f"{sps / cpu1:.1f}x" if sps and cpu1 else "–"
         mem, device = gpu_memory(res)
-        lines.append(f"| {res.case.label} | {_fmt(secs[0] if secs else None)} / {_fmt(_mean(secs[1:]))} "
+        lines.append(f"| {res.case.label} | {_fmt(secs[0] if secs else None)} "
+                     f"/ {_fmt(_mean(secs[1:]))} "
                      f"| {_fmt(sps)} | {ratio} | {mem} | {device} "
                      f"| {_fmt(res.summary.get('mean_accuracy'), '.3f')} "
                      f"| {_fmt(res.summary.get('wall_seconds'), '.0f')} |")
@@ -246,16 +252,20 @@ def table(results: list[Result], config: str) -> list[str]:
 
 def header(command: str) -> list[str]:
     return ["# GPU benchmark", "", f"Command: `{command}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.", ""]
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}.", ""]
 
 
 def report(results: list[Result], gpus: list[str], cuda: str, command: str) -> str:
     lines = header(command) + [
         f"GPU: {'; '.join(gpus)} ({cuda}).", "",
-        f"Each case: `fedbip run CONFIG` with `--set` {', '.join(f'`{o}`' for o in COMMON)}, plus the "
+        f"Each case: `fedbip run CONFIG` with `--set` "
+        f"{', '.join(f'`{o}`' for o in COMMON)}, plus the "
         "per-config overrides below and `resources.max_actors` = the actor count; GPU cases set "
-        "`resources.num_gpus_per_client` = 1 / actors per GPU and `resources.device=cuda`, CPU cases "
-        "`resources.device=cpu`. Samples/s per client = batch size / mean `extra.train_step_seconds`; "
+        "`resources.num_gpus_per_client` = 1 / actors per GPU and `resources.device=cuda`, "
+        "CPU cases "
+        "`resources.device=cpu`. Samples/s per client = batch size / mean "
+        "`extra.train_step_seconds`; "
         "s/round from `metrics.jsonl` `seconds` (round 1 includes the warm-up).", ""]
     for name in dict.fromkeys(r.case.config for r in results):
         lines += [f"Overrides for {name}: {', '.join(f'`{o}`' for o in CONFIGS[name][1])}", ""]
@@ -270,7 +280,8 @@ def no_gpu_report(gpus: list[str], command: str) -> str:
         f"**No GPU was measured**: {why}. Run `python benchmarks/gpu.py` on a machine with a CUDA "
         "GPU and a CUDA build of torch (about 8 minutes) to fill this file with seconds per round, "
         "samples per second per client, GPU memory per actor and the device each actor used, for "
-        "1, 2 and 4 client actors per GPU and on CPU, for the quickstart and instruct configs.", ""])
+        "1, 2 and 4 client actors per GPU and on CPU, for the quickstart and instruct "
+        "configs.", ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
-        print(f"gpu.py: error: unknown config(s) {unknown}; known: {sorted(CONFIGS)}", file=sys.stderr)
+        print(f"gpu.py: error: unknown config(s) {unknown}; known: {sorted(CONFIGS)}",
+              file=sys.stderr)
         return 2
     results = run_all(plan_cases(configs), args.budget_s)
     args.out.write_text(report(results, gpus, cuda, command))

@@ -67,7 +67,8 @@ class ModelConfig(_Frozen):
     already in the local Hugging Face cache."""
 
     name: str = "minilm"
-    task: Literal["sequence-classification", "image-classification", "causal-lm"] = "sequence-classification"
+    task: Literal["sequence-classification", "image-classification",
+                  "causal-lm"] = "sequence-classification"
     max_length: int = Field(64, ge=4, le=8192)
     peft: PeftConfig = PeftConfig()
     tiny: TinyModelConfig = TinyModelConfig()
@@ -277,15 +278,18 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
-        if self.federation.clients_per_round and self.federation.clients_per_round > self.data.num_clients:
+        if (self.federation.clients_per_round
+                and self.federation.clients_per_round > self.data.num_clients):
             raise ValueError(
                 f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
                 f"data.num_clients ({self.data.num_clients})"
             )
         _check_task_fit(self.model.name, self.model.task, self.data.dataset)
         if self.data.partition.shift == "rotation" and self.model.task != "image-classification":
-            raise ValueError("data.partition.shift 'rotation' needs model.task 'image-classification'")
-        if self.privacy.clip_norm is not None and self.strategy.checked_params.get("reference") == "gradient":
+            raise ValueError("data.partition.shift 'rotation' needs model.task "
+                             "'image-classification'")
+        if (self.privacy.clip_norm is not None
+                and self.strategy.checked_params.get("reference") == "gradient"):
             raise ValueError("strategy.params.reference 'gradient' sends gradient signals that "
                              "privacy does not cover: use 'pretrained' or 'round' with privacy")
         generative = self.data.prompt_column or self.data.messages_column

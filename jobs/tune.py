@@ -17,8 +17,10 @@ from fedbip_ray.cli import main  # noqa: E402
 
 def parse(argv: list[str]) -> list[str]:
     """``jobs/tune.py`` arguments -> ``fedbip tune`` arguments."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="tune config: a run config plus a 'tune:' section")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True,
+                   help="tune config: a run config plus a 'tune:' section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--output", help="output directory (default runs/<name>-tune)")
     a = p.parse_args(argv)

@@ -29,7 +29,8 @@ def check_mixes(mixes: Sequence[float] | None) -> tuple[float, ...]:
         raise ValueError(f"gate must be a list of numbers in [0, 1], got {mixes!r}")
     out = []
     for m in mixes:
-        if isinstance(m, bool) or not isinstance(m, Real) or not math.isfinite(m) or not 0 <= m <= 1:
+        if (isinstance(m, bool) or not isinstance(m, Real) or not math.isfinite(m)
+                or not 0 <= m <= 1):
             raise ValueError(f"gate entries must be numbers in [0, 1], got {m!r}")
         out.append(float(m))
     if len(set(out)) != len(out):

@@ -178,7 +178,8 @@ def module_key(name: str) -> str:
     Strips, in order and each at most once: a trailing ``weight``/``bias`` segment, a trailing
     adapter name segment ``default``, then a trailing adapter segment (``lora_A``, ``lora_B``,
     ``lora_embedding_A``, ``lora_embedding_B``, ``lora_magnitude_vector``, ``ia3_l``,
-    ``modules_to_save``). So ``...query.lora_A.default.weight`` and ``...query.lora_B.default.weight``
+    ``modules_to_save``). So ``...query.lora_A.default.weight`` and
+    ``...query.lora_B.default.weight``
     both map to ``...query``, and ``classifier.modules_to_save.default.bias`` to ``classifier``.
     A name that is a single segment is returned unchanged.
     """

@@ -89,7 +89,8 @@ SELF_SIMILARITY_CHECK = Check("choice", choices=SELF_SIMILARITY)
 
 
 def _thresholded(sim: np.ndarray, threshold: float, relative: bool) -> np.ndarray:
-    """Mask of entries at or above ``threshold`` (relative: above the row's mean peer + threshold)."""
+    """Mask of entries at or above ``threshold`` (relative: above the row's mean peer +
+    threshold)."""
     if not relative:
         return sim >= threshold
     n = sim.shape[0]

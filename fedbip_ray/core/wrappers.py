@@ -49,7 +49,8 @@ class GaussianNoiseStrategy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clip", POSITIVE("clip", self.clip))
-        object.__setattr__(self, "noise_multiplier", NONNEGATIVE("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "noise_multiplier",
+                           NONNEGATIVE("noise_multiplier", self.noise_multiplier))
         object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
 
     @property

@@ -24,7 +24,8 @@ from fedbip_ray.data.base import LoadedDataset, package_dir
 def _encode_labels(frame: pd.DataFrame, label_column: str) -> tuple[pd.Series, tuple[str, ...]]:
     values = frame[label_column]
     if values.isna().any():
-        raise ConfigError(f"label column '{label_column}': {int(values.isna().sum())} missing values")
+        raise ConfigError(f"label column '{label_column}': "
+                          f"{int(values.isna().sum())} missing values")
     names = sorted({str(v) for v in values})
     if len(names) < 2:
         raise ConfigError(f"label column '{label_column}': needs at least 2 distinct labels")

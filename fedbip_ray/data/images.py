@@ -73,7 +73,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 # -- frames -------------------------------------------------------------------------------------
 def images_to_frame(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """(n, H, W) or (n, H, W, C) uint8 images + (n,) labels -> frame with text/label/image/height/width."""
+    """(n, H, W) or (n, H, W, C) uint8 images + (n,) labels -> frame with
+    text/label/image/height/width."""
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
     if images.ndim not in (3, 4) or len(images) != len(labels):
@@ -97,7 +98,8 @@ def _loaded(frame: pd.DataFrame, names: Sequence[str]) -> LoadedDataset:
 
 def load_fashion_mnist(cfg: DataConfig, seed: int, root: Path = FASHION_MNIST_DIR) -> LoadedDataset:
     """Fashion-MNIST, train + test files (70,000 x 28x28 grayscale, 10 classes)."""
-    files = [root / f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+    files = [root / f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k")
+             for k, d in (("images", 3), ("labels", 1))]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise ConfigError(

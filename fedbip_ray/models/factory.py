@@ -35,13 +35,15 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
-        raise ConfigError(f"model.name '{cfg.name}': tokenizer not available offline ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"model.name '{cfg.name}': tokenizer not available offline "
+                          f"({str(exc).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
-def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int, seed: int) -> torch.nn.Module:
+def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int,
+                    seed: int) -> torch.nn.Module:
     """The pretrained (or tiny random-init) classification model, without adapter."""
     from transformers import (
         AutoModelForSequenceClassification,
@@ -58,7 +60,8 @@ def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int, seed: in
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     except OSError as exc:
-        raise ConfigError(f"model.name '{cfg.name}': not available offline ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"model.name '{cfg.name}': not available offline "
+                          f"({str(exc).splitlines()[0]})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = 0
     return model

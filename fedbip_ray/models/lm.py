@@ -43,7 +43,8 @@ def char_tokenizer() -> Any:
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>"
     )
 
 
@@ -53,14 +54,16 @@ def load_lm_tokenizer(cfg: ModelConfig) -> Any:
 
     quiet_transformers()
     if cfg.name == "tiny-llama":
-        tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir())) if smollm2_available() else char_tokenizer()
+        tok = (AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir())) if smollm2_available()
+               else char_tokenizer())
     else:
         path = resolve_model_path(cfg.name)
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except OSError as exc:
             raise ConfigError(
-                f"model.name '{cfg.name}': tokenizer not available offline ({str(exc).splitlines()[0]})"
+                f"model.name '{cfg.name}': tokenizer not available offline "
+                f"({str(exc).splitlines()[0]})"
             ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -120,7 +123,8 @@ def wrap_lm_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.n
         )
     else:
         pcfg = IA3Config(
-            task_type=TaskType.CAUSAL_LM, target_modules=targets, modules_to_save=save, feedforward_modules=[]
+            task_type=TaskType.CAUSAL_LM, target_modules=targets, modules_to_save=save,
+            feedforward_modules=[]
         )
     try:
         with warnings.catch_warnings():  # peft probes a deprecated transformers attribute

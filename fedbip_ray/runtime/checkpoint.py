@@ -110,7 +110,8 @@ def write_safetensors(fh: Any, tensors: Mapping[str, np.ndarray]) -> str:
         dtype = _SAFETENSORS_DTYPES.get(arr.dtype.name)
         if dtype is None or arr.dtype.byteorder == ">":
             raise ValueError(f"checkpoint tensor {name!r}: dtype {arr.dtype} is not supported")
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {"dtype": dtype, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
@@ -235,7 +236,8 @@ def check_meta(meta: Any, where: Any, expected_round: int | None) -> dict[str, A
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _bad(where, f"meta.json is not a format-{FORMAT} checkpoint")
     rnd = meta.get("round")
-    if not isinstance(rnd, int) or rnd < 1 or (expected_round is not None and rnd != expected_round):
+    if (not isinstance(rnd, int) or rnd < 1
+            or (expected_round is not None and rnd != expected_round)):
         raise _bad(where, f"meta.json round {rnd!r} does not match latest.json ({expected_round})")
     return meta
 
@@ -272,7 +274,8 @@ def check_tensors(tensors: Mapping[str, np.ndarray], size: int, path: Any) -> No
     if states is None or init is None:
         raise _bad(path, f"{TENSORS} lacks 'states' or 'init'")
     if states.dtype != np.float32 or states.ndim != 2 or states.shape[1] != size:
-        raise _bad(path, f"states have shape {states.shape} {states.dtype}, expected (N, {size}) float32")
+        raise _bad(path, f"states have shape {states.shape} {states.dtype}, "
+                         f"expected (N, {size}) float32")
     if init.dtype != np.float32 or init.shape != (size,):
         raise _bad(path, f"init has shape {init.shape} {init.dtype}, expected ({size},) float32")
     n = states.shape[0]

@@ -1,4 +1,5 @@
-"""ClientActor: a thin Ray shell around a trainer (:func:`fedbip_ray.training.registry.make_trainer`).
+"""ClientActor: a thin Ray shell around a trainer
+(:func:`fedbip_ray.training.registry.make_trainer`).
 
 One actor loads the base model once and serves one client (or, in pool mode, several clients).
 It keeps no federated state: every call receives the client's personalized adapter state from
@@ -35,7 +36,8 @@ _INPUT_ERRORS = (ConfigError, OSError, ValueError, KeyError, ImportError)
 
 def _build_trainer(cfg: Config, num_labels: int, node_id: str) -> Trainer:
     """The trainer on the device Ray's GPU assignment allows. Imported inside the actor only
-    (torch, transformers): the driver, which needs this module to start actors, never loads torch."""
+    (torch, transformers): the driver, which needs this module to start actors, never loads
+    torch."""
     from fedbip_ray.training.registry import make_trainer
 
     device = torch_device(cfg.resources.device, ray.get_gpu_ids(), node_id)
@@ -134,8 +136,10 @@ class ClientActor:
         """Layout and size of the adapter, pid, Ray node id, device, and ``error`` if the model
         could not be built; also a readiness probe."""
         if self.trainer is None:
-            return {"error": self.error, "pid": os.getpid(), "node_id": self.node_id, "device": None}
-        return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(), "node_id": self.node_id,
+            return {"error": self.error, "pid": os.getpid(), "node_id": self.node_id,
+                    "device": None}
+        return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(),
+                "node_id": self.node_id,
                 "device": str(self.trainer.device), "error": None,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
@@ -157,7 +161,8 @@ class ClientActor:
         return self._data[client_id]
 
     def fit(self, client_id: int, state: np.ndarray, round_num: int, prox_mu: float = 0.0,
-            shard: ShardRef | None = None, gradient: bool = False, keep: bool = False) -> ClientUpdate:
+            shard: ShardRef | None = None, gradient: bool = False,
+            keep: bool = False) -> ClientUpdate:
         """Train ``state`` on the client's train split; return the task vector (D,) float32
         (and, with ``gradient``, the negated gradient sum of the round as ``signal``). With
         ``keep`` the trained state ``state + τ`` stays in the actor for this round's
@@ -170,7 +175,8 @@ class ClientActor:
             trainer.start_gradient_sum()
         try:
             metrics = trainer.train(
-                data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num), prox_mu
+                data, self.cfg.train.local_epochs, seed_for(self.cfg.seed, client_id, round_num),
+                prox_mu
             )
         finally:
             signal = trainer.stop_gradient_sum() if gradient else None
@@ -201,7 +207,8 @@ class ClientActor:
         data = self._client_data(client_id, shard)
         trainer.load_state(state)
         if finetune_epochs > 0:
-            trainer.train(data["train"], finetune_epochs, seed_for(self.cfg.seed, client_id, round_num, 7))
+            trainer.train(data["train"], finetune_epochs,
+                          seed_for(self.cfg.seed, client_id, round_num, 7))
         return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
 
     def score_mixes(self, client_id: int, aggregate: np.ndarray, mixes: tuple[float, ...],

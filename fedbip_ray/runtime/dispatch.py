@@ -121,7 +121,8 @@ def dispatch(ctx: RunContext, clients: Sequence[int], call: Call, deadline_s: fl
     return out
 
 
-def collect(run: Dispatch, deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
+def collect(run: Dispatch,
+            deadline_s: float) -> tuple[dict[int, Any], dict[int, BaseException | str]]:
     """(results, errors) of a :func:`dispatch` of calls with small results: an error is the
     call's Ray error, or a string for a call past the deadline or never started."""
     results: dict[int, Any] = {}

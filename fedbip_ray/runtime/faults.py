@@ -28,7 +28,8 @@ def parse_poison(text: str | None) -> dict[int, str]:
             continue
         cid, _, mode = item.strip().partition(":")
         if mode not in POISON_MODES or not cid.isdigit():
-            raise ValueError(f"{POISON_ENV}: bad entry {item!r} (want CLIENT:{'|'.join(POISON_MODES)})")
+            raise ValueError(f"{POISON_ENV}: bad entry {item!r} "
+                             f"(want CLIENT:{'|'.join(POISON_MODES)})")
         out[int(cid)] = mode
     return out
 

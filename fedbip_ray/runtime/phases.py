@@ -131,7 +131,8 @@ def evaluate_phase(ctx: RunContext, rnd: int, finetune_epochs: int,
         again, errors2, _ = _eval_pass(ctx, rnd, retry, finetune_epochs, deadline_s)
         results.update(again)
         errors = {**{c: e for c, e in errors.items() if c not in retry}, **errors2}
-    failures = {c: e if isinstance(e, str) else failure_reason(e) for c, e in sorted(errors.items())}
+    failures = {c: e if isinstance(e, str) else failure_reason(e)
+                for c, e in sorted(errors.items())}
     for cid, why in failures.items():
         log.warning("round %d: evaluation of client %d failed: %s", rnd, cid, why)
     return results, failures, replaced

@@ -20,7 +20,8 @@ def home_queues(clients: Sequence[int], workers: int, prefer: Mapping[int, int] 
     queue runs longest ``cost`` first (unknown costs first, in client order)."""
     queues: dict[int, deque[int]] = {w: deque() for w in range(workers)}
     known = cost or {}
-    order = sorted(range(len(clients)), key=lambda i: (clients[i] in known, -known.get(clients[i], 0.0), i))
+    order = sorted(range(len(clients)),
+                   key=lambda i: (clients[i] in known, -known.get(clients[i], 0.0), i))
     for i in order:
         c = clients[i]
         queues[(prefer or {}).get(c, c % workers) % workers].append(c)

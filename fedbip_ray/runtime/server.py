@@ -58,7 +58,8 @@ class FederatedServer:
         self.layout: Layout | None = None
         self.init: np.ndarray | None = None
         self.states: np.ndarray | None = None
-        self.similarity: np.ndarray | None = None  # (num_clients, num_clients) smoothed, NaN unknown
+        # (num_clients, num_clients) smoothed, NaN unknown
+        self.similarity: np.ndarray | None = None
         self.memory: np.ndarray | None = None  # (num_clients, M) f64 strategy memory, NaN: none yet
         # this round's own-training states for the validation gate: ({client: row}, (N_t, D))
         self._gate_local: tuple[dict[int, int], np.ndarray | None] = ({}, None)
@@ -95,7 +96,8 @@ class FederatedServer:
             raise UpdateRejected(f"num_examples must be positive, got {update.num_examples}")
         if not isinstance(update.layout, Layout):
             raise UpdateRejected(f"update layout is a {type(update.layout).__name__}, not a Layout")
-        vec, _ = validate_update(np.asarray(update.vector), update.layout, self.layout, max_norm=self.max_norm,
+        vec, _ = validate_update(np.asarray(update.vector), update.layout, self.layout,
+                                 max_norm=self.max_norm,
                                  on_excess_norm=self.on_excess_norm)  # type: ignore[arg-type]
         return vec
 
@@ -104,7 +106,8 @@ class FederatedServer:
         checked like a task vector (shape, finiteness; no norm bound); raises UpdateRejected."""
         assert self.layout is not None
         if update.signal is None:
-            raise UpdateRejected("the strategy compares gradients but the update has no gradient signal")
+            raise UpdateRejected("the strategy compares gradients but the update has no "
+                                 "gradient signal")
         try:
             sig, _ = validate_update(np.asarray(update.signal), self.layout, self.layout)
         except UpdateRejected as exc:

@@ -59,8 +59,10 @@ from fedbip_ray.storage.publish import (
 from fedbip_ray.storage.rows import RowLog, open_rows
 
 __all__ = [
-    "CheckpointInvalid", "LEASE_S", "PROBE_TIMEOUT_S", "Location", "OwnershipLost", "Published", "RowLog", "RunLock", "StorageError",
-    "acquire", "checkpoint_name", "clear_checkpoints", "load_latest", "open_location", "open_rows", "probe",
+    "CheckpointInvalid", "LEASE_S", "PROBE_TIMEOUT_S", "Location", "OwnershipLost", "Published",
+    "RowLog", "RunLock", "StorageError",
+    "acquire", "checkpoint_name", "clear_checkpoints", "load_latest", "open_location", "open_rows",
+    "probe",
     "provider_env",
     "prune_checkpoints", "publish_checkpoint", "read_latest", "read_pointer", "read_published",
     "run_lock",

@@ -114,7 +114,8 @@ class Location:
         try:
             if self.is_local:
                 return sorted(os.listdir(self.path)) if os.path.isdir(self.path) else []
-            found = self.filesystem.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+            found = self.filesystem.get_file_info(pafs.FileSelector(self.path,
+                                                                    allow_not_found=True))
         except OSError as exc:
             raise storage_error(self.uri, "cannot list", exc) from None
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in found)
@@ -260,7 +261,8 @@ def open_location(target: str | os.PathLike[str] | Location) -> Location:
         raise StorageError(f"{safe_uri(text)}: credentials in the URI are not accepted; use the "
                            "provider's standard credential chain (environment, profile, role)")
     if parts.query or parts.fragment:
-        raise StorageError(f"{safe_uri(text)}: query options are not accepted (the S3 endpoint comes "
+        raise StorageError(f"{safe_uri(text)}: query options are not accepted "
+                           "(the S3 endpoint comes "
                            "from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     if scheme == "file":
         return _file_uri(text, parts.netloc, parts.path)

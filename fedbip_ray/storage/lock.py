@@ -93,7 +93,8 @@ def parse_owner(data: bytes) -> Owner | None:
 
 
 class RunLock:
-    """Held for the life of a run; ``refresh()`` each round, ``release()`` (or ``with``) at the end."""
+    """Held for the life of a run; ``refresh()`` each round, ``release()`` (or ``with``) at the
+    end."""
 
     def __init__(self, output: Location, owner: Owner | None = None, handle: IO[str] | None = None,
                  warn: Callable[[str], None] = _log.warning) -> None:
@@ -190,7 +191,8 @@ def acquire(output: Location, *, lease_s: float = LEASE_S, heartbeat: bool = Tru
             raise StorageError(f"output {output.describe()}: another fedbip run is using it "
                                f"({current.who(now)})")
         why = "its process is gone" if current.dead_here() else "its lease expired"
-        warn(f"output {output.describe()}: taking over from a previous run ({why}; {current.who(now)})")
+        warn(f"output {output.describe()}: taking over from a previous run "
+             f"({why}; {current.who(now)})")
     elif owner_obj.exists():
         warn(f"output {output.describe()}: replacing an unreadable {OWNER}")
     mine = new_owner(lease_s, now)

@@ -70,4 +70,5 @@ def _remove(obj: Location) -> None:
     try:
         obj.delete()
     except (StorageError, OSError) as exc:  # a store that lets us write but not delete
-        raise StorageError(f"{obj.describe()}: cannot delete the probe object ({cause(exc)})") from None
+        raise StorageError(f"{obj.describe()}: cannot delete the probe object "
+                           f"({cause(exc)})") from None

@@ -45,7 +45,8 @@ class CheckpointInvalid(StorageError):
 
 @dataclass(frozen=True)
 class Published:
-    """A verified checkpoint: its round, its directory and every file's bytes (manifest excluded)."""
+    """A verified checkpoint: its round, its directory and every file's bytes (manifest
+    excluded)."""
 
     round: int
     location: Location
@@ -111,7 +112,8 @@ def publish_checkpoint(root: Location, round_num: int, files: Mapping[str, bytes
         _publish_local(root, final, round_num, files)
     else:
         if _pointed_name(root) == name:
-            raise ValueError(f"{final.describe()} is the published checkpoint; publish a later round")
+            raise ValueError(f"{final.describe()} is the published checkpoint; "
+                             "publish a later round")
         final.delete_dir()
         try:
             write_round(final, round_num, files)
@@ -158,7 +160,8 @@ def _delete_quietly(directory: Location) -> None:
 
 # ---------------------------------------------------------------------------- reading
 def read_pointer(root: Location) -> tuple[int, str] | None:
-    """``(round, directory name)`` from ``latest.json``; None if absent; StorageError if malformed."""
+    """``(round, directory name)`` from ``latest.json``; None if absent; StorageError if
+    malformed."""
     try:
         data = (root / POINTER).read_bytes()
     except FileNotFoundError:

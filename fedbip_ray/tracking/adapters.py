@@ -148,4 +148,5 @@ def evaluate_classifier(model: torch.nn.Module, tokenizer: Any, frame: pd.DataFr
     data = encode_texts(tokenizer, frame, max_length)
     device = next(model.parameters()).device
     batches = text_batches(data, batch_size, None, device)
-    return dict(classification_eval(model, batches, lambda inputs: model(**inputs).logits, len(data)))
+    return dict(classification_eval(model, batches, lambda inputs: model(**inputs).logits,
+                                    len(data)))

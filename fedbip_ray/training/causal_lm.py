@@ -143,7 +143,8 @@ def score_predictions(predictions: Sequence[str], references: Sequence[str],
     em = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
     rl = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
     per = [rl[i] if primary[i] == "rouge_l" else em[i] for i in range(len(em))]
-    return {"accuracy": float(np.mean(per)), "exact_match": float(np.mean(em)), "rouge_l": float(np.mean(rl))}
+    return {"accuracy": float(np.mean(per)), "exact_match": float(np.mean(em)),
+            "rouge_l": float(np.mean(rl))}
 
 
 def task_scores(predictions: Sequence[str], references: Sequence[str], primary: Sequence[str],
@@ -237,7 +238,8 @@ class CausalLMTrainer(AdapterTrainer):
         self.stop_ids = self._stop_ids()
 
     def _stop_ids(self) -> list[int]:
-        ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        ids = ({int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None
+               else set())
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos or []))
         return sorted(ids)
@@ -260,10 +262,12 @@ class CausalLMTrainer(AdapterTrainer):
         with self.autocast():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"], logits_to_keep=keep)
-        logits = out.logits[:, :-1].float()  # (b, keep-1, V): predictions for the last keep-1 tokens
+        # (b, keep-1, V): predictions for the last keep-1 tokens
+        logits = out.logits[:, :-1].float()
         target = batch["labels"][:, -(keep - 1):]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="sum")
         return loss, int((target != IGNORE_INDEX).sum())
 
     def _keep(self, data: LMExamples, rows: Sequence[int]) -> int:
@@ -284,7 +288,8 @@ class CausalLMTrainer(AdapterTrainer):
             return loss_sum / max(count, 1)
 
         bs = self.cfg.train.batch_size
-        return self._run_epochs(epochs, seed, prox_mu, lambda gen: self._order(len(data), bs, gen), loss_of)
+        return self._run_epochs(epochs, seed, prox_mu, lambda gen: self._order(len(data), bs, gen),
+                                loss_of)
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -300,7 +305,8 @@ class CausalLMTrainer(AdapterTrainer):
         gcfg = GenerationConfig(max_new_tokens=max(limits), do_sample=False,
                                 pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
         with self.autocast():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            out = self.model.generate(input_ids=ids.to(self.device),
+                                      attention_mask=mask.to(self.device),
                                       generation_config=gcfg)
         new = out[:, ids.shape[1]:].cpu()
         return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
@@ -321,7 +327,8 @@ class CausalLMTrainer(AdapterTrainer):
 
         batches = (order[start:start + bs] for start in range(0, len(order), bs))
         totals = evaluation_loop(batches, step)
-        return [preds[i] for i in range(len(data))], totals.get("loss", 0.0) / max(totals.get("tokens", 0), 1)
+        return ([preds[i] for i in range(len(data))],
+                totals.get("loss", 0.0) / max(totals.get("tokens", 0), 1))
 
     def evaluate(self, data: LMExamples) -> EvalMetrics:
         """accuracy (mean primary score), exact_match, rouge_l, loss (per response token), n,

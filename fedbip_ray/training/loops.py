@@ -98,7 +98,8 @@ def ordered_indices(n: int, batch_size: int, gen: torch.Generator | None) -> Ite
 
 
 @torch.no_grad()
-def evaluation_loop(batches: Iterable[B], step: Callable[[B], Mapping[str, float]]) -> dict[str, float]:
+def evaluation_loop(batches: Iterable[B],
+                    step: Callable[[B], Mapping[str, float]]) -> dict[str, float]:
     """Sum each batch's ``step`` results key by key, in batch order, without gradients."""
     totals: dict[str, float] = {}
     for batch in batches:

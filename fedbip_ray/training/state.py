@@ -32,7 +32,8 @@ def flat_state(params: Mapping[str, torch.nn.Parameter]) -> np.ndarray:
 
 
 @torch.no_grad()
-def load_flat_state(params: Mapping[str, torch.nn.Parameter], layout: Layout, state: np.ndarray) -> None:
+def load_flat_state(params: Mapping[str, torch.nn.Parameter], layout: Layout,
+                    state: np.ndarray) -> None:
     """Copy a flat (D,) state into ``params`` (each cast to its own device and dtype)."""
     if state.shape != (layout.size,):
         raise ValueError(f"state has shape {state.shape}, adapter needs ({layout.size},)")
@@ -56,7 +57,8 @@ class GradientSum:
 
     def descent(self) -> np.ndarray:
         """The negated sum, flat (D,) float32 (the same sign convention as a task vector)."""
-        return (-torch.cat([b.reshape(-1) for b in self.buffers])).cpu().numpy().astype(np.float32, copy=False)
+        return ((-torch.cat([b.reshape(-1) for b in self.buffers])).cpu().numpy()
+                .astype(np.float32, copy=False))
 
 
 GradientCallback = Callable[[], None]

@@ -29,7 +29,8 @@ class ParentRun:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        self.experiment_id = (exp.experiment_id if exp
+                              else self.client.create_experiment(cfg.tracking.experiment))
         self.run_id = ""
         self.cfg = cfg
 
@@ -37,7 +38,8 @@ class ParentRun:
         tags = {"mlflow.runName": f"{self.cfg.name}-tune", "fedbip.kind": "tune",
                 "strategy": self.cfg.strategy.name, "output_dir": str(output), **git_tags()}
         self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-        params = {f"tune.{k}": v for k, v in flatten(settings.model_dump(mode="json", exclude={"space"})).items()}
+        params = {f"tune.{k}": v
+                  for k, v in flatten(settings.model_dump(mode="json", exclude={"space"})).items()}
         params.update({f"base.{k}": v for k, v in flatten(self.cfg.to_dict()).items()})
         params.update({f"space.{k}": json.dumps({s.kind: list(s.values)})[:500]
                        for k, s in settings.space.items()})

@@ -79,7 +79,8 @@ def recover_deltas(before: np.ndarray, after: np.ndarray, weights: np.ndarray) -
     w = np.asarray(weights, dtype=np.float64)
     n = w.shape[0]
     if w.shape != (n, n) or before.shape != after.shape or before.shape[0] != n:
-        raise ValueError(f"shapes do not match: weights {w.shape}, states {before.shape}/{after.shape}")
+        raise ValueError(f"shapes do not match: weights {w.shape}, "
+                         f"states {before.shape}/{after.shape}")
     cond = float(np.linalg.cond(w))
     if not np.isfinite(cond) or cond > MAX_CONDITION:
         raise ValueError(f"weight matrix is singular or ill-conditioned (cond {cond:.3g}); "
@@ -88,7 +89,8 @@ def recover_deltas(before: np.ndarray, after: np.ndarray, weights: np.ndarray) -
     return np.linalg.solve(w, diff).astype(np.float32)
 
 
-def _checkpoint_states(output: Path, round_num: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _checkpoint_states(output: Path,
+                       round_num: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(states after round ``round_num`` (N, D), init (D,), layout dict) from its checkpoint."""
     from fedbip_ray.runtime.checkpoint import checkpoint_name, read_checkpoint
 
@@ -165,7 +167,8 @@ class TaskVectorRecorder:
         before, self._prev = self._prev, after.copy()
         if rnd == 1 or not (self.directory / "layout.json").exists():
             (self.directory / "layout.json").write_text(json.dumps(layout))
-            save_file({"init": np.ascontiguousarray(init)}, str(self.directory / "init.safetensors"))
+            save_file({"init": np.ascontiguousarray(init)},
+                      str(self.directory / "init.safetensors"))
         ids = [int(c) for c in report.accepted]
         weights = _round_weights(run, rnd, report)
         if not ids or weights is None or not report.aggregated:
@@ -173,7 +176,8 @@ class TaskVectorRecorder:
         idx = np.asarray(ids, dtype=np.int64)
         deltas = _exported_deltas(run.server, rnd, ids)
         if deltas is None and any(m != 1.0 for m in report.gate.values()):
-            raise ConfigError(f"round {rnd}: cannot recover task vectors from checkpoints after the "
+            raise ConfigError(f"round {rnd}: cannot recover task vectors from checkpoints "
+                              "after the "
                               "validation gate moved some states; record with "
                               "strategy.params.gate=[]")
         if deltas is None:
@@ -281,21 +285,25 @@ class ReplayEvaluator:
         num_actors = plan_actors(cfg, ray.cluster_resources())
         rc = cfg.resources
         self.actors = [ClientActor.options(num_cpus=rc.num_cpus_per_client,
-                                           num_gpus=rc.num_gpus_per_client).remote(cfg, shards.num_labels)
+                                           num_gpus=rc.num_gpus_per_client)
+                       .remote(cfg, shards.num_labels)
                        for _ in range(num_actors)]
-        self.shards = {c: ShardRef(c, ray.put(path.read_bytes())) for c, path in enumerate(shards.paths)}
+        self.shards = {c: ShardRef(c, ray.put(path.read_bytes()))
+                       for c, path in enumerate(shards.paths)}
         infos = ray.get([a.info.remote() for a in self.actors])
         errors = [i["error"] for i in infos if i.get("error")]
         if errors:
             raise ConfigError(errors[0])
 
-    def evaluate(self, states: np.ndarray, splits: tuple[str, ...] = ("val",)) -> dict[int, dict[str, float]]:
+    def evaluate(self, states: np.ndarray,
+                 splits: tuple[str, ...] = ("val",)) -> dict[int, dict[str, float]]:
         """{client: {split: accuracy}} of each client's row of ``states`` ``(N, D)``."""
         import ray
 
         refs = {c: self.actors[c % len(self.actors)].evaluate.remote(
                     c, states[c], 0, splits, 0, self.shards[c]) for c in self.shards}
-        return {c: {s: float(v["accuracy"]) for s, v in ray.get(r).splits.items()} for c, r in refs.items()}
+        return {c: {s: float(v["accuracy"]) for s, v in ray.get(r).splits.items()}
+                for c, r in refs.items()}
 
     def close(self) -> None:
         import ray
@@ -348,7 +356,8 @@ def record_run(cfg: Config, output: str | Path, echo: Any = print) -> dict[str, 
     return run_federation(cfg, output, callbacks=callbacks, echo=echo)
 
 
-def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording: str | Path | None = None,
+def run_replay(config_path: str | Path, overrides: Sequence[str] = (),
+               recording: str | Path | None = None,
                output: str | Path | None = None, record: bool = False,
                record_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Replay search: sample ``tune.num_samples`` candidates of the (aggregation-only) space,
@@ -363,10 +372,12 @@ def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording
     t0 = time.perf_counter()
     if record:
         recording = out / "recording"
-        rec_cfg = config_from_dict(apply_overrides(data, [f"name={cfg.name}-recording", *record_overrides]))
+        rec_cfg = config_from_dict(apply_overrides(data, [f"name={cfg.name}-recording",
+                                                          *record_overrides]))
         record_run(rec_cfg, recording, echo=log.info)
     if recording is None:
-        raise ConfigError("replay: give --recording RUN_DIR (a run recorded for replay) or --record")
+        raise ConfigError("replay: give --recording RUN_DIR (a run recorded for replay) "
+                          "or --record")
     record_seconds = time.perf_counter() - t0
     rec = load_recording(recording)
     check_same_setting(rec.cfg, cfg)
@@ -383,7 +394,8 @@ def run_replay(config_path: str | Path, overrides: Sequence[str] = (), recording
                                   "round": int(rec.rounds[-1][0])}})
         sign = 1.0 if settings.mode == "max" else -1.0
         best = max(rows, key=lambda r: sign * r["last"][settings.metric])
-        best_cfg = config_from_dict(set_dotted(apply_params(data, best["params"]), "name", f"{cfg.name}-best"))
+        best_cfg = config_from_dict(set_dotted(apply_params(data, best["params"]), "name",
+                                               f"{cfg.name}-best"))
         test_evals = evaluator.evaluate(replay_strategy(rec, best_cfg.strategy.build()), ("test",))
     finally:
         evaluator.close()
@@ -403,7 +415,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     best = summary["best"]
     return (f"best by replay: {best['params']}  {summary['metric']} {best['metric_value']:.4f}  "
             f"(replay test {best['replay_test_mean_accuracy']:.4f}; {len(summary['candidates'])} "
-            f"candidates in {summary['replay_seconds']:.1f}s)\nbest config: {summary['best_config']}")
+            f"candidates in {summary['replay_seconds']:.1f}s)\n"
+            f"best config: {summary['best_config']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

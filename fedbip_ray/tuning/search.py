@@ -9,7 +9,8 @@ driver and one bundle per client actor; Tune runs trainables with
 its own reservation, and ``resources.max_actors`` is pinned to the number of bundles: a trial
 can never wait on resources held by another trial.
 
-Outputs at the output location (a path or a storage URI): ``best_config.yaml`` (a plain run config: ``fedbip run`` it),
+Outputs at the output location (a path or a storage URI): ``best_config.yaml`` (a plain run
+config: ``fedbip run`` it),
 ``tune_summary.json``, ``trials/<trial_id>/`` (each federation's run directory) and
 ``ray_results/`` (Tune's own). With MLflow on, one parent run holds every trial as a child run.
 """
@@ -75,7 +76,8 @@ def absolutize_paths(data: Mapping[str, Any], cwd: str | Path, uri: str) -> dict
         node: Any = out
         for part in key.split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
-        if isinstance(node, str) and node and not Path(node).is_absolute() and (base / node).exists():
+        if (isinstance(node, str) and node and not Path(node).is_absolute()
+                and (base / node).exists()):
             out = set_dotted(out, key, str((base / node).resolve()))
     return out
 
@@ -176,7 +178,8 @@ def final_test(best: Mapping[str, Any], best_cfg: Config, settings: TuneSettings
         return (float(value) if finite(value) else None,
                 f"trial {best['trial_id']} round {best['last'].get('round')}", None)
 
-    cbs = [MlflowCallback(best_cfg, parent_run_id, log_adapters=True)] if best_cfg.tracking.mlflow else []
+    cbs = ([MlflowCallback(best_cfg, parent_run_id, log_adapters=True)]
+           if best_cfg.tracking.mlflow else [])
     summary = run_federation(best_cfg, child(output, "best_rerun"), callbacks=cbs, echo=log.info)
     return summary.get("mean_accuracy"), "rerun of the best config", cbs[0].run_id if cbs else None
 
@@ -219,7 +222,8 @@ def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
         summary = {
             "metric": settings.metric, "mode": settings.mode,
             "best": {"trial_id": best["trial_id"], "params": best["params"],
-                     "metric_value": best["last"][settings.metric], "round": best["last"].get("round"),
+                     "metric_value": best["last"][settings.metric],
+                     "round": best["last"].get("round"),
                      "test_mean_accuracy": test, "test_source": source,
                      "mlflow_run_id": best.get("mlflow_run_id"), "rerun_mlflow_run_id": rerun_id,
                      "output": child(root, "trials", best["trial_id"])},
@@ -259,7 +263,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     test = best["test_mean_accuracy"]
     lines.append(f"test mean accuracy {test:.4f} ({best['test_source']})" if test is not None
                  else "test mean accuracy: n/a")
-    counts = {s: sum(t["status"] == s for t in summary["trials"]) for s in ("complete", "stopped", "error")}
+    counts = {s: sum(t["status"] == s for t in summary["trials"])
+              for s in ("complete", "stopped", "error")}
     lines.append(f"trials: {counts['complete']} complete, {counts['stopped']} stopped early, "
                  f"{counts['error']} failed  ({summary['wall_seconds']:.0f}s)")
     lines.append(f"best config: {summary['best_config']}")

@@ -139,7 +139,8 @@ def _flatten_space(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in raw.items():
         name = f"{prefix}{key}"
-        if isinstance(spec, Mapping) and spec and all(isinstance(v, Mapping) for v in spec.values()):
+        if (isinstance(spec, Mapping) and spec
+                and all(isinstance(v, Mapping) for v in spec.values())):
             out.update(_flatten_space(spec, name + "."))
         else:
             out[name] = spec

@@ -156,7 +156,8 @@ def federation_trainable(params: dict[str, Any], *, data: dict[str, Any], actors
     run_data = set_dotted(run_data, "name", f"{data.get('name', 'fedbip')}-{trial_id}")
     run_data = set_dotted(run_data, "resources.max_actors", actors)
     cfg = config_from_dict(run_data)
-    mlflow_cb = MlflowCallback(cfg, parent_run_id, log_adapters=log_adapters) if cfg.tracking.mlflow else None
+    mlflow_cb = (MlflowCallback(cfg, parent_run_id, log_adapters=log_adapters)
+                 if cfg.tracking.mlflow else None)
     callbacks = ([mlflow_cb] if mlflow_cb else []) + [TuneReportCallback(mlflow_cb)]
     run_federation(cfg, child(root, "trials", trial_id), callbacks=callbacks, echo=log.info)
 
@@ -179,7 +180,10 @@ def collect_trials(results: Any, rounds: int) -> list[dict[str, Any]]:
             status = "complete"
         else:
             status = "stopped"
-        trials.append({"trial_id": str(trial_id), "params": {k: plain(v) for k, v in (res.config or {}).items()},
-                       "last": last, "status": status, "mlflow_run_id": last.pop("mlflow_run_id", None),
-                       "error": None if res.error is None else str(res.error).splitlines()[0][:300]})
+        trials.append({"trial_id": str(trial_id),
+                       "params": {k: plain(v) for k, v in (res.config or {}).items()},
+                       "last": last, "status": status,
+                       "mlflow_run_id": last.pop("mlflow_run_id", None),
+                       "error": (None if res.error is None
+                                 else str(res.error).splitlines()[0][:300])})
     return trials

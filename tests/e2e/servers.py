@@ -23,7 +23,8 @@ def free_port() -> int:
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-              "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+              "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+              "MLFLOW_DISABLE_TELEMETRY": "true",
               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
               "PATH": f"{BIN}{os.pathsep}{e.get('PATH', '')}"})
     e.pop("RAY_ADDRESS", None)
@@ -42,10 +43,12 @@ class RayHead:
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
              "--num-gpus=0", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dash_port}", "--disable-usage-stats", f"--temp-dir={self.tmp}",
+             f"--dashboard-port={self.dash_port}", "--disable-usage-stats",
+             f"--temp-dir={self.tmp}",
              # every port explicit and free: another Ray on this machine (a test session, a
              # notebook) must not make this head's job agent fail to bind its default port
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}",
              f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
              f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
              f"--ray-client-server-port={free_port()}"],
@@ -64,13 +67,15 @@ class RayHead:
                 return
             time.sleep(2)
 
-    def submit(self, cwd: Path, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def submit(self, cwd: Path, *entrypoint: str,
+               timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit`` (retried for a minute while the job agent is still starting)."""
         start = time.time()
         retry_until = start + 60  # the job agent may still be starting
         while True:
             proc = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
+                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard,
+                 "--working-dir", ".",
                  "--", *entrypoint], cwd=cwd, env=env(), capture_output=True, text=True,
                 timeout=max(30.0, start + timeout - time.time()))
             agent_down = "No available agent" in proc.stdout + proc.stderr

@@ -1,4 +1,5 @@
-"""End to end: `ray start --head` + `ray job submit jobs/train.py`, tracked by a real MLflow server."""
+"""End to end: `ray start --head` + `ray job submit jobs/train.py`, tracked by a real MLflow
+server."""
 
 from __future__ import annotations
 

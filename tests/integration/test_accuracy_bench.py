@@ -16,7 +16,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def acc():
-    spec = importlib.util.spec_from_file_location("fedbip_bench_accuracy", REPO / "benchmarks" / "accuracy.py")
+    spec = importlib.util.spec_from_file_location("fedbip_bench_accuracy",
+                                                  REPO / "benchmarks" / "accuracy.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -34,7 +35,8 @@ def test_strategy_specs_with_list_values(acc):
 def test_selection_uses_validation_only(acc):
     rows = [{"round": 1, "mean_accuracy": 0.9, "worst10_accuracy": 0.8, "mean_val_accuracy": 0.5},
             {"round": 2, "mean_accuracy": 0.6, "worst10_accuracy": 0.5, "mean_val_accuracy": 0.7},
-            {"round": 3, "mean_accuracy": None, "worst10_accuracy": None, "mean_val_accuracy": None}]
+            {"round": 3, "mean_accuracy": None, "worst10_accuracy": None,
+             "mean_val_accuracy": None}]
     sel = acc.select(rows)
     assert sel["selected_round"] == 2 and sel["mean"] == 0.6 and sel["val"] == 0.7
     assert sel["final_mean"] == 0.6 and sel["rounds_to_95"] == 1  # round 1 already >= 0.95 x final

@@ -21,7 +21,8 @@ def lm_config(**sections) -> dict:
     base = tiny_config(
         name="tiny-lm",
         model={"name": "tiny-llama", "task": "causal-lm", "max_length": 80,
-               "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+               "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                        "intermediate_size": 32},
                "peft": {"r": 4, "alpha": 8, "dropout": 0.0}},
         data={"dataset": "instruct-tasks", "num_clients": 6, "examples_per_client": 12,
               "val_fraction": 0.15, "test_fraction": 0.25, "partition": {"kind": "column"}},
@@ -61,7 +62,8 @@ def test_instruct_benchmark_quick_miniature(ray_local, tmp_path):
 
     from ..conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("fedbip_bench_instruct", REPO / "benchmarks" / "instruct.py")
+    spec = importlib.util.spec_from_file_location("fedbip_bench_instruct",
+                                                  REPO / "benchmarks" / "instruct.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -81,7 +83,8 @@ def test_instruct_benchmark_quick_miniature(ray_local, tmp_path):
     assert "| local | " in text.split("paired by seed")[1]  # fedbip minus local, paired by seed
     # the report can be rebuilt from the raw results, with a preamble
     (tmp_path / "pre.md").write_text("Notes on this run.")
-    assert mod.main(["--quick", "--report-only", "--set", "federation.rounds=1", "--preamble", str(tmp_path / "pre.md"),
+    assert mod.main(["--quick", "--report-only", "--set", "federation.rounds=1",
+                     "--preamble", str(tmp_path / "pre.md"),
                      "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
     rebuilt = out.read_text()
     assert "Notes on this run." in rebuilt and rebuilt.replace("Notes on this run.\n\n", "").split(

@@ -62,7 +62,8 @@ def test_gate_phase_sends_the_trained_state_only_to_clients_whose_actor_lost_it(
         ups = [fresh.fit.remote(c, init, 1, 0.0, refs[c], False, c == 0) for c in (0, 1)]
         report = ray.get(server.aggregate_refs.remote(1, [0, 1], ups))
         assert report.aggregated and report.modified == []
-        ctx = RunContext(cfg, shards.directory, shards, server=server, actors=[fresh], shard_refs=refs)
+        ctx = RunContext(cfg, shards.directory, shards, server=server, actors=[fresh],
+                         shard_refs=refs)
         before = ray.get(server.all_states.remote()).copy()
         chosen, sent_local = gate_phase(ctx, 1, [0, 1], MIXES, 120.0)
         assert sorted(chosen) == [0, 1] and set(chosen.values()) <= set(MIXES)
@@ -70,7 +71,8 @@ def test_gate_phase_sends_the_trained_state_only_to_clients_whose_actor_lost_it(
         after = ray.get(server.all_states.remote())
         for c, lam in chosen.items():
             local = init + ray.get(ups[c]).vector
-            np.testing.assert_allclose(after[c], local + lam * (before[c] - local), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(after[c], local + lam * (before[c] - local),
+                                       rtol=1e-5, atol=1e-6)
     finally:
         ray.kill(fresh)
         ray.kill(server)

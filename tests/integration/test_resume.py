@@ -145,7 +145,8 @@ def test_checkpoint_writer_overlaps_one_write_and_surfaces_its_error(ray_local, 
     assert writer.wait().name.endswith("2")
     latest = read_latest(tmp_path / "run" / "checkpoints")
     assert latest.round == 2 and [r["round"] for r in latest.history] == [1, 2]
-    np.testing.assert_array_equal(latest.tensors["states"], np.tile(np.arange(5, dtype=np.float32), (3, 1)))
+    np.testing.assert_array_equal(latest.tensors["states"],
+                                  np.tile(np.arange(5, dtype=np.float32), (3, 1)))
     # a failed write is raised by the next wait (here: the checkpoint root is a file)
     ctx.output = tmp_path / "blocked"
     ctx.output.mkdir()
@@ -156,7 +157,8 @@ def test_checkpoint_writer_overlaps_one_write_and_surfaces_its_error(ray_local, 
     writer.close()
 
 
-def test_checkpoint_every_k_rounds_resumes_from_the_last_one_written(ray_local, tmp_path, tmp_path_factory):
+def test_checkpoint_every_k_rounds_resumes_from_the_last_one_written(ray_local, tmp_path,
+                                                                     tmp_path_factory):
     """federation.checkpoint_every=2 over 3 rounds writes rounds 2 and 3 only; the cadence
     does not change the trajectory, and a run cut after round 2's checkpoint resumes to the
     same bits."""
@@ -177,7 +179,8 @@ def test_checkpoint_every_k_rounds_resumes_from_the_last_one_written(ray_local, 
     shutil.copytree(out, cut)
     shutil.rmtree(cut / "checkpoints" / "round_00003")
     (cut / "summary.json").unlink()
-    (cut / "checkpoints" / "latest.json").write_text(json.dumps({"round": 2, "path": "round_00002"}))
+    (cut / "checkpoints" / "latest.json").write_text(
+        json.dumps({"round": 2, "path": "round_00002"}))
     messages: list[str] = []
     run_federation(cfg, cut, resume=True, echo=messages.append)
     assert any("continuing at round 3" in m for m in messages), messages

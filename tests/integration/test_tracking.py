@@ -29,7 +29,8 @@ def test_relative_stores_become_absolute(tmp_path):
 
 def test_byte_totals_and_statuses():
     rows = [{"bytes_in": 10, "bytes_out": 3}, {"bytes_in": 5, "bytes_out": None}]
-    assert ml.byte_totals(rows) == {"bytes_in_total": 15.0, "bytes_out_total": 3.0, "bytes_total": 18.0}
+    assert ml.byte_totals(rows) == {"bytes_in_total": 15.0, "bytes_out_total": 3.0,
+                                    "bytes_total": 18.0}
     assert ml.run_status_for(RuntimeError()) == "FAILED"
     assert ml.run_status_for(KeyboardInterrupt()) == "KILLED"
     assert ml.run_status_for(SystemExit(0)) == "KILLED"
@@ -64,7 +65,8 @@ def test_a_saved_adapter_loads_back_with_peft(tmp_path):
     frame = pd.DataFrame({"text": ["good movie", "bad film", "great fun"], "label": [1, 0, 1]})
     got = evaluate_classifier(model, trainer.tokenizer, frame, cfg.model.max_length)
     want = trainer.evaluate(trainer.encode(frame))
-    assert got["accuracy"] == want["accuracy"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert (got["accuracy"] == want["accuracy"]
+            and got["loss"] == pytest.approx(want["loss"], rel=1e-5))
     with pytest.raises(ConfigError, match="no adapter for client 2"):
         load_client_adapter(tmp_path, 2, cfg)
 

@@ -33,7 +33,8 @@ def test_tiny_search_tracks_trials_as_children_and_writes_best_config(ray_local,
     assert cfg.name == "tune-tiny-best" and cfg.federation.rounds == 2
     for key, value in best["params"].items():
         assert cfg.strategy.params[key.split(".")[-1]] == value
-    assert json.loads((out / "tune_summary.json").read_text())["best"]["trial_id"] == best["trial_id"]
+    assert (json.loads((out / "tune_summary.json").read_text())["best"]["trial_id"]
+            == best["trial_id"])
     best_dir = out / "trials" / best["trial_id"]
     assert json.loads((best_dir / "summary.json").read_text())["mean_accuracy"] == pytest.approx(
         best["test_mean_accuracy"])
@@ -46,7 +47,8 @@ def test_tiny_search_tracks_trials_as_children_and_writes_best_config(ray_local,
     assert parent.data.tags["best_trial_id"] == best["trial_id"]
     assert parent.data.metrics["best_mean_val_accuracy"] == pytest.approx(best["metric_value"])
     assert parent.data.params["space.strategy.params.threshold"] == '{"uniform": [-0.2, 0.6]}'
-    assert {"best_config.yaml", "tune_summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_config.yaml", "tune_summary.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2
@@ -62,7 +64,8 @@ def test_tiny_search_tracks_trials_as_children_and_writes_best_config(ray_local,
         if t["status"] == "complete":
             assert child.info.status == "FINISHED"
             assert child.data.tags["tune.early_stopped"] == "false"
-            assert child.data.metrics["final_mean_accuracy"] == pytest.approx(t["last"]["mean_accuracy"])
+            assert (child.data.metrics["final_mean_accuracy"]
+                    == pytest.approx(t["last"]["mean_accuracy"]))
         else:  # stopped by ASHA after round 1: never left RUNNING
             assert child.info.status == "KILLED"
             assert child.data.tags["tune.early_stopped"] == "true"

@@ -42,12 +42,14 @@ def test_tune_section_is_split_off_and_validated():
 
 
 @pytest.mark.parametrize("tune, message", [
-    ({"space": SPACE, "num_samples": 0}, "config field 'tune.num_samples': Input should be greater than or equal to 1"),
+    ({"space": SPACE, "num_samples": 0},
+     "config field 'tune.num_samples': Input should be greater than or equal to 1"),
     ({"space": SPACE, "metric": "mean_accuracy"}, "config field 'tune.metric'"),
     ({"space": SPACE, "bogus": 1}, "config field 'tune.bogus': unknown key"),
     ({"space": {}}, "config field 'tune.space': give at least one parameter"),
     ({"space": {"train.lr": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
-    ({"space": {"train.lr": {"uniform": [0.1]}}}, "tune.space.train.lr': uniform needs [low, high]"),
+    ({"space": {"train.lr": {"uniform": [0.1]}}},
+     "tune.space.train.lr': uniform needs [low, high]"),
     ({"space": {"train.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
     ({"space": {"train.lr": {"uniform": [0.5, 0.1]}}}, "uniform needs low < high"),
     ({"space": {"train.lr": {"uniform": [0.1, 0.5], "choice": [1]}}}, "give exactly one of"),
@@ -63,7 +65,8 @@ def test_bad_tune_sections_give_one_line_errors(tune, message):
 
 def test_space_may_be_nested_and_overridden_with_set():
     _, _, settings = split_tune_config(
-        {**tiny_config(), "tune": {"space": {"strategy": {"params": {"top_k": {"choice": [1, 2]}}}}}},
+        {**tiny_config(),
+         "tune": {"space": {"strategy": {"params": {"top_k": {"choice": [1, 2]}}}}}},
         ["tune.space.train.lr.uniform=[0.001, 0.01]"])
     assert set(settings.space) == {"strategy.params.top_k", "train.lr"}
     assert settings.space["train.lr"].values == (0.001, 0.01)
@@ -78,8 +81,10 @@ def test_missing_tune_section_and_bad_run_fields_are_config_errors():
 
 def test_space_bounds_are_checked_against_the_run_schema():
     data, _, settings = split_tune_config(
-        {**tiny_config(), "tune": {"space": {"strategy.params.threshold": {"uniform": [-0.5, 1.5]}}}})
-    with pytest.raises(ConfigError, match=r"tune.space.'strategy.params.threshold' = 1.5: .*threshold"):
+        {**tiny_config(),
+         "tune": {"space": {"strategy.params.threshold": {"uniform": [-0.5, 1.5]}}}})
+    with pytest.raises(ConfigError,
+                       match=r"tune.space.'strategy.params.threshold' = 1.5: .*threshold"):
         check_space(data, settings)
     data, _, settings = split_tune_config(
         {**tiny_config(), "tune": {"space": {"train.nope": {"choice": [1]}}}})
@@ -90,7 +95,8 @@ def test_space_bounds_are_checked_against_the_run_schema():
 def test_sampling_follows_the_space_and_is_seeded():
     _, _, settings = split_tune_config(_tune())
     a = sample_space(settings.space, 50, seed=1)
-    assert a == sample_space(settings.space, 50, seed=1) and a != sample_space(settings.space, 50, seed=2)
+    assert (a == sample_space(settings.space, 50, seed=1)
+            and a != sample_space(settings.space, 50, seed=2))
     for p in a:
         assert -0.2 <= p["strategy.params.threshold"] <= 0.6
         assert 1e-4 <= p["train.lr"] <= 1e-2
@@ -106,8 +112,10 @@ def test_sampling_follows_the_space_and_is_seeded():
 
 def test_trial_config_applies_dotted_params():
     data, _, _ = split_tune_config(_tune())
-    cfg = trial_config(data, {"strategy.params.threshold": 0.25, "model.peft.r": 8, "train.lr": 0.003})
-    assert cfg.strategy.params["threshold"] == 0.25 and cfg.model.peft.r == 8 and cfg.train.lr == 0.003
+    cfg = trial_config(data, {"strategy.params.threshold": 0.25, "model.peft.r": 8,
+                              "train.lr": 0.003})
+    assert (cfg.strategy.params["threshold"] == 0.25 and cfg.model.peft.r == 8
+            and cfg.train.lr == 0.003)
     assert config_from_dict(data).model.peft.r == 4  # the base is untouched
 
 
@@ -177,4 +185,5 @@ def test_job_entrypoint_maps_to_fedbip_tune():
     from fedbip_ray.cli import build_parser
 
     args = build_parser().parse_args(argv)
-    assert (args.command, args.config, args.overrides, args.output) == ("tune", "c.yaml", ["tune.num_samples=2"], "o")
+    assert (args.command, args.config, args.overrides, args.output) == (
+        "tune", "c.yaml", ["tune.num_samples=2"], "o")

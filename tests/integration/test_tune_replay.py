@@ -40,7 +40,8 @@ def recorded(ray_local, tmp_path_factory):
 
 def test_recover_deltas_inverts_the_server_step():
     rng = np.random.default_rng(0)
-    before, tau = rng.normal(size=(3, 50)).astype(np.float32), rng.normal(size=(3, 50)).astype(np.float32)
+    before, tau = (rng.normal(size=(3, 50)).astype(np.float32),
+                   rng.normal(size=(3, 50)).astype(np.float32))
     w = np.array([[0.6, 0.3, 0.1], [0.2, 0.8, 0.0], [0.1, 0.1, 0.8]])
     after = before + (w.astype(np.float32) @ tau)
     assert np.allclose(recover_deltas(before, after, w), tau, atol=1e-4)
@@ -75,7 +76,8 @@ def test_replay_search_picks_by_validation_and_writes_best_config(recorded, tmp_
                     "strategy.params.temperature": {"choice": [None, 0.1]}}}}
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(tune_cfg))
-    assert main(["replay", str(path), "--recording", str(out), "--output", str(tmp_path / "replay")]) == 0
+    assert main(["replay", str(path), "--recording", str(out),
+                 "--output", str(tmp_path / "replay")]) == 0
     s = json.loads((tmp_path / "replay" / "replay_summary.json").read_text())
     vals = [c["last"]["mean_val_accuracy"] for c in s["candidates"]]
     assert len(vals) == 3 and all(0.0 <= v <= 1.0 for v in vals)
@@ -85,7 +87,8 @@ def test_replay_search_picks_by_validation_and_writes_best_config(recorded, tmp_
     assert best.strategy.params["threshold"] == s["best"]["params"]["strategy.params.threshold"]
     assert best.strategy.params["reference"] == "pretrained"
     # only server-side parameters can be replayed; the recorded setting must match
-    path.write_text(yaml.safe_dump({**tune_cfg, "tune": {"space": {"train.lr": {"choice": [0.1]}}}}))
+    path.write_text(yaml.safe_dump({**tune_cfg,
+                                    "tune": {"space": {"train.lr": {"choice": [0.1]}}}}))
     with pytest.raises(ConfigError, match="strategy.params"):
         run_replay(path, [], out, tmp_path / "bad")
     path.write_text(yaml.safe_dump(tune_cfg))

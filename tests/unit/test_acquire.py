@@ -61,9 +61,11 @@ def test_plan_fails_at_once_in_one_line_for_what_can_never_come():
     with pytest.raises(ConfigError) as exc:
         acquire.plan_num_actors(4, {"CPU": 1.0, "GPU": 5.0}, limits())
     msg = str(exc.value)
-    assert msg.startswith("resources.num_gpus_per_client=5: no node can ever hold") and "\n" not in msg
+    assert (msg.startswith("resources.num_gpus_per_client=5: no node can ever hold")
+            and "\n" not in msg)
     assert "gpu_worker {CPU: 1, GPU: 1} x3" in msg
-    with pytest.raises(ConfigError, match=r"resources.num_actors=4: the cluster can hold at most 3"):
+    with pytest.raises(ConfigError,
+                       match=r"resources.num_actors=4: the cluster can hold at most 3"):
         acquire.plan_num_actors(4, {"CPU": 1.0, "GPU": 1.0}, limits(), requested=4)
     with pytest.raises(ConfigError, match=r"num_cpus_per_client=4"):
         acquire.plan_num_actors(4, {"CPU": 4.0}, limits(autoscaler=False))
@@ -82,10 +84,12 @@ def test_launcher_configs_of_the_repo_give_their_gpu_ceilings():
     cloud = ClusterLimits(True, types, cap, (), "cluster.yaml")
     assert acquire.ceiling_capacity({"CPU": 1.0, "GPU": 1.0}, cloud) == 8
     assert acquire.ceiling_capacity({"CPU": 1.0, "GPU": 0.25}, cloud) == 32
-    types, cap = acquire.launcher_node_types(yaml.safe_load((REPO / "cluster.local.yaml").read_text()))
+    types, cap = acquire.launcher_node_types(
+        yaml.safe_load((REPO / "cluster.local.yaml").read_text()))
     local = ClusterLimits(True, types, cap, (), "cluster.local.yaml")
     assert acquire.ceiling_capacity({"CPU": 1.0, "GPU": 1.0}, local) == 3
-    assert acquire.launcher_node_types({"available_node_types": {"w": {"max_workers": 2}}}) == (None, None)
+    assert acquire.launcher_node_types(
+        {"available_node_types": {"w": {"max_workers": 2}}}) == (None, None)
 
 
 def test_a_monitor_mirroring_the_nodes_is_no_autoscaler():

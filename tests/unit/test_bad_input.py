@@ -81,7 +81,8 @@ def _valid_checkpoint(tmp: Path) -> None:
     cfg = config_from_dict(_base())
     tensors = {"states": np.zeros((4, 2), np.float32), "init": np.zeros(2, np.float32)}
     layout = {"names": ["w"], "shapes": [[2]], "offsets": [0]}
-    checkpoint.write_checkpoint(run / "checkpoints", 1, tensors, layout, [{"round": 1}], cfg.to_dict())
+    checkpoint.write_checkpoint(run / "checkpoints", 1, tensors, layout, [{"round": 1}],
+                                cfg.to_dict())
 
 
 def _empty_model_dir(tmp: Path) -> None:
@@ -108,7 +109,8 @@ CASES = [
     Case("missing-label-column", "data.label_column: column 'label' not in",
          args=_sets("data.dataset=file", "data.path={tmp}/reviews.csv"), files=_csv),
     Case("unsupported-data-format", "unsupported format",
-         args=_sets("data.dataset=file", "data.path={tmp}/notes.txt"), files=_text("notes.txt", "x")),
+         args=_sets("data.dataset=file", "data.path={tmp}/notes.txt"),
+         files=_text("notes.txt", "x")),
     Case("unknown-dataset", "data.dataset: unknown dataset 'imagenet'",
          args=_sets("data.dataset=imagenet")),
     Case("more-clients-than-samples", "data.num_clients: 500 clients x 60 examples need 30000",
@@ -117,15 +119,20 @@ CASES = [
          args=_sets("data.val_fraction=0.5", "data.test_fraction=0.5")),
     Case("clients-per-round-too-many", "clients_per_round (9) exceeds data.num_clients (4)",
          args=_sets("federation.clients_per_round=9")),
-    Case("min-report-zero", "federation.min_report_fraction", args=_sets("federation.min_report_fraction=0")),
+    Case("min-report-zero", "federation.min_report_fraction",
+         args=_sets("federation.min_report_fraction=0")),
     Case("bad-excess-norm-policy", "federation.updates.on_excess_norm",
          args=_sets("federation.updates.on_excess_norm=ignore")),
-    Case("negative-noise", "privacy.noise_multiplier", args=_sets("privacy.clip_norm=1", "privacy.noise_multiplier=-1")),
+    Case("negative-noise", "privacy.noise_multiplier",
+         args=_sets("privacy.clip_norm=1", "privacy.noise_multiplier=-1")),
     Case("bad-set-syntax", "override 'federation.rounds': expected dotted.key=value",
          args=_sets("federation.rounds")),
-    Case("bad-set-yaml", "value is not valid YAML", args=_sets("model.peft.target_modules=[query,")),
-    Case("invalid-yaml", ": invalid YAML", cfg=None, files=_text("c.yaml", "name: x\nseed: [1, 2\n")),
-    Case("yaml-not-a-mapping", "top level must be a mapping", cfg=None, files=_text("c.yaml", "- 1\n")),
+    Case("bad-set-yaml", "value is not valid YAML",
+         args=_sets("model.peft.target_modules=[query,")),
+    Case("invalid-yaml", ": invalid YAML", cfg=None,
+         files=_text("c.yaml", "name: x\nseed: [1, 2\n")),
+    Case("yaml-not-a-mapping", "top level must be a mapping", cfg=None,
+         files=_text("c.yaml", "- 1\n")),
     Case("binary-config", "c.yaml': not a text YAML file", cfg=None,
          files=_bytes("c.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x80")),
     Case("control-characters-config", "c.yaml': not a text YAML file", cfg=None,
@@ -146,8 +153,10 @@ CASES = [
          args=("--resume", "{tmp}"), files=lambda tmp: None),
     Case("unreadable-checkpoint", "latest.json unreadable", cfg=None,
          args=("--resume", "{tmp}/run"), files=_corrupt_checkpoint),
-    Case("resume-with-other-config", "config differs from the checkpoint's (data.num_clients: 4 -> 6)",
-         cfg=None, args=("--resume", "{tmp}/run", "--set", "data.num_clients=6"), files=_valid_checkpoint),
+    Case("resume-with-other-config",
+         "config differs from the checkpoint's (data.num_clients: 4 -> 6)",
+         cfg=None, args=("--resume", "{tmp}/run", "--set", "data.num_clients=6"),
+         files=_valid_checkpoint),
     Case("gpus-requested-but-absent", "num_gpus_per_client=1: the Ray cluster has 0 GPUs",
          args=_sets("resources.num_gpus_per_client=1"), ray=True),
     Case("more-cpus-than-cluster", "num_cpus_per_client=64: the Ray cluster has 2 CPUs",

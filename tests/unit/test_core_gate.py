@@ -64,7 +64,8 @@ def test_check_mixes_sorts_and_empty_turns_off():
 
 def test_fedbip_strategies_expose_the_gate_to_clients():
     assert make_strategy("fedbip").client_options.gate_mixes == (1.0, 0.5, 0.0)
-    assert make_strategy("fedbip-layer", {"gate": [0.0, 1.0]}).client_options.gate_mixes == (1.0, 0.0)
+    assert make_strategy("fedbip-layer",
+                         {"gate": [0.0, 1.0]}).client_options.gate_mixes == (1.0, 0.0)
     assert make_strategy("fedbip", {"gate": []}).client_options.gate_mixes == ()
     assert make_strategy("fedbip-paper").client_options.gate_mixes == ()
     assert make_strategy("fedavg").client_options.gate_mixes == ()
@@ -79,7 +80,8 @@ def test_server_gate_pair_and_apply_gate():
 
     layout = Layout.from_shapes({"a.weight": (2, 3), "head.weight": (2,)})
     rng = np.random.default_rng(0)
-    srv = FederatedServer(ServerSettings.of("fedbip", {"reference": "round", "lora_product": False}, 3))
+    srv = FederatedServer(ServerSettings.of("fedbip", {"reference": "round",
+                                                       "lora_product": False}, 3))
     init = rng.normal(size=layout.size).astype(np.float32)
     srv.initialize(init, layout)
     taus = rng.normal(size=(3, layout.size)).astype(np.float32)
@@ -87,14 +89,16 @@ def test_server_gate_pair_and_apply_gate():
     assert report.aggregated
     agg = srv.all_states().copy()
     assert report.modified == []
-    np.testing.assert_array_equal(srv.gate_local(1), init + taus[1])  # own training only, bit for bit
+    # own training only, bit for bit
+    np.testing.assert_array_equal(srv.gate_local(1), init + taus[1])
     np.testing.assert_array_equal(srv.get_state(1), agg[1])  # the aggregate until the gate applies
     applied = srv.apply_gate({0: 1.0, 1: 0.0, 2: 0.5})
     assert applied == {1: 0.0, 2: 0.5}
     states = srv.all_states()
     np.testing.assert_allclose(states[0], agg[0])
     np.testing.assert_allclose(states[1], init + taus[1], rtol=1e-6)
-    np.testing.assert_allclose(states[2], 0.5 * (init + taus[2]) + 0.5 * agg[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(states[2], 0.5 * (init + taus[2]) + 0.5 * agg[2],
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(KeyError, match="no gate candidates"):
         srv.gate_local(1)  # consumed
     # strategies without a gate keep no copies

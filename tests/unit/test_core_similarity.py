@@ -252,10 +252,12 @@ def test_numpy_linkage_agrees_with_scipy() -> None:
 
 
 @pytest.mark.parametrize("lora_product", [False, True])
-def test_sum_of_matrices_in_small_column_blocks_equals_the_materialized_sum(monkeypatch, lora_product):
+def test_sum_of_matrices_in_small_column_blocks_equals_the_materialized_sum(monkeypatch,
+                                                                            lora_product):
     from fedbip_ray.core import similarity as sim
 
-    layout = Layout.from_shapes({"q.lora_A.weight": (2, 5), "q.lora_B.weight": (3, 2), "head.weight": (7,)})
+    layout = Layout.from_shapes({"q.lora_A.weight": (2, 5), "q.lora_B.weight": (3, 2),
+                                 "head.weight": (7,)})
     rng = np.random.default_rng(1)
     states = rng.normal(size=(4, layout.size)).astype(np.float32)
     deltas = rng.normal(size=(4, layout.size)).astype(np.float32)
@@ -266,7 +268,8 @@ def test_sum_of_matrices_in_small_column_blocks_equals_the_materialized_sum(monk
     got = sim.similarity_matrix(lazy, layout, lora_product=lora_product, base=init)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     _, per = sim.per_module_similarity(lazy, layout, lora_product=lora_product, base=init)
-    _, per_want = sim.per_module_similarity(states + deltas, layout, lora_product=lora_product, base=init)
+    _, per_want = sim.per_module_similarity(states + deltas, layout, lora_product=lora_product,
+                                            base=init)
     np.testing.assert_allclose(per, per_want, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="summands"):
         sim.SumOfMatrices(states, deltas[:2])

@@ -69,7 +69,8 @@ def test_shards_roundtrip_and_group_flip(tmp_path):
     assert sum(len(f) for f in parts.values()) == 40
     # group 1 is label-flipped: its "positive" cue words now carry label 0
     train = parts["train"]
-    pos = train["text"].str.contains("great|superb|lovely|brilliant|charming|moving|delightful|witty|fresh|good")
+    pos = train["text"].str.contains(
+        "great|superb|lovely|brilliant|charming|moving|delightful|witty|fresh|good")
     neg = train["text"].str.contains("bad|awful|dull|boring|clumsy|tedious|bland|weak|messy|stale")
     assert (train[pos & ~neg]["label"] == 0).all()
 
@@ -103,7 +104,8 @@ def test_user_file_dataset(tmp_path, fmt):
         ({"dataset": "file"}, "data.path: required"),
         ({"dataset": "file", "path": "/nonexistent.parquet"}, "file not found"),
         ({"dataset": "nope"}, "unknown dataset 'nope'"),
-        ({"dataset": "synthetic-text", "num_clients": 500, "examples_per_client": 100}, "need 50000 examples"),
+        ({"dataset": "synthetic-text", "num_clients": 500, "examples_per_client": 100},
+         "need 50000 examples"),
         ({"dataset": "file", "path": "@CSV", "label_column": "missing"}, "column 'missing' not in"),
     ],
 )

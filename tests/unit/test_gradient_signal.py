@@ -65,7 +65,8 @@ def test_gradient_reference_compares_signals_not_task_vectors():
     s = strat.aggregate(inp).similarity
     assert s[0, 2] == pytest.approx(1.0) and s[0, 1] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="gradient signals"):
-        strat.aggregate(AggregationInput(states=inp.states, deltas=deltas, counts=inp.counts, layout=layout))
+        strat.aggregate(AggregationInput(states=inp.states, deltas=deltas, counts=inp.counts,
+                                         layout=layout))
     assert not make_strategy("fedbip").client_options.send_gradient
 
 
@@ -73,5 +74,6 @@ def test_gradient_reference_with_privacy_is_a_config_error():
     from fedbip_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="gradient"):
-        config_from_dict(tiny_config(strategy={"name": "fedbip", "params": {"reference": "gradient"}},
+        config_from_dict(tiny_config(strategy={"name": "fedbip",
+                                               "params": {"reference": "gradient"}},
                                      privacy={"clip_norm": 1.0, "noise_multiplier": 1.0}))

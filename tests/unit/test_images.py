@@ -70,7 +70,9 @@ def test_fashion_mnist_loader_on_synthetic_files(tmp_path):
 
 
 def test_digits_registry_loader():
-    ds = load_dataset(config_from_dict({"model": {"name": "tiny-cnn", "task": "image-classification"}, "data": {"dataset": "digits"}}).data, 0)
+    ds = load_dataset(config_from_dict({"model": {"name": "tiny-cnn",
+                                                  "task": "image-classification"},
+                                        "data": {"dataset": "digits"}}).data, 0)
     assert len(ds.frame) == 1797 and ds.label_names == tuple("0123456789")
     px = I.frame_pixels(ds.frame.iloc[:5], 8)
     assert px.shape == (5, 1, 8, 8) and float(px.max()) == 1.0 and float(px.min()) == 0.0

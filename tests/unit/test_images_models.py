@@ -26,7 +26,8 @@ class _PaddedPointwise(nn.Conv2d):
     """A Conv2d subclass like the package's Conv2dStaticSamePadding (identity padding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation,
+                                    self.groups)
 
 
 def test_swap_pointwise_convs_is_exact_on_a_toy_model():
@@ -53,7 +54,9 @@ def test_efficientnet_swap_equivalence_and_lora_targets():
     with torch.no_grad():
         assert torch.equal(ref(x), swapped(x))
     # LoRA wraps the swapped convs; B = 0 so the wrapped model computes the same logits
-    cfg = config_from_dict({"model": {"name": "efficientnet-lite0", "task": "image-classification"}, "data": {"dataset": "digits"}})
+    cfg = config_from_dict({"model": {"name": "efficientnet-lite0",
+                                      "task": "image-classification"},
+                            "data": {"dataset": "digits"}})
     peft_model = V.wrap_image_peft(swapped, cfg.model, 0).eval()
     names = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("_blocks.15._project_conv.lora_A" in n for n in names)
@@ -73,7 +76,8 @@ def _tiny_cfg(**train):
     return config_from_dict({
         "model": {"name": "tiny-cnn", "task": "image-classification",
                   "peft": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "data": {"dataset": "digits", "partition": {"kind": "groups", "num_groups": 2, "shift": "rotation"}},
+        "data": {"dataset": "digits",
+                 "partition": {"kind": "groups", "num_groups": 2, "shift": "rotation"}},
         "train": {"batch_size": 16, "lr": 0.01, **train},
     })
 

@@ -69,7 +69,8 @@ def test_generated_answers_are_correct(frame):
         assert row["response"] == str(expected)
     rec = frame[frame["task"] == "record-to-text"].iloc[0]
     fields = dict(kv.split(": ") for kv in rec["prompt"].split("Record: ")[1].split("; "))
-    assert rec["response"] == f"{fields['name']} is a {fields['age']}-year-old {fields['job']} from {fields['city']}."
+    assert rec["response"] == (f"{fields['name']} is a {fields['age']}-year-old "
+                               f"{fields['job']} from {fields['city']}.")
 
 
 def test_conflicting_pair_same_prompts_opposite_answers(frame):
@@ -146,12 +147,15 @@ def test_left_pad_and_positions():
 def test_scores():
     assert LT.exact_match(" Positive. ", "positive") == 1.0
     assert LT.exact_match("positive!", "negative") == 0.0
-    assert LT.rouge_l("Ana is a teacher from Oslo", "Ana is a teacher from Oslo.") == pytest.approx(1.0)
+    assert LT.rouge_l("Ana is a teacher from Oslo",
+                      "Ana is a teacher from Oslo.") == pytest.approx(1.0)
     assert 0 < LT.rouge_l("Ana is from Oslo", "Ana is a teacher from Oslo.") < 1
-    s = LT.score_predictions(["positive", "Ana is from Oslo"], ["positive", "Ana is a teacher from Oslo."],
+    s = LT.score_predictions(["positive", "Ana is from Oslo"],
+                             ["positive", "Ana is a teacher from Oslo."],
                              ["exact_match", "rouge_l"])
     assert s["exact_match"] == 0.5
-    assert s["accuracy"] == pytest.approx((1.0 + LT.rouge_l("Ana is from Oslo", "Ana is a teacher from Oslo.")) / 2)
+    assert s["accuracy"] == pytest.approx(
+        (1.0 + LT.rouge_l("Ana is from Oslo", "Ana is a teacher from Oslo.")) / 2)
     assert np.isnan(LT.score_predictions([], [], [])["accuracy"])
 
 
@@ -159,7 +163,8 @@ def test_batched_response_loss_matches_unpadded_reference(frame, monkeypatch, tm
     """Left padding + position ids + logits_to_keep give the per-example HF loss."""
     monkeypatch.setattr(LT, "CPU_AUTOCAST_BF16", False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=96,
-                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
+                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                            "intermediate_size": 32})
     trainer = _lm_trainer(cfg, TrainConfig(batch_size=4), seed=0)
     data = trainer.encode(frame.groupby("task").head(1).reset_index(drop=True))
     rows = list(range(len(data)))
@@ -188,7 +193,8 @@ def test_batched_generation_matches_one_by_one(frame, monkeypatch):
     """Left-padded batched greedy generation = unpadded one-by-one; per-example token bound."""
     monkeypatch.setattr(LT, "CPU_AUTOCAST_BF16", False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=96,
-                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
+                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                            "intermediate_size": 32})
     trainer = _lm_trainer(cfg, TrainConfig(eval_batch_size=8), seed=1)
     data = trainer.encode(frame.groupby("task").head(1).reset_index(drop=True))
     rows = list(range(len(data)))
@@ -198,7 +204,8 @@ def test_batched_generation_matches_one_by_one(frame, monkeypatch):
         n = len(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
         assert n <= min(LT.MAX_NEW_TOKENS, data.response_length(i) + LT.EVAL_MARGIN) + 1
     scores = trainer.evaluate(data)
-    assert set(scores) >= {"accuracy", "loss", "n", "exact_match", "rouge_l"} and scores["n"] == len(data)
+    assert (set(scores) >= {"accuracy", "loss", "n", "exact_match", "rouge_l"}
+            and scores["n"] == len(data))
 
 
 def test_tiny_llama_without_smollm2_uses_char_tokenizer(frame, monkeypatch):
@@ -206,7 +213,8 @@ def test_tiny_llama_without_smollm2_uses_char_tokenizer(frame, monkeypatch):
 
     monkeypatch.setattr(lm, "smollm2_available", lambda: False)
     cfg = ModelConfig(name="tiny-llama", task="causal-lm", max_length=160,
-                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32})
+                      tiny={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                            "intermediate_size": 32})
     trainer = _lm_trainer(cfg, TrainConfig(batch_size=4, lr=0.05), seed=0)
     assert len(trainer.tokenizer) < 200 and not getattr(trainer.tokenizer, "chat_template", None)
     data = trainer.encode(frame.groupby("task").head(2).reset_index(drop=True))

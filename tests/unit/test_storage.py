@@ -34,7 +34,8 @@ def test_local_path_and_file_uri_are_the_same_place(tmp_path):
     assert a.is_local and b.is_local and a.path == b.path == str(tmp_path / "out")
     assert a.local_path == tmp_path / "out" and b.describe() == f"file://{tmp_path}/out"
     child = a / "checkpoints" / "latest.json"
-    assert child.path == str(tmp_path / "out/checkpoints/latest.json") and child.name == "latest.json"
+    assert (child.path == str(tmp_path / "out/checkpoints/latest.json")
+            and child.name == "latest.json")
     assert str(b / "x") == f"file://{tmp_path}/out/x"
     assert open_location(a) is a
     assert pickle.loads(pickle.dumps(a)) == a
@@ -207,7 +208,8 @@ def test_publish_and_read_latest(tmp_path, as_uri):
         final = storage.publish_checkpoint(root, rnd, files_for(rnd))
         assert final.name == f"round_{rnd:05d}"
     assert sorted(os.listdir(tmp_path / "ck")) == ["latest.json", "round_00002", "round_00003"]
-    assert json.loads((tmp_path / "ck/latest.json").read_text()) == {"round": 3, "path": "round_00003"}
+    assert json.loads((tmp_path / "ck/latest.json").read_text()) == {
+        "round": 3, "path": "round_00003"}
     got = storage.read_latest(root)
     assert got.round == 3 and got.location == root / "round_00003"
     assert got.files == {"server.safetensors": bytes([3]) * 2048, "layout.json": b'{"names": []}',

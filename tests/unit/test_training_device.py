@@ -65,8 +65,10 @@ def test_trainers_resolve_to_fp32_on_cpu_except_causal_lm():
 
     seq = make_trainer(config_from_dict(tiny_config()), 2, torch.device("cpu"))
     assert seq.device.type == "cpu" and seq.precision == "fp32"
-    lm_cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 32,
-                                         "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+    lm_cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm",
+                                         "max_length": 32,
+                                         "tiny": {"hidden_size": 16, "num_layers": 1,
+                                                  "num_heads": 2,
                                                   "intermediate_size": 32}},
                                "data": {"dataset": "instruct-tasks"}})
     lm = make_trainer(lm_cfg, 6, torch.device("cpu"))
@@ -91,7 +93,8 @@ def test_gradient_checkpointing_trains_the_same_adapter():
     from fedbip_ray.data import instruct as I
     from fedbip_ray.training.registry import make_trainer
 
-    frame = I.build_instruct_frame(seed=3, per_task=60).groupby("task").head(1).reset_index(drop=True)
+    frame = (I.build_instruct_frame(seed=3, per_task=60).groupby("task").head(1)
+             .reset_index(drop=True))
     states = []
     for checkpointing in (False, True):
         tr = make_trainer(_lm_cfg(gradient_checkpointing=checkpointing), 6, torch.device("cpu"))
