@@ -103,7 +103,11 @@ def test_partial_participation_keeps_absent_clients(ray_local, tmp_path):
 
 def test_sampling_is_seeded():
     assert sample_clients(10, 3, 0, 1) == sample_clients(10, 3, 0, 1)
-    assert sample_clients(10, 3, 0, 1) != sample_clients(10, 3, 0, 2) or True
+    # the sample changes with the round and with the seed
+    assert sample_clients(10, 3, 0, 1) != sample_clients(10, 3, 0, 2)
+    assert len({tuple(sample_clients(10, 3, 0, r)) for r in range(1, 11)}) >= 5
+    assert sample_clients(10, 3, 1, 1) != sample_clients(10, 3, 0, 1)
+    assert all(len(set(sample_clients(10, 3, 0, r))) == 3 for r in range(1, 11))
     assert sample_clients(4, 8, 0, 1) == [0, 1, 2, 3]
 
 
