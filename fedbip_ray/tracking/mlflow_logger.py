@@ -7,6 +7,7 @@ Embedded default: a local sqlite store ``sqlite:///mlflow.db`` in the working di
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -60,10 +61,18 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+TRACKING_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                              "databricks", "databricks-uc", "uc"})
+
+
 def probe_tracking(uri: str, timeout_s: float = 3.0) -> None:
     """ConfigError (one line) when an http(s) tracking server does not answer within
     ``timeout_s`` (MLflow's client would retry for minutes); local stores are not probed."""
-    if not uri.startswith(("http://", "https://")):
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking URI {uri}: unknown scheme '{scheme}' (one of "
+                          f"{', '.join(sorted(TRACKING_SCHEMES))}, or a local path)")
+    if scheme not in ("http", "https"):
         return
     url = uri.rstrip("/") + "/health"
     try:
@@ -71,7 +80,7 @@ def probe_tracking(uri: str, timeout_s: float = 3.0) -> None:
             resp.read(64)
     except urllib.error.HTTPError:
         return  # something answers (a proxy or an older server without /health)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         why = getattr(reason, "strerror", None) or str(reason) or type(exc).__name__
         raise ConfigError(f"tracking URI {uri}: no MLflow server answers ({why}); start one or "
