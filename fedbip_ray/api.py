@@ -112,7 +112,8 @@ def load_client_model(run_dir: str | Path, client: int | str,
     snap = load_run(run_dir)
     if isinstance(client, int) and not isinstance(client, bool):
         if not 0 <= client < snap.shards.num_clients:
-            raise ConfigError(f"client {client}: the run has clients 0..{snap.shards.num_clients - 1}")
+            raise ConfigError(f"client {client}: the run has clients "
+                              f"0..{snap.shards.num_clients - 1}")
         state = snap.states[client]
     else:
         state = _joined_state(Path(joined_dir) if joined_dir else snap.run_dir / "joined",

@@ -92,9 +92,9 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunSnapshot:
 @dataclass(frozen=True)
 class JoinResult:
     """One newcomer's outcome. ``peers`` name the entries of ``weights`` / ``similarity``:
-    the run's clients (``client_XXXX``), then ``self`` (each newcomer joins on its own); ``mix`` is the
-    gate's ``λ`` (state = local + λ (aggregate − local)); ``val`` / ``test`` score that state,
-    ``local_val`` / ``local_test`` the newcomer's own fine-tuned model."""
+    the run's clients (``client_XXXX``), then ``self`` (each newcomer joins on its own);
+    ``mix`` is the gate's ``λ`` (state = local + λ (aggregate − local)); ``val`` / ``test``
+    score that state, ``local_val`` / ``local_test`` the newcomer's own fine-tuned model."""
 
     name: str
     client_id: int

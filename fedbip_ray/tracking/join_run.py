@@ -82,4 +82,5 @@ def _log_newcomer(client: Any, run_id: str, directory: Path, result: Any) -> Non
         path = Path(tmp) / "join.json"
         path.write_text(json.dumps(doc, indent=1, default=str).replace("NaN", "null"))
         client.log_artifact(run_id, str(path), f"newcomers/{result.directory}")
-    client.log_artifacts(run_id, str(directory / "adapter"), f"newcomers/{result.directory}/adapter")
+    client.log_artifacts(run_id, str(directory / "adapter"),
+                         f"newcomers/{result.directory}/adapter")

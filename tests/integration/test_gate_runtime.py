@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fedbip_ray.config import config_from_dict
+from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.shards import build_shards
 from fedbip_ray.runtime.client import ClientActor
-from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.messages import ServerSettings, ShardRef
 from fedbip_ray.runtime.phases import gate_phase

@@ -43,7 +43,8 @@ def _newcomers(directory: Path) -> Path:
 
 def _digest(run: Path) -> str:
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())["path"]
-    return hashlib.sha256((run / "checkpoints" / latest / "server.safetensors").read_bytes()).hexdigest()
+    blob = (run / "checkpoints" / latest / "server.safetensors").read_bytes()
+    return hashlib.sha256(blob).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,10 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
         # ran its fit kept its own; a call taken by another actor is sent it too)
         sent = r["extra"]["gate_locals_sent"]
         assert 0 <= sent <= 2 * len(r["accepted"])
-        assert r["bytes_out"] == 4 * bip.shape[1] * (len(r["participants"]) + len(r["accepted"]) + sent)
-    assert all("gate_mix" not in json.loads(x) for x in (out_avg / "metrics.jsonl").read_text().splitlines())
+        sends = len(r["participants"]) + len(r["accepted"]) + sent
+        assert r["bytes_out"] == 4 * bip.shape[1] * sends
+    avg_rows = (out_avg / "metrics.jsonl").read_text().splitlines()
+    assert all("gate_mix" not in json.loads(x) for x in avg_rows)
     # clients with conflicting labels: personalization beats one global model
     assert s_bip["mean_accuracy"] > s_avg["mean_accuracy"] + 0.15
 
@@ -128,7 +130,8 @@ def test_gpu_request_on_cpu_cluster_fails_fast(ray_local, tmp_path):
 
 def test_gradient_reference_sends_a_signal_beside_each_task_vector(ray_local, tmp_path):
     summary, out = _run(tmp_path, "grad", federation={"rounds": 2},
-                        strategy={"name": "fedbip", "params": {"reference": "gradient", "gate": []}})
+                        strategy={"name": "fedbip",
+                                  "params": {"reference": "gradient", "gate": []}})
     assert summary["rounds_completed"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for r in rows:

@@ -62,7 +62,8 @@ def _c(id: str, needle: str, **kw) -> EnvCase:
 
 MORE_CASES = [
     # config fields
-    _c("zero-local-epochs", "config field 'train.local_epochs'", args=_sets("train.local_epochs=0")),
+    _c("zero-local-epochs", "config field 'train.local_epochs'",
+       args=_sets("train.local_epochs=0")),
     _c("unknown-optimizer", "config field 'train.optimizer'", args=_sets("train.optimizer=lion")),
     _c("negative-lr", "config field 'train.lr'", args=_sets("train.lr=-1")),
     _c("unknown-peft-method", "config field 'model.peft.method'",
@@ -100,7 +101,8 @@ MORE_CASES = [
     _c("split-column-missing", "data.split_column: column 'split' not in",
        args=_file("r.csv", "data.split_column=split"), files=_write("r.csv", CSV)),
     # models
-    _c("model-id-not-a-repo-id", "model.name 'a/b/c': not an alias", args=_sets("model.name=a/b/c")),
+    _c("model-id-not-a-repo-id", "model.name 'a/b/c': not an alias",
+       args=_sets("model.name=a/b/c")),
     _c("model-dir-with-broken-config", "model.name '{tmp}/model'",
        args=_sets("model.name={tmp}/model"), files=_bad_model_config, ray=True),
     # storage
