@@ -149,6 +149,7 @@ class MlflowCallback:
         self.ledger = MetricLedger()
         self.resumed = False
         self.status: str | None = None  # terminal status once set (FINISHED/FAILED/KILLED)
+        self._placement: dict[str, str] = {}  # client -> "node/device" last logged
         probe_tracking(self.uri)
 
     # ------------------------------------------------------------------------------ start
@@ -247,12 +248,25 @@ class MlflowCallback:
         per_client = row.get("per_client_accuracy") or {}
         if len(per_client) > limit:
             self._log_histogram(step, list(per_client.values()))
+        self._log_placement(row.get("placement") or {}, limit)
         last = step == run.cfg.federation.rounds
         png = last or step % HEATMAP_EVERY == 0 or step == 1
         if report.similarity is not None:
             self._log_matrices(step, report, png)
         elif report.summary is not None and report.summary.view.similarity is not None and png:
             self._log_views(step, report)
+
+    def _log_placement(self, placement: dict[str, str], limit: int) -> None:
+        """Where each client trained (``node/device``) as run tags ``placement.client_XXXX``,
+        updated when a client moves (up to ``limit`` clients; metrics.jsonl has them all)."""
+        from mlflow.entities import RunTag
+
+        moved = {c: where for c, where in placement.items() if self._placement.get(c) != where}
+        if not moved or len(placement) > limit:
+            return
+        self._placement.update(moved)
+        tags = [RunTag(f"placement.client_{int(c):04d}", str(w)[:250]) for c, w in moved.items()]
+        self.client.log_batch(self.run_id, tags=tags)
 
     def _log_histogram(self, step: int, values: list[float]) -> None:
         """Per-client accuracy of an evaluated round as a histogram PNG (many clients)."""

@@ -227,3 +227,20 @@ def test_shard_inputs_carry_digest_profile_and_context(tmp_path, store):
         assert {t.key: t.value for t in item.tags} == {"mlflow.data.context": f"client_{cid:04d}"}
         assert "text" in ds.schema and str(ctx.shards.paths[cid]) in ds.source
     assert len({i.dataset.digest for i in inputs}) == len(inputs)
+
+
+def test_where_each_client_trained_is_a_run_tag_updated_when_it_moves(tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    from fedbip_ray.runtime.messages import AggregationReport
+
+    ctx = _context(tmp_path, store, rounds=2)
+    cb = ml.MlflowCallback(ctx.cfg, log_adapters=False)
+    cb.on_start(ctx)
+    for rnd, where in ((1, "nodeA/cpu"), (2, "nodeB/cuda:0 (GPU 0)")):
+        row = {**_row(rnd, 1.0), "placement": {"0": where, "1": "nodeA/cpu"}}
+        ctx.history.append(row)
+        cb.on_round(ctx, row, AggregationReport(round=rnd))
+    tags = MlflowClient(tracking_uri=store).get_run(cb.run_id).data.tags
+    assert tags["placement.client_0000"] == "nodeB/cuda:0 (GPU 0)"
+    assert tags["placement.client_0001"] == "nodeA/cpu"
