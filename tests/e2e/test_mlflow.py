@@ -17,21 +17,12 @@ from fedbip_ray.tracking.adapters import evaluate_classifier, load_client_adapte
 from fedbip_ray.tracking.mlflow_logger import MlflowCallback, git_commit
 
 from ..conftest import tiny_config
-from .servers import MlflowServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
-def mlflow_server():
-    tmp = Path(tempfile.mkdtemp(prefix="fbmlf", dir="/tmp"))
-    server = MlflowServer(tmp)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.tracking.mlflow_logger import MlflowCallback
 
 from ..conftest import tiny_config
-from .servers import MlflowServer
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.skipif(
@@ -43,13 +42,6 @@ def render(url: str, screenshot: Path | None = None) -> str:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def mlflow_server():
-    server = MlflowServer(Path(tempfile.mkdtemp(prefix="fbmlb", dir="/tmp")))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

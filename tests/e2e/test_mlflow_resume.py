@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,20 +15,13 @@ import pytest
 import yaml
 
 from ..conftest import REPO, tiny_config
-from .servers import MlflowServer, env
+from .servers import env
 
 pytestmark = pytest.mark.e2e
 FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")
 ROUNDS, EVERY = 8, 4  # checkpoints after rounds 4 and 8: the kill lands in rounds 5-8
 
 
-@pytest.fixture(scope="module")
-def mlflow_server():
-    server = MlflowServer(Path(tempfile.mkdtemp(prefix="fbmlr", dir="/tmp")))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 def fedbip(args: list[str], log: Path) -> subprocess.Popen:
