@@ -23,6 +23,16 @@ for _k, _v in {
 REPO = Path(__file__).resolve().parent.parent
 
 
+def fedbip_cli(argv: list[str], env: dict[str, str], cwd: Path,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """The installed ``fedbip`` command in a fresh process (no Ray of this test session), with
+    this process's environment minus ``RAY_ADDRESS``, plus ``env``."""
+    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full.update(env)
+    return subprocess.run([str(REPO / ".venv" / "bin" / "fedbip"), *argv], capture_output=True,
+                          text=True, env=full, timeout=timeout, cwd=cwd)
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with ``start_new_session=True`` and everything in its session
     (an embedded Ray included), then reap it."""

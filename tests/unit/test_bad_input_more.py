@@ -13,6 +13,7 @@ import pytest
 
 from fedbip_ray.cli import main
 
+from ..conftest import fedbip_cli
 from .test_bad_input import CASES, Case, _sets
 from .test_bad_input_services import SERVICE_CASES
 
@@ -150,16 +151,20 @@ def _param(ec: EnvCase):
 def test_more_bad_input_exits_2_with_one_line(ec: EnvCase, tmp_path, capfd, monkeypatch,
                                              request):
     case = ec.case
-    if case.ray:
-        request.getfixturevalue("ray_local")
-    else:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for key, value in ec.env.items():
-        monkeypatch.setenv(key, value)
     argv = case.argv(tmp_path)
-    capfd.readouterr()
-    code = main(argv)
-    err = capfd.readouterr().err
+    if "RAY_ADDRESS" in ec.env:  # a fresh process: an in-process Ray would hide the address
+        proc = fedbip_cli(argv, ec.env, tmp_path)
+        code, err = proc.returncode, proc.stderr
+    else:
+        if case.ray:
+            request.getfixturevalue("ray_local")
+        else:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        for key, value in ec.env.items():
+            monkeypatch.setenv(key, value)
+        capfd.readouterr()
+        code = main(argv)
+        err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     needle = case.needle.replace("{tmp}", str(tmp_path))
     assert code == 2, err
