@@ -222,15 +222,21 @@ def _with_create_times(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def _terminate(pids: list[int], grace_s: float) -> None:
+def _signal(pids: list[int], kill: bool) -> list[psutil.Process]:
+    """SIGKILL (or SIGTERM) each pid still alive; the processes signalled."""
     procs = []
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            proc.terminate()
+            proc.kill() if kill else proc.terminate()
             procs.append(proc)
         except psutil.Error:
             continue
+    return procs
+
+
+def _terminate(pids: list[int], grace_s: float) -> None:
+    procs = _signal(pids, kill=False)
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
         try:
@@ -281,15 +287,7 @@ def kill_node(temp_dir: str | Path, node_id: str) -> list[int]:
     pids = node_pids(temp_dir, node_id)
     if not pids:
         raise RuntimeError(f"no process of node {node_id} under {temp_dir}")
-    procs = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            proc.kill()
-            procs.append(proc)
-        except psutil.Error:
-            continue
-    psutil.wait_procs(procs, timeout=10)
+    psutil.wait_procs(_signal(pids, kill=True), timeout=10)
     return pids
 
 

@@ -12,18 +12,9 @@ from fedbip_ray.core.lora import balanced_split, lora_factor_pairs, lowrank_sum
 from fedbip_ray.core.strategies import AggregationInput, make_strategy
 from fedbip_ray.core.taskvector import Layout
 
-FAST = settings(max_examples=40, deadline=None)
+from .test_core_strategies import LAYOUT  # two LoRA modules (q, v) and a saved head
 
-LAYOUT = Layout.from_shapes(
-    {
-        "m.q.lora_A.default.weight": (2, 3),
-        "m.q.lora_B.default.weight": (4, 2),
-        "m.v.lora_A.default.weight": (2, 3),
-        "m.v.lora_B.default.weight": (4, 2),
-        "classifier.modules_to_save.default.weight": (2, 4),
-        "classifier.modules_to_save.default.bias": (2,),
-    }
-)
+FAST = settings(max_examples=40, deadline=None)
 QA, QB = LAYOUT.index("m.q.lora_A.default.weight"), LAYOUT.index("m.q.lora_B.default.weight")
 VA, VB = LAYOUT.index("m.v.lora_A.default.weight"), LAYOUT.index("m.v.lora_B.default.weight")
 HEAD = slice(LAYOUT.index("classifier.modules_to_save.default.weight").start, LAYOUT.size)
