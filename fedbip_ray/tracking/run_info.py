@@ -141,9 +141,28 @@ def row_metrics(row: dict[str, Any], history: list[dict[str, Any]],
     else:
         for cid, acc in per_client.items():
             values[f"client_{int(cid):04d}_accuracy"] = float(acc)
+        for cid, acc in (row.get("per_client_val_accuracy") or {}).items():
+            values[f"client_{int(cid):04d}_val_accuracy"] = float(acc)
+    values.update(task_metrics(row))
     values.update({k: float(v) for k, v in row.get("extra", {}).items()})
     values.update(byte_totals(history))
     return {k: float(v) for k, v in values.items() if float(v) == float(v)}
+
+
+def task_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """Per-task scores of a row (causal LMs with tasks): ``task_<name>_score`` (test) and
+    ``task_<name>_val_score``, names reduced to MLflow's allowed characters."""
+    out: dict[str, float] = {}
+    for key, suffix in (("per_task_score", "score"), ("per_task_val_score", "val_score")):
+        for task, value in (row.get(key) or {}).items():
+            if value is not None:
+                out[f"task_{metric_safe(str(task))}_{suffix}"] = float(value)
+    return out
+
+
+def metric_safe(name: str) -> str:
+    """``name`` with characters MLflow refuses in metric keys replaced by ``_``."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
 def final_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, float]:

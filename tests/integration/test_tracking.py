@@ -244,3 +244,14 @@ def test_where_each_client_trained_is_a_run_tag_updated_when_it_moves(tmp_path, 
     tags = MlflowClient(tracking_uri=store).get_run(cb.run_id).data.tags
     assert tags["placement.client_0000"] == "nodeB/cuda:0 (GPU 0)"
     assert tags["placement.client_0001"] == "nodeA/cpu"
+
+
+def test_per_task_and_per_client_validation_scores_are_metrics():
+    row = {**_row(1, 1.0), "per_client_val_accuracy": {"0": 0.4, "1": 0.6},
+           "per_task_score": {"sentiment": 0.8, "word reversal?": 0.3},
+           "per_task_val_score": {"sentiment": 0.7}}
+    got = run_info.row_metrics(row, [row])
+    assert got["client_0001_val_accuracy"] == pytest.approx(0.6)
+    assert got["task_sentiment_score"] == pytest.approx(0.8)
+    assert got["task_word reversal__score"] == pytest.approx(0.3)
+    assert got["task_sentiment_val_score"] == pytest.approx(0.7)
