@@ -4,7 +4,8 @@ A strategy maps one round's :class:`AggregationInput` (the participants' receive
 their task vectors, stacked as ``(N, D)`` float32 matrices) to an :class:`AggregationResult`
 (their next personalized states); ``client_options`` tells the runtime how clients should train
 (proximal term, fine-tuning before evaluation). Those types live in :mod:`.interface`, the
-wrappers (clipping, DP noise) in :mod:`.wrappers`; both are re-exported here.
+wrappers (clipping, DP noise) in :mod:`.wrappers`; both are re-exported here. ``fedbip`` and
+``fedbip-layer`` live in :mod:`.fedbip`, the peer methods in :mod:`.peers`.
 
 Each strategy's parameters are its dataclass fields, each declared once with its
 :class:`~fedbip_ray.core.params.Check`; :func:`check_strategy_params` validates a raw mapping
@@ -14,32 +15,19 @@ without checking again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .aggregate import aggregate_layerwise, aggregate_task_vectors, mix_models
-from .gate import check_mixes
+from .aggregate import aggregate_task_vectors, mix_models
+from .fedbip import FedBipLayerStrategy, FedBipStrategy
 from .interface import AggregationInput, AggregationResult, ClientOptions, Strategy
-from .lora import exact_lora_states
 from .params import NONNEGATIVE, POSITIVE, Check, ParamError, check_params, param, param_names
 from .peers import FedAWAStrategy, FedSALoRAStrategy
-from .similarity import (
-    SCOPES,
-    SumOfMatrices,
-    cosine_similarity,
-    per_module_similarity,
-    similarity_matrix,
-    smooth_similarity,
-)
-from .taskvector import module_groups
+from .similarity import cosine_similarity
 from .weights import (
-    SELF_SIMILARITY_CHECK,
-    TEMPERATURE,
-    THRESHOLD,
-    TOP_K,
     fedamp_weights,
     fedavg_weights,
     local_weights,
@@ -49,7 +37,6 @@ from .weights import (
 from .wrappers import ClippedStrategy, GaussianNoiseStrategy
 
 __all__ = [
-    "REFERENCES",
     "STRATEGIES",
     "AggregationInput",
     "AggregationResult",
@@ -59,9 +46,7 @@ __all__ = [
     "FedAWAStrategy",
     "FedAvgFTStrategy",
     "FedAvgStrategy",
-    "FedBipLayerStrategy",
     "FedBipPaperStrategy",
-    "FedBipStrategy",
     "FedProxStrategy",
     "FedSALoRAStrategy",
     "GaussianNoiseStrategy",
@@ -75,25 +60,7 @@ __all__ = [
     "strategy_param_names",
 ]
 
-REFERENCES: tuple[str, ...] = ("round", "pretrained", "gradient")
-
-BOOL = Check("bool")
 EPOCHS = Check("integer", ge=0)
-SMOOTHING = Check("number", ge=0.0, lt=1.0)
-REFERENCE = Check("choice", choices=REFERENCES)
-SCOPE = Check("choice", choices=SCOPES)
-GATE = Check("custom", convert=check_mixes)
-
-
-def _module_names(value: str | Sequence[str]) -> tuple[str, ...]:
-    """``modules`` as a tuple of non-empty strings (one string is one module)."""
-    mods = (value,) if isinstance(value, str) else tuple(value)
-    if not all(isinstance(m, str) and m for m in mods):
-        raise ValueError(f"modules must be non-empty strings, got {value!r}")
-    return mods
-
-
-MODULES = Check("custom", convert=_module_names)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -106,22 +73,6 @@ def _fedavg_states(inp: AggregationInput) -> tuple[np.ndarray, np.ndarray]:
     avg = row @ inp.states
     avg += row @ inp.deltas
     return np.repeat(avg[None, :], inp.n, axis=0), w
-
-
-def _compared(inp: AggregationInput, reference: str, lora_product: bool) -> tuple[np.ndarray, Any]:
-    """``(vectors, base)`` handed to the similarity functions for a reference choice
-    (``lora_product`` already False for gradients)."""
-    if reference == "gradient":
-        if inp.signals is None:
-            raise ValueError("reference 'gradient' needs the clients' gradient signals")
-        return inp.signals, None
-    if reference == "pretrained":
-        if inp.init is None:
-            raise ValueError("reference 'pretrained' needs AggregationInput.init")
-        return SumOfMatrices(inp.states, inp.deltas), inp.init
-    if lora_product:
-        return SumOfMatrices(inp.states, inp.deltas), inp.states
-    return inp.deltas, None
 
 
 # --------------------------------------------------------------------------- strategies
@@ -216,156 +167,6 @@ class FedBipPaperStrategy(_Base):
         w = personalized_weights(s)
         states = aggregate_task_vectors(inp.states, inp.deltas, w)
         return AggregationResult(states=states, weights=w, similarity=s)
-
-
-@dataclass(frozen=True)
-class _FedBipOptions(_Base):
-    """Options shared by ``fedbip`` and ``fedbip-layer``.
-
-    Attributes:
-        threshold, clip_negative, temperature, top_k: see :func:`personalized_weights`.
-        reference: ``"round"`` compares per-round task vectors (the paper);
-            ``"pretrained"`` compares cumulative vectors ``θ - init``; ``"gradient"`` compares
-            an optimizer-neutral signal: the negated sum of each client's loss gradients over
-            the round (Adam's per-coordinate scaling left out; clients send it beside the task
-            vector, ``lora_product`` does not apply, ``smoothing`` accumulates it over rounds).
-            The per-round deltas are aggregated either way.
-        center: subtract the mean task vector before the cosine.
-        lora_product: compare LoRA modules by ``ΔW = B @ A`` (per-round change of ``ΔW`` for
-            ``"round"``, ``ΔW`` itself for ``"pretrained"`` since LoRA's ``B`` starts at 0).
-        smoothing: EMA weight ``beta`` on ``prev_similarity`` (0 = off).
-        gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
-        lora_exact: aggregate each LoRA module in ``ΔW = B A`` space, truncated back to rank
-            ``r`` by an SVD (:mod:`fedbip_ray.core.lora`), instead of averaging the factors.
-    """
-
-    threshold: float | None = param(0.0, THRESHOLD)
-    clip_negative: bool = param(True, BOOL)
-    temperature: float | None = param(None, TEMPERATURE)
-    top_k: int | None = param(None, TOP_K)
-    reference: str = param("pretrained", REFERENCE)
-    center: bool = param(False, BOOL)
-    lora_product: bool = param(True, BOOL)
-    smoothing: float = param(0.0, SMOOTHING)
-    relative_threshold: bool = param(True, BOOL)
-    self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
-    gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
-    lora_exact: bool = param(False, BOOL)
-
-    @property
-    def _lora(self) -> bool:
-        """Compare LoRA modules as ``B @ A`` (never for gradient signals)."""
-        return self.lora_product and self.reference != "gradient"
-
-    @property
-    def client_options(self) -> ClientOptions:
-        return ClientOptions(gate_mixes=self.gate, send_gradient=self.reference == "gradient")
-
-    def _weights(self, s: np.ndarray) -> np.ndarray:
-        return personalized_weights(
-            s,
-            threshold=self.threshold,
-            clip_negative=self.clip_negative,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            relative_threshold=self.relative_threshold,
-            self_similarity=self.self_similarity,
-        )
-
-    def _smooth(self, prev: np.ndarray | None, s: np.ndarray) -> np.ndarray:
-        if prev is None or self.smoothing == 0:
-            return s
-        if prev.shape != s.shape:
-            prev = np.broadcast_to(prev, s.shape)
-        return smooth_similarity(prev, s, self.smoothing)
-
-
-@dataclass(frozen=True)
-class FedBipStrategy(_FedBipOptions):
-    """FedBip with our similarity options (see :class:`_FedBipOptions`).
-
-    Extra attributes: ``scope`` and ``modules`` as in :func:`similarity_matrix`.
-
-    Defaults (chosen on validation accuracy, see benchmarks/results/accuracy.md): compare
-    cumulative task vectors (``reference="pretrained"``) with LoRA modules as ``B @ A``; keep
-    the peers more similar than the client's average peer (``threshold=0``,
-    ``relative_threshold``), drop negatives, and weigh self like the most similar kept peer
-    (``self_similarity="max-peer"``); gate every client on its validation split
-    (``gate=(1, 0.5, 0)``). Per-round, flat task vectors of different clients are nearly
-    orthogonal under Adam, so the paper rule stays close to local training; under strong label
-    skew cumulative vectors all look alike, and the gate keeps clients near their own models.
-    """
-
-    name: ClassVar[str] = "fedbip"
-    scope: str = param("flat", SCOPE)
-    modules: tuple[str, ...] = param((), MODULES)
-
-    @staticmethod
-    def check_together(values: Mapping[str, Any]) -> None:
-        """ParamError when ``scope`` is ``modules`` without a modules list."""
-        if values["scope"] == "modules" and not values["modules"]:
-            raise ParamError("scope 'modules' needs a non-empty modules list", "modules")
-
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        vectors, base = _compared(inp, self.reference, self._lora)
-        s = similarity_matrix(
-            vectors,
-            inp.layout,
-            scope=self.scope,
-            modules=self.modules,
-            center=self.center,
-            lora_product=self._lora,
-            base=base,
-        )
-        prev = inp.prev_similarity
-        if prev is not None and prev.ndim == 3:
-            prev = prev.mean(axis=0)
-        s = self._smooth(prev, s)
-        w = self._weights(s)
-        states = aggregate_task_vectors(inp.states, inp.deltas, w)
-        if self.lora_exact:
-            exact_lora_states(states, inp.states, inp.deltas, inp.layout, lambda _key: w)
-        return AggregationResult(states=states, weights=w, similarity=s)
-
-
-@dataclass(frozen=True)
-class FedBipLayerStrategy(_FedBipOptions):
-    """FedBip-L: one similarity and weight matrix per module group (layer).
-
-    Same options as ``fedbip`` except ``scope``/``modules`` (every module group gets weights).
-    ``prev_similarity`` may be ``(G, N, N)`` (per group) or ``(N, N)`` (used for every group).
-    """
-
-    name: ClassVar[str] = "fedbip-layer"
-
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        vectors, base = _compared(inp, self.reference, self._lora)
-        keys, sims = per_module_similarity(
-            vectors,
-            inp.layout,
-            center=self.center,
-            lora_product=self._lora,
-            base=base,
-        )
-        sims = self._smooth(inp.prev_similarity, sims)
-        layer_w = (
-            np.stack([self._weights(s) for s in sims]) if len(keys) else np.zeros((0, inp.n, inp.n))
-        )
-        groups = module_groups(inp.layout)
-        if list(groups) != keys:  # pragma: no cover - both follow layout order
-            raise RuntimeError("module groups and similarity groups disagree")
-        states = aggregate_layerwise(inp.states, inp.deltas, layer_w, list(groups.values()))
-        if self.lora_exact:
-            per_key = dict(zip(keys, layer_w, strict=True))
-            exact_lora_states(states, inp.states, inp.deltas, inp.layout, per_key.__getitem__)
-        return AggregationResult(
-            states=states,
-            weights=layer_w.mean(axis=0) if len(keys) else local_weights(inp.n),
-            similarity=sims.mean(axis=0) if len(keys) else None,
-            layer_weights=layer_w,
-            layer_similarity=sims,
-            layer_names=tuple(keys),
-        )
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,14 @@
 
 The driver hands the server the clients' update ObjectRefs as they are (nested in a list, not
 fetched); the server fetches each one itself, so one failed client cannot fail the others.
-Every update is validated (layout, finiteness, norm) before it can reach aggregation; with
-``privacy`` set, each accepted task vector is clipped and Gaussian noise is added
-(:class:`GaussianNoiseStrategy`, seeded per round so a resumed run draws the same noise).
+Every update is validated (layout, finiteness, norm; :mod:`.update_checks`) before it can reach
+aggregation; with ``privacy`` set, each accepted task vector is clipped and Gaussian noise is
+added (:class:`GaussianNoiseStrategy`, seeded per round so a resumed run draws the same noise).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ from fedbip_ray.core.strategies import (
     GaussianNoiseStrategy,
 )
 from fedbip_ray.core.taskvector import Layout
-from fedbip_ray.core.validation import UpdateRejected, validate_update
 from fedbip_ray.runtime.messages import (
     FULL_MATRIX_MAX,
     AggregationReport,
@@ -35,6 +33,7 @@ from fedbip_ray.runtime.messages import (
 )
 from fedbip_ray.runtime.outputs import write_round_matrices
 from fedbip_ray.runtime.threads import blas_threads, set_blas_threads
+from fedbip_ray.runtime.update_checks import ValidatedUpdates, validate_updates
 
 log = logging.getLogger("fedbip.server")
 
@@ -85,35 +84,6 @@ class FederatedServer:
         return self.states
 
     # -- aggregation ------------------------------------------------------------------------
-    def check(self, update: ClientUpdate, round_num: int) -> np.ndarray:
-        """Validated (possibly clipped) task vector, or raises UpdateRejected."""
-        assert self.layout is not None
-        if update.round != round_num:
-            raise UpdateRejected(f"update is for round {update.round}, expected {round_num}")
-        if not 0 <= update.client_id < self.num_clients:
-            raise UpdateRejected(f"unknown client id {update.client_id}")
-        if update.num_examples <= 0:
-            raise UpdateRejected(f"num_examples must be positive, got {update.num_examples}")
-        if not isinstance(update.layout, Layout):
-            raise UpdateRejected(f"update layout is a {type(update.layout).__name__}, not a Layout")
-        vec, _ = validate_update(np.asarray(update.vector), update.layout, self.layout,
-                                 max_norm=self.max_norm,
-                                 on_excess_norm=self.on_excess_norm)  # type: ignore[arg-type]
-        return vec
-
-    def check_signal(self, update: ClientUpdate) -> np.ndarray:
-        """The update's gradient signal (D,) float32 when the strategy compares gradients,
-        checked like a task vector (shape, finiteness; no norm bound); raises UpdateRejected."""
-        assert self.layout is not None
-        if update.signal is None:
-            raise UpdateRejected("the strategy compares gradients but the update has no "
-                                 "gradient signal")
-        try:
-            sig, _ = validate_update(np.asarray(update.signal), self.layout, self.layout)
-        except UpdateRejected as exc:
-            raise UpdateRejected(f"gradient signal: {exc}") from None
-        return sig
-
     def noise(self, round_num: int) -> GaussianNoiseStrategy | None:
         """Round ``round_num``'s DP clip + noise around the configured strategy (None: off)."""
         if not self.privacy:
@@ -122,34 +92,14 @@ class FederatedServer:
                                      noise_multiplier=self.privacy.noise_multiplier,
                                      seed=noise_seed(self.seed, round_num))
 
-    def _validated(self, round_num: int, updates: list[ClientUpdate]) -> _Validated:
-        """Check every update (duplicates, round, id, layout, finiteness, norm, signal)."""
-        out = _Validated()
-        send_gradient = self.strategy.client_options.send_gradient
-        for up in updates:
-            out.nbytes += int(np.asarray(up.vector).nbytes)
-            if up.signal is not None:
-                out.nbytes += int(np.asarray(up.signal).nbytes)
-            try:
-                if up.client_id in out.ids:
-                    raise UpdateRejected("duplicate update in this round")
-                vec = self.check(up, round_num)
-                signal = self.check_signal(up) if send_gradient else None
-            except UpdateRejected as exc:
-                out.rejected[int(up.client_id)] = str(exc)
-                log.warning("round %d: rejected update of client %s: %s", round_num,
-                            up.client_id, exc)
-                continue
-            if vec is not up.vector:
-                out.modified.append(int(up.client_id))
-            if signal is not None:
-                out.signals.append(signal)
-            out.vecs.append(vec)
-            out.ids.append(int(up.client_id))
-            out.accepted.append(up)
-        return out
+    def _validated(self, round_num: int, updates: list[ClientUpdate]) -> ValidatedUpdates:
+        """Check every update (:func:`~fedbip_ray.runtime.update_checks.validate_updates`)."""
+        assert self.layout is not None
+        return validate_updates(updates, round_num, self.num_clients, self.layout,
+                                self.max_norm, self.on_excess_norm,
+                                self.strategy.client_options.send_gradient)
 
-    def _input(self, v: _Validated) -> AggregationInput:
+    def _input(self, v: ValidatedUpdates) -> AggregationInput:
         """The strategy's input for the accepted clients ``v.ids`` (N_t of them)."""
         assert self.states is not None and self.layout is not None
         idx = np.asarray(v.ids, dtype=np.int64)
@@ -351,19 +301,6 @@ class FederatedServer:
 def all_finite(x: np.ndarray, block_rows: int = 64) -> bool:
     """``np.isfinite(x).all()`` for an (N, D) array without an N x D bool temporary."""
     return all(bool(np.isfinite(x[i:i + block_rows]).all()) for i in range(0, len(x), block_rows))
-
-
-@dataclass
-class _Validated:
-    """The accepted updates of one round, in arrival order, and why the others were not."""
-
-    ids: list[int] = field(default_factory=list)
-    vecs: list[np.ndarray] = field(default_factory=list)  # (D,) float32 each
-    signals: list[np.ndarray] = field(default_factory=list)
-    accepted: list[ClientUpdate] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
-    modified: list[int] = field(default_factory=list)  # accepted after norm clipping
-    nbytes: int = 0
 
 
 def training_totals(updates: list[ClientUpdate]) -> dict[str, float]:

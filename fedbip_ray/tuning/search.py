@@ -32,7 +32,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from fedbip_ray import storage
-from fedbip_ray.config import Config, config_from_dict, dump_config
+from fedbip_ray.config import Config, config_from_dict
+from fedbip_ray.config_io import dump_config
 from fedbip_ray.runtime.cluster import ensure_ray, joined_limits
 from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.runtime.outputs import is_uri, local_side

@@ -31,14 +31,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedbip_ray.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    config_from_dict,
-    read_yaml,
-    set_path,
-)
+from fedbip_ray.config import Config, ConfigError, config_from_dict
+from fedbip_ray.config_io import apply_overrides, read_yaml, set_path
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 #: Keys a search may not touch: the trial's resource reservation is computed from them, the

@@ -13,13 +13,8 @@ from fedbip_ray.cli import main
 from fedbip_ray.config import ConfigError, config_from_dict, load_config
 from fedbip_ray.runtime.checkpoint import read_latest
 from fedbip_ray.tuning import replay
-from fedbip_ray.tuning.replay import (
-    load_recording,
-    record_run,
-    recover_deltas,
-    replay_states,
-    run_replay,
-)
+from fedbip_ray.tuning.recording import load_recording, recover_deltas
+from fedbip_ray.tuning.replay import record_run, replay_states, run_replay
 
 from ..conftest import tiny_config
 
