@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedbip_ray.config import Config, ConfigError, load_config
-from fedbip_ray.runtime.outputs import is_uri, local_side
+from fedbip_ray.runtime.outputs import fetch_config, is_uri, local_side
 
 EXAMPLES = """examples:
   fedbip run jobs/configs/quickstart.yaml
@@ -151,16 +151,9 @@ def _resumed_config(resume: str) -> str:
     """The resumed run's config.yaml: its path, or for a storage URI a local copy."""
     if not is_uri(resume):
         return str(Path(resume) / "config.yaml")
-    from fedbip_ray import storage
-
-    loc = storage.open_location(resume) / "config.yaml"
-    try:
-        text = loc.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"--resume {resume}: no config.yaml there (give CONFIG too)") from None
-    copy = local_side(resume) / "config.resumed.yaml"
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    copy.write_text(text)
+    copy = fetch_config(resume)
+    if copy is None:
+        raise ConfigError(f"--resume {resume}: no config.yaml there (give CONFIG too)")
     return str(copy)
 
 

@@ -125,6 +125,19 @@ def local_side(target: str | os.PathLike[str]) -> Path:
     return loc.local_path if loc.is_local else mirror_dir(loc)
 
 
+def fetch_config(uri: str) -> Path | None:
+    """The ``config.yaml`` of the run at storage ``uri``, copied into its local side (None
+    when the run has none)."""
+    try:
+        data = (storage.open_location(uri) / CONFIG).read_bytes()
+    except FileNotFoundError:
+        return None
+    local = local_side(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    (local / CONFIG).write_bytes(data)
+    return local / CONFIG
+
+
 def fetch_run(target: str | os.PathLike[str]) -> Path:
     """A finished run's local side: the directory itself, or for a storage URI its
     ``config.yaml`` and ``shards/`` copied into the local working copy (checkpoints stay on the
@@ -133,10 +146,9 @@ def fetch_run(target: str | os.PathLike[str]) -> Path:
     if not is_uri(target):
         return local
     loc = storage.open_location(target)
-    if not (loc / CONFIG).exists():
+    if fetch_config(str(target)) is None:
         raise ConfigError(f"{loc.describe()}: not a run (no {CONFIG})")
     (local / "shards").mkdir(parents=True, exist_ok=True)
-    (local / CONFIG).write_bytes((loc / CONFIG).read_bytes())
     for name in (loc / "shards").listdir():
         (local / "shards" / name).write_bytes((loc / "shards" / name).read_bytes())
     return local
