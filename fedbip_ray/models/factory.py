@@ -14,18 +14,11 @@ import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
 from fedbip_ray.models.names import minilm_path, resolve_model_path, tiny_dims
+from fedbip_ray.models.smollm2 import quiet_transformers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def _quiet_transformers() -> None:
-    """Keep load reports and progress bars out of the run's console output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -51,7 +44,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int,
         BertForSequenceClassification,
     )
 
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(seed)
     if cfg.name == "tiny-bert":
         bcfg = BertConfig(vocab_size=vocab_size, num_labels=num_labels, **tiny_dims(cfg))
