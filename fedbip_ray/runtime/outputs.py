@@ -19,7 +19,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,8 @@ class RunOutputs:
 
     location: Location
     local: Path
+    # the row logs by name, opened once (an object-store log numbers its rows on first use)
+    _rows: dict[str, list[RowLog]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, target: str | os.PathLike[str]) -> RunOutputs:
@@ -181,8 +183,12 @@ class RunOutputs:
         return self.location / "checkpoints"
 
     def _logs(self, name: str) -> list[RowLog]:
-        local = storage.open_rows(storage.open_location(self.local), name)
-        return [local, storage.open_rows(self.location, name)] if self.remote else [local]
+        """The local log ``name`` and, for a remote output, its object-store twin."""
+        if name not in self._rows:
+            local = storage.open_rows(storage.open_location(self.local), name)
+            self._rows[name] = ([local, storage.open_rows(self.location, name)] if self.remote
+                                else [local])
+        return self._rows[name]
 
     def write_config(self, config: dict[str, Any]) -> None:
         """``config.yaml``: the resolved config."""
