@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AWAStats", "awa_gradient", "awa_loss", "awa_stats", "optimize_logits", "softmax"]
+__all__ = ["AWAPartial", "AWAStats", "awa_gradient", "awa_loss", "awa_partial", "awa_stats",
+           "optimize_logits", "softmax"]
 
 _BLOCK_ELEMENTS = 1 << 22
 _COS_EPS = 1e-8  # torch.nn.CosineSimilarity's eps
@@ -48,9 +49,49 @@ def softmax(t: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-def awa_stats(theta: np.ndarray, global_: np.ndarray, distance: str = "cos") -> AWAStats:
-    """:class:`AWAStats` of client models ``theta`` ``(N, D)`` around ``global_`` ``(D,)``,
-    one float64 pass over column blocks."""
+@dataclass(frozen=True)
+class AWAPartial:
+    """The additive sums behind :class:`AWAStats` over a column block: ``gram`` ``(N, N)``
+    of ``θ`` minus its per-column mean, ``dot_g``, ``sq_k``, ``sq_diff`` ``(N,)`` (``θₖ·θ_g``,
+    ``‖θₖ‖²``, ``‖θₖ − θ_g‖²``), ``sq_g`` (``‖θ_g‖²``) and the block's ``d`` columns."""
+
+    gram: np.ndarray
+    dot_g: np.ndarray
+    sq_k: np.ndarray
+    sq_diff: np.ndarray
+    sq_g: float
+    d: int
+
+    @classmethod
+    def combine(cls, parts: list[AWAPartial]) -> AWAPartial:
+        first = parts[0]
+        out = cls(first.gram.copy(), first.dot_g.copy(), first.sq_k.copy(),
+                  first.sq_diff.copy(), first.sq_g, first.d)
+        for p in parts[1:]:
+            out.gram += p.gram
+            out.dot_g += p.dot_g
+            out.sq_k += p.sq_k
+            out.sq_diff += p.sq_diff
+            out = cls(out.gram, out.dot_g, out.sq_k, out.sq_diff, out.sq_g + p.sq_g,
+                      out.d + p.d)
+        return out
+
+    def finish(self, distance: str = "cos") -> AWAStats:
+        """The :class:`AWAStats` of the whole adapter from its combined sums."""
+        if distance == "cos":
+            denom = (np.maximum(np.sqrt(self.sq_k), _COS_EPS)
+                     * max(np.sqrt(self.sq_g), _COS_EPS))
+            cost = 1.0 - self.dot_g / denom
+        elif distance == "euc":
+            cost = self.sq_diff / max(1, self.d)
+        else:
+            raise ValueError(f"unknown FedAWA distance {distance!r} (known: cos, euc)")
+        return AWAStats(gram=self.gram, cost=cost)
+
+
+def awa_partial(theta: np.ndarray, global_: np.ndarray) -> AWAPartial:
+    """:class:`AWAPartial` of client models ``theta`` ``(N, D_b)`` around ``global_``
+    ``(D_b,)``, one float64 pass over column blocks."""
     n, d = theta.shape
     center = theta.mean(axis=0, dtype=np.float64)
     gram = np.zeros((n, n))
@@ -68,14 +109,12 @@ def awa_stats(theta: np.ndarray, global_: np.ndarray, distance: str = "cos") -> 
         sq_g += float(g @ g)
         diff = x - g
         sq_diff += np.einsum("ij,ij->i", diff, diff)
-    if distance == "cos":
-        denom = np.maximum(np.sqrt(sq_k), _COS_EPS) * max(np.sqrt(sq_g), _COS_EPS)
-        cost = 1.0 - dot_g / denom
-    elif distance == "euc":
-        cost = sq_diff / max(1, d)
-    else:
-        raise ValueError(f"unknown FedAWA distance {distance!r} (known: cos, euc)")
-    return AWAStats(gram=gram, cost=cost)
+    return AWAPartial(gram, dot_g, sq_k, sq_diff, sq_g, d)
+
+
+def awa_stats(theta: np.ndarray, global_: np.ndarray, distance: str = "cos") -> AWAStats:
+    """:class:`AWAStats` of client models ``theta`` ``(N, D)`` around ``global_`` ``(D,)``."""
+    return awa_partial(theta, global_).finish(distance)
 
 
 def _distances(p: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,14 +16,25 @@ import numpy as np
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors
 from .gate import check_mixes
-from .interface import AggregationInput, AggregationResult, ClientOptions
+from .interface import (
+    AggregationInput,
+    AggregationResult,
+    ClientOptions,
+    Plan,
+    RoundMeta,
+    run_strategy,
+)
 from .lora import exact_lora_states
 from .params import Check, ParamError, param
 from .similarity import (
     SCOPES,
+    ModuleGrams,
     SumOfMatrices,
-    per_module_similarity,
-    similarity_matrix,
+    center_gram,
+    gram_to_cosine,
+    module_grams,
+    module_similarity,
+    select_parameters,
     smooth_similarity,
 )
 from .taskvector import module_groups
@@ -136,6 +147,21 @@ class _FedBipOptions:
             prev = np.broadcast_to(prev, s.shape)
         return smooth_similarity(prev, s, self.smoothing)
 
+    def _grams(self, inp: AggregationInput, modules: tuple[str, ...] = ()) -> ModuleGrams:
+        """Per-module Grams of what the options compare, over ``inp``'s columns."""
+        vectors, base = _compared(inp, self.reference, self._lora)
+        return module_grams(vectors, inp.layout, modules=modules, lora_product=self._lora,
+                            base=base)
+
+    def _exact(self, states: np.ndarray, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        """``states`` with LoRA modules aggregated in ``ΔW`` space when ``lora_exact``."""
+        if self.lora_exact:
+            exact_lora_states(states, inp.states, inp.deltas, inp.layout, plan.weights_for)
+        return states
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return run_strategy(self, inp)  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class FedBipStrategy(_FedBipOptions):
@@ -163,26 +189,22 @@ class FedBipStrategy(_FedBipOptions):
         if values["scope"] == "modules" and not values["modules"]:
             raise ParamError("scope 'modules' needs a non-empty modules list", "modules")
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        vectors, base = _compared(inp, self.reference, self._lora)
-        s = similarity_matrix(
-            vectors,
-            inp.layout,
-            scope=self.scope,
-            modules=self.modules,
-            center=self.center,
-            lora_product=self._lora,
-            base=base,
-        )
-        prev = inp.prev_similarity
+    def statistics(self, inp: AggregationInput) -> ModuleGrams:
+        return self._grams(inp, self.modules)
+
+    def plan(self, stats: ModuleGrams, meta: RoundMeta) -> Plan:
+        if self.modules:
+            select_parameters(meta.layout, self.modules)  # ValueError when it matches nothing
+        s = module_similarity(stats, "layer" if self.scope == "layer" else "flat", self.center)
+        prev = meta.prev_similarity
         if prev is not None and prev.ndim == 3:
             prev = prev.mean(axis=0)
         s = self._smooth(prev, s)
-        w = self._weights(s)
-        states = aggregate_task_vectors(inp.states, inp.deltas, w)
-        if self.lora_exact:
-            exact_lora_states(states, inp.states, inp.deltas, inp.layout, lambda _key: w)
-        return AggregationResult(states=states, weights=w, similarity=s)
+        return Plan(self._weights(s), similarity=s)
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        states = aggregate_task_vectors(inp.states, inp.deltas, plan.weights)
+        return self._exact(states, inp, plan)
 
 
 @dataclass(frozen=True)
@@ -195,31 +217,26 @@ class FedBipLayerStrategy(_FedBipOptions):
 
     name: ClassVar[str] = "fedbip-layer"
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        vectors, base = _compared(inp, self.reference, self._lora)
-        keys, sims = per_module_similarity(
-            vectors,
-            inp.layout,
-            center=self.center,
-            lora_product=self._lora,
-            base=base,
-        )
-        sims = self._smooth(inp.prev_similarity, sims)
-        layer_w = (
-            np.stack([self._weights(s) for s in sims]) if len(keys) else np.zeros((0, inp.n, inp.n))
-        )
-        groups = module_groups(inp.layout)
-        if list(groups) != keys:  # pragma: no cover - both follow layout order
+    def statistics(self, inp: AggregationInput) -> ModuleGrams:
+        return self._grams(inp)
+
+    def plan(self, stats: ModuleGrams, meta: RoundMeta) -> Plan:
+        keys, n = stats.keys, meta.n
+        sims = np.stack([gram_to_cosine(center_gram(g) if self.center else g)
+                         for g in stats.grams]) if keys else np.zeros((0, n, n))
+        sims = self._smooth(meta.prev_similarity, sims)
+        layer_w = np.stack([self._weights(s) for s in sims]) if keys else np.zeros((0, n, n))
+        if list(module_groups(meta.layout)) != list(keys):  # pragma: no cover - layout order
             raise RuntimeError("module groups and similarity groups disagree")
-        states = aggregate_layerwise(inp.states, inp.deltas, layer_w, list(groups.values()))
-        if self.lora_exact:
-            per_key = dict(zip(keys, layer_w, strict=True))
-            exact_lora_states(states, inp.states, inp.deltas, inp.layout, per_key.__getitem__)
-        return AggregationResult(
-            states=states,
-            weights=layer_w.mean(axis=0) if len(keys) else local_weights(inp.n),
-            similarity=sims.mean(axis=0) if len(keys) else None,
-            layer_weights=layer_w,
-            layer_similarity=sims,
-            layer_names=tuple(keys),
+        return Plan(
+            weights=layer_w.mean(axis=0) if keys else local_weights(n),
+            similarity=sims.mean(axis=0) if keys else None,
+            layer_weights=layer_w, layer_similarity=sims, layer_names=tuple(keys),
         )
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        groups = module_groups(inp.layout)
+        layer_w = (np.stack([plan.weights_for(k) for k in groups]) if groups
+                   else np.zeros((0, inp.n, inp.n)))
+        states = aggregate_layerwise(inp.states, inp.deltas, layer_w, list(groups.values()))
+        return self._exact(states, inp, plan)

@@ -1,17 +1,25 @@
 """What a strategy is given and returns: one round's :class:`AggregationInput` (stacked
 ``(N, D)`` float32 matrices), its :class:`AggregationResult`, the :class:`ClientOptions` that
-tell the runtime how clients train, and the :class:`Strategy` protocol."""
+tell the runtime how clients train, and the :class:`Strategy` protocol.
+
+Every strategy runs in three steps, so that a server split along the parameter axis computes
+the same result (:mod:`.blocks`): :meth:`Strategy.statistics` of a column block (additive
+over blocks, e.g. per-module Gram matrices), :meth:`Strategy.plan` from the combined
+statistics and the round's :class:`RoundMeta` (the weights, ``N x N``), and
+:meth:`Strategy.apply` of the plan to a column block. :func:`run_strategy` chains them over
+one block holding every column."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from .taskvector import Layout
 
-__all__ = ["AggregationInput", "AggregationResult", "ClientOptions", "Strategy"]
+__all__ = ["AggregationInput", "AggregationResult", "ClientOptions", "Plan", "RoundMeta",
+           "Strategy", "run_strategy"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,55 @@ class AggregationInput:
         """Fine-tuned parameters ``θ = states + deltas``: a new ``(N, D)`` float32 array."""
         return self.states + self.deltas
 
+    def meta(self, layout: Layout | None = None) -> RoundMeta:
+        """The round's :class:`RoundMeta` (``layout``: the whole adapter's, when this input
+        holds a column block of it)."""
+        return RoundMeta(self.n, self.counts, layout or self.layout, self.groups,
+                         self.prev_similarity, self.memory)
+
+
+@dataclass(frozen=True)
+class RoundMeta:
+    """What a strategy's :meth:`~Strategy.plan` sees besides the statistics: no ``(N, D)``
+    array. ``layout`` is the whole adapter's; the other fields as in :class:`AggregationInput`.
+    """
+
+    n: int
+    counts: np.ndarray
+    layout: Layout
+    groups: np.ndarray | None = None
+    prev_similarity: np.ndarray | None = None
+    memory: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A round's aggregation plan: everything of :class:`AggregationResult` but the states.
+
+    ``scale`` is a strategy's extra per-client coefficient vector ``(N,)`` (FedAWA: ``γ p``).
+    """
+
+    weights: np.ndarray
+    similarity: np.ndarray | None = None
+    layer_weights: np.ndarray | None = None
+    layer_similarity: np.ndarray | None = None
+    layer_names: tuple[str, ...] | None = None
+    memory: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def weights_for(self, key: str) -> np.ndarray:
+        """The ``(N, N)`` weights module ``key`` is aggregated with (its layer's, if any)."""
+        if self.layer_names is not None and self.layer_weights is not None:
+            return self.layer_weights[self.layer_names.index(key)]
+        return self.weights
+
+    def result(self, states: np.ndarray) -> AggregationResult:
+        """The :class:`AggregationResult` of this plan with the next ``states``."""
+        return AggregationResult(states=states, weights=self.weights, similarity=self.similarity,
+                                 layer_weights=self.layer_weights,
+                                 layer_similarity=self.layer_similarity,
+                                 layer_names=self.layer_names, memory=self.memory)
+
 
 @dataclass(frozen=True)
 class AggregationResult:
@@ -152,4 +209,23 @@ class Strategy(Protocol):
     @property
     def client_options(self) -> ClientOptions: ...
 
+    def statistics(self, inp: AggregationInput) -> Any:
+        """Additive statistics of a column block (None: the plan needs none); blocks'
+        statistics combine with :func:`fedbip_ray.core.blocks.combine`."""
+        ...
+
+    def plan(self, stats: Any, meta: RoundMeta) -> Plan:
+        """The round's :class:`Plan` from the combined statistics."""
+        ...
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        """``(N, D_b)`` float32 next states of a column block ``inp``."""
+        ...
+
     def aggregate(self, inp: AggregationInput) -> AggregationResult: ...
+
+
+def run_strategy(strategy: Strategy, inp: AggregationInput) -> AggregationResult:
+    """``strategy``'s three steps over one block holding every column of ``inp``."""
+    plan = strategy.plan(strategy.statistics(inp), inp.meta())
+    return plan.result(strategy.apply(inp, plan))

@@ -15,14 +15,21 @@ from typing import ClassVar
 
 import numpy as np
 
-from .fedawa import awa_stats, optimize_logits
-from .interface import AggregationInput, AggregationResult, ClientOptions
+from .fedawa import AWAPartial, awa_partial, optimize_logits
+from .interface import (
+    AggregationInput,
+    AggregationResult,
+    ClientOptions,
+    Plan,
+    RoundMeta,
+    run_strategy,
+)
 from .params import POSITIVE, Check, param
 from .similarity import lora_role
 from .taskvector import Layout
 from .weights import fedavg_weights
 
-__all__ = ["FedAWAStrategy", "FedSALoRAStrategy", "shared_columns"]
+__all__ = ["FedAWAStrategy", "FedSALoRAStrategy", "fedavg_states", "shared_columns"]
 
 _SAVED = ".modules_to_save."
 
@@ -36,6 +43,15 @@ def shared_columns(layout: Layout, modules_to_save: bool) -> np.ndarray:
         if lora_role(n) == "A" or (modules_to_save and _SAVED in n)
     ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def fedavg_states(inp: AggregationInput, row: np.ndarray) -> np.ndarray:
+    """``(N, D)`` float32: the same ``row @ θ`` (``row`` ``(N,)``) for every client, computed
+    once."""
+    r = np.asarray(row).astype(np.float32)
+    avg = r @ inp.states
+    avg += r @ inp.deltas
+    return np.repeat(avg[None, :], inp.n, axis=0)
 
 
 @dataclass(frozen=True)
@@ -54,15 +70,25 @@ class FedSALoRAStrategy:
     def client_options(self) -> ClientOptions:
         return ClientOptions()
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        cols = shared_columns(inp.layout, self.share_modules_to_save)
-        if cols.size == 0:
+    def statistics(self, inp: AggregationInput) -> None:
+        return None
+
+    def plan(self, stats: None, meta: RoundMeta) -> Plan:
+        if shared_columns(meta.layout, self.share_modules_to_save).size == 0:
             raise ValueError("strategy 'fedsa-lora' needs LoRA A factors (peft lora_A) in the "
                              "adapter; the layout has none")
-        w = fedavg_weights(inp.counts)
+        return Plan(fedavg_weights(meta.counts))
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        cols = shared_columns(inp.layout, self.share_modules_to_save)
         states = inp.theta()
-        states[:, cols] = (w[0] @ states[:, cols].astype(np.float64)).astype(np.float32)
-        return AggregationResult(states=states, weights=w)
+        if cols.size:
+            shared = plan.weights[0] @ states[:, cols].astype(np.float64)
+            states[:, cols] = shared.astype(np.float32)
+        return states
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return run_strategy(self, inp)
 
 
 @dataclass(frozen=True)
@@ -92,26 +118,31 @@ class FedAWAStrategy:
     def client_options(self) -> ClientOptions:
         return ClientOptions()
 
-    def _logits(self, inp: AggregationInput) -> np.ndarray:
+    def _logits(self, meta: RoundMeta) -> np.ndarray:
         """``(N,)`` starting logits: the memory where a participant has one, else ``nₖ/Σn``."""
-        counts = np.asarray(inp.counts, dtype=np.float64)
+        counts = np.asarray(meta.counts, dtype=np.float64)
         start = counts / counts.sum()
-        if inp.memory is None or inp.memory.shape[1] < 1:
+        if meta.memory is None or meta.memory.shape[1] < 1:
             return start
-        mem = inp.memory[:, 0]
+        mem = meta.memory[:, 0]
         return np.where(np.isfinite(mem), mem, start)
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        theta = inp.theta()
+    def statistics(self, inp: AggregationInput) -> AWAPartial:
         share = fedavg_weights(inp.counts)[0]
-        global_ = share.astype(np.float32) @ inp.states
-        stats = awa_stats(theta, global_, self.reg_distance)
+        return awa_partial(inp.theta(), share.astype(np.float32) @ inp.states)
+
+    def plan(self, stats: AWAPartial, meta: RoundMeta) -> Plan:
         lr = self.server_lr or (1e-3 if self.server_optimizer == "adam" else 1e-2)
-        p, logits = optimize_logits(self._logits(inp), stats, steps=self.server_epochs,
-                                    optimizer=self.server_optimizer, lr=lr)
-        avg = (self.gamma * p).astype(np.float32) @ theta
-        return AggregationResult(
-            states=np.repeat(avg[None, :], inp.n, axis=0),
-            weights=np.repeat(p[None, :], inp.n, axis=0),
-            memory=logits[:, None],
-        )
+        p, logits = optimize_logits(self._logits(meta), stats.finish(self.reg_distance),
+                                    steps=self.server_epochs, optimizer=self.server_optimizer,
+                                    lr=lr)
+        return Plan(np.repeat(p[None, :], meta.n, axis=0), memory=logits[:, None],
+                    scale=self.gamma * p)
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        assert plan.scale is not None
+        avg = plan.scale.astype(np.float32) @ inp.theta()
+        return np.repeat(avg[None, :], inp.n, axis=0)
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return run_strategy(self, inp)

@@ -23,11 +23,14 @@ from .taskvector import Layout, as_float32, module_key
 
 __all__ = [
     "SCOPES",
+    "ModuleGrams",
     "center_gram",
     "cosine_similarity",
     "gram_to_cosine",
     "lora_pairs",
     "lora_role",
+    "module_grams",
+    "module_similarity",
     "per_module_similarity",
     "select_parameters",
     "similarity_matrix",
@@ -374,6 +377,70 @@ def similarity_matrix(
         pairs=[pair for p in plans.values() for pair in p.pairs],
     )
     g = _plan_gram(x, b, merged)
+    return gram_to_cosine(center_gram(g) if center else g)
+
+
+@dataclass(frozen=True)
+class ModuleGrams:
+    """Per-module Gram matrices of a column block: ``keys`` (module keys, layout order) and
+    ``grams`` ``(G, N, N)`` float64. Blocks split at module boundaries hold disjoint keys, so
+    combining them (:meth:`combine`, in block order) gives the whole adapter's."""
+
+    keys: tuple[str, ...]
+    grams: np.ndarray
+
+    @classmethod
+    def combine(cls, parts: Sequence[ModuleGrams]) -> ModuleGrams:
+        keys = tuple(k for p in parts for k in p.keys)
+        if len(set(keys)) != len(keys):
+            raise ValueError("column blocks share a module: they must split at module "
+                             "boundaries")
+        n = next((p.grams.shape[1] for p in parts if p.grams.ndim == 3), 0)
+        grams = [p.grams for p in parts if len(p.keys)]
+        return cls(keys, np.concatenate(grams) if grams else np.zeros((0, n, n)))
+
+    def total(self) -> np.ndarray:
+        """``(N, N)`` sum of the modules' Grams, added in key order."""
+        g = np.zeros(self.grams.shape[1:], dtype=np.float64)
+        for m in self.grams:
+            g += m
+        return g
+
+
+def module_grams(
+    vectors: Any,
+    layout: Layout,
+    *,
+    modules: Sequence[str] = (),
+    lora_product: bool = False,
+    base: np.ndarray | None = None,
+) -> ModuleGrams:
+    """:class:`ModuleGrams` of ``vectors`` ``(N, D)`` (arguments as in
+    :func:`similarity_matrix`); a ``modules`` filter matching nothing here gives no keys."""
+    x, b = _check_inputs(vectors, layout, base)
+    names = [n for n in layout.names if not modules or any(m in n for m in modules)]
+    plans = _plans(layout, names, lora_product)
+    n = x.shape[0]
+    grams = np.empty((len(plans), n, n), dtype=np.float64)
+    for i, plan in enumerate(plans.values()):
+        grams[i] = _plan_gram(x, b, plan)
+    return ModuleGrams(tuple(plans), grams)
+
+
+def module_similarity(grams: ModuleGrams, scope: str = "flat", center: bool = False
+                      ) -> np.ndarray:
+    """``(N, N)`` cosine similarity from the whole adapter's :class:`ModuleGrams`: of the sum
+    of the Grams (``flat``, ``modules``) or the mean over modules of each module's cosine
+    (``layer``; the identity without modules). ``center`` as in :func:`similarity_matrix`."""
+    n = grams.grams.shape[1]
+    if scope == "layer":
+        if not grams.keys:
+            return np.eye(n)
+        s = np.mean([gram_to_cosine(center_gram(g) if center else g) for g in grams.grams],
+                    axis=0)
+        np.fill_diagonal(s, 1.0)
+        return s
+    g = grams.total()
     return gram_to_cosine(center_gram(g) if center else g)
 
 

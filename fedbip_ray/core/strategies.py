@@ -23,12 +23,20 @@ import numpy as np
 
 from .aggregate import aggregate_task_vectors, mix_models
 from .fedbip import FedBipLayerStrategy, FedBipStrategy
-from .interface import AggregationInput, AggregationResult, ClientOptions, Strategy
+from .interface import (
+    AggregationInput,
+    AggregationResult,
+    ClientOptions,
+    Plan,
+    RoundMeta,
+    Strategy,
+    run_strategy,
+)
 from .params import NONNEGATIVE, POSITIVE, Check, ParamError, check_params, param, param_names
-from .peers import FedAWAStrategy, FedSALoRAStrategy
-from .similarity import cosine_similarity
+from .peers import FedAWAStrategy, FedSALoRAStrategy, fedavg_states
+from .similarity import ModuleGrams, module_grams, module_similarity
 from .weights import (
-    fedamp_weights,
+    fedamp_from_gram,
     fedavg_weights,
     local_weights,
     oracle_weights,
@@ -63,28 +71,24 @@ __all__ = [
 EPOCHS = Check("integer", ge=0)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _fedavg_states(inp: AggregationInput) -> tuple[np.ndarray, np.ndarray]:
-    """FedAvg of ``θ``: the same ``(D,)`` average for every client, computed once."""
-    w = fedavg_weights(inp.counts)
-    row = w[0].astype(np.float32)
-    avg = row @ inp.states
-    avg += row @ inp.deltas
-    return np.repeat(avg[None, :], inp.n, axis=0), w
-
-
 # --------------------------------------------------------------------------- strategies
 
 
 @dataclass(frozen=True)
 class _Base:
+    """No statistics; ``aggregate`` is the three steps over every column."""
+
     name: ClassVar[str] = ""
 
     @property
     def client_options(self) -> ClientOptions:
         return ClientOptions()
+
+    def statistics(self, inp: AggregationInput) -> object | None:
+        return None
+
+    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+        return run_strategy(self, inp)
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,11 @@ class LocalStrategy(_Base):
 
     name: ClassVar[str] = "local"
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        return AggregationResult(states=inp.theta(), weights=local_weights(inp.n))
+    def plan(self, stats: None, meta: RoundMeta) -> Plan:
+        return Plan(local_weights(meta.n))
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        return inp.theta()
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,11 @@ class FedAvgStrategy(_Base):
 
     name: ClassVar[str] = "fedavg"
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        states, w = _fedavg_states(inp)
-        return AggregationResult(states=states, weights=w)
+    def plan(self, stats: None, meta: RoundMeta) -> Plan:
+        return Plan(fedavg_weights(meta.counts))
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        return fedavg_states(inp, plan.weights[0])
 
 
 @dataclass(frozen=True)
@@ -150,10 +159,17 @@ class FedAMPStrategy(_Base):
     def client_options(self) -> ClientOptions:
         return ClientOptions(prox_mu=self.prox_mu)
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
+    def statistics(self, inp: AggregationInput) -> ModuleGrams:
+        """Per-module Grams of the mean-centered ``θ`` (the mean is per column)."""
         theta = inp.theta()
-        w = fedamp_weights(theta, sigma=self.sigma, alpha_k=self.alpha_k)
-        return AggregationResult(states=mix_models(theta, w), weights=w)
+        theta -= theta.mean(axis=0, dtype=np.float64).astype(np.float32)
+        return module_grams(theta, inp.layout)
+
+    def plan(self, stats: ModuleGrams, meta: RoundMeta) -> Plan:
+        return Plan(fedamp_from_gram(stats.total(), sigma=self.sigma, alpha_k=self.alpha_k))
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        return mix_models(inp.theta(), plan.weights)
 
 
 @dataclass(frozen=True)
@@ -162,11 +178,15 @@ class FedBipPaperStrategy(_Base):
 
     name: ClassVar[str] = "fedbip-paper"
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        s = cosine_similarity(inp.deltas)
-        w = personalized_weights(s)
-        states = aggregate_task_vectors(inp.states, inp.deltas, w)
-        return AggregationResult(states=states, weights=w, similarity=s)
+    def statistics(self, inp: AggregationInput) -> ModuleGrams:
+        return module_grams(inp.deltas, inp.layout)
+
+    def plan(self, stats: ModuleGrams, meta: RoundMeta) -> Plan:
+        s = module_similarity(stats)
+        return Plan(personalized_weights(s), similarity=s)
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        return aggregate_task_vectors(inp.states, inp.deltas, plan.weights)
 
 
 @dataclass(frozen=True)
@@ -175,11 +195,13 @@ class OracleStrategy(_Base):
 
     name: ClassVar[str] = "oracle"
 
-    def aggregate(self, inp: AggregationInput) -> AggregationResult:
-        if inp.groups is None:
+    def plan(self, stats: None, meta: RoundMeta) -> Plan:
+        if meta.groups is None:
             raise ValueError("strategy 'oracle' needs the true client groups (groups is None)")
-        w = oracle_weights(inp.groups, inp.counts)
-        return AggregationResult(states=mix_models(inp.theta(), w), weights=w)
+        return Plan(oracle_weights(meta.groups, meta.counts))
+
+    def apply(self, inp: AggregationInput, plan: Plan) -> np.ndarray:
+        return mix_models(inp.theta(), plan.weights)
 
 
 # --------------------------------------------------------------------------- registry

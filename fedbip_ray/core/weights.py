@@ -17,6 +17,7 @@ __all__ = [
     "TEMPERATURE",
     "THRESHOLD",
     "TOP_K",
+    "fedamp_from_gram",
     "fedamp_weights",
     "fedavg_weights",
     "local_weights",
@@ -195,13 +196,18 @@ def fedamp_weights(models: np.ndarray, *, sigma: float, alpha_k: float) -> np.nd
     unchanged and avoids cancellation). If ``xi_ii`` would be negative, the off-diagonal entries
     of that row are rescaled to sum to 1 and ``xi_ii = 0``.
     """
-    sigma, alpha_k = POSITIVE("sigma", sigma), NONNEGATIVE("alpha_k", alpha_k)
     m = np.asarray(models)
     if m.ndim != 2:
         raise ValueError(f"models must be 2-D (N, D), got shape {m.shape}")
-    n = m.shape[0]
     x = m - m.mean(axis=0, dtype=np.float64).astype(m.dtype)
-    g = np.asarray(x @ x.T, dtype=np.float64)
+    return fedamp_from_gram(np.asarray(x @ x.T, dtype=np.float64), sigma=sigma, alpha_k=alpha_k)
+
+
+def fedamp_from_gram(gram: np.ndarray, *, sigma: float, alpha_k: float) -> np.ndarray:
+    """:func:`fedamp_weights` from the ``(N, N)`` Gram matrix of the centered models."""
+    sigma, alpha_k = POSITIVE("sigma", sigma), NONNEGATIVE("alpha_k", alpha_k)
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
     sq = np.diagonal(g)
     dist2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
     xi = alpha_k * np.exp(-dist2 / sigma) / sigma
