@@ -138,9 +138,11 @@ def check_task_metrics(tasks: Sequence[str], cfg: DataConfig) -> None:
                               f"of {cfg.path} (tasks: {', '.join(sorted(known))})")
 
 
-def generative_frame(raw: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
+def generative_frame(raw: pd.DataFrame, cfg: DataConfig,
+                     check_metrics: bool = True) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """The trainer's columns for (prompt, response) or chat rows; label = task index, label
-    names = the sorted tasks (``("response",)`` without a task column)."""
+    names = the sorted tasks (``("response",)`` without a task column). ``check_metrics``
+    False: data.task_metrics may name tasks these rows lack (a subset, e.g. new clients)."""
     path = str(cfg.path)
     if cfg.messages_column:
         require_columns(raw, path, [("messages_column", cfg.messages_column)])
@@ -155,7 +157,8 @@ def generative_frame(raw: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, 
         turns = [""] * len(raw)
     if cfg.task_column:
         tasks = [str(t) for t in strings(raw, "task_column", cfg.task_column, path)]
-        check_task_metrics(tasks, cfg)
+        if check_metrics:
+            check_task_metrics(tasks, cfg)
     else:
         tasks = [""] * len(raw)
     names = tuple(sorted(set(tasks))) if cfg.task_column else ("response",)

@@ -67,31 +67,66 @@ def _labels(values: pd.Series, names: tuple[str, ...], column: str, path: str) -
                       f"labels {list(names)} (or their ids 0..{len(names) - 1})")
 
 
-def read_newcomers(path: str | Path, cfg: Config, shards: ShardSet,
-                   client_column: str | None = None) -> list[Newcomer]:
-    """The newcomers in the table at ``path`` (Parquet, CSV or JSON lines).
-
-    The table must have the run's ``data.text_column`` and ``data.label_column`` and the run's
-    extra shard columns; raises :class:`ConfigError` (one line) otherwise, or when it is empty.
-    """
-    if not Path(path).is_file():
-        raise ConfigError(f"join --data {path}: file not found")
-    raw = read_table(Path(path))
-    need = [cfg.data.text_column, cfg.data.label_column, *run_extras(shards)]
-    if client_column:
-        need.append(client_column)
+def _require(raw: pd.DataFrame, need: list[str], path: str | Path) -> None:
     missing = [c for c in need if c not in raw.columns]
     if missing:
         raise ConfigError(f"join --data {path}: columns {missing} missing; the run's data has "
                           f"{need} (file columns: {[str(c) for c in raw.columns]})")
-    raw = raw.dropna(subset=[cfg.data.text_column])
-    if raw.empty:
-        raise ConfigError(f"join --data {path}: no rows")
+
+
+def _classification_frame(raw: pd.DataFrame, cfg: Config, shards: ShardSet,
+                          path: str | Path) -> pd.DataFrame:
+    """Columns ``text``, ``label`` (the run's label ids) and the run's extras."""
     frame = pd.DataFrame({"text": raw[cfg.data.text_column].astype(str).to_numpy(),
                           "label": _labels(raw[cfg.data.label_column], shards.label_names,
                                            cfg.data.label_column, str(path))})
     for extra in run_extras(shards):
         frame[extra] = raw[extra].to_numpy()
+    return frame
+
+
+def _generative_frame(raw: pd.DataFrame, cfg: Config, shards: ShardSet,
+                      path: str | Path) -> pd.DataFrame:
+    """The trainer's generative columns (prompt, response, turns, task, metric) read with the
+    run's data.prompt_column / messages_column / task_column; ``label`` is the task's index
+    among the run's tasks (-1 for a task the run has not seen)."""
+    from fedbip_ray.data.own import generative_frame
+
+    frame, names = generative_frame(raw, cfg.data.model_copy(update={"path": str(path)}),
+                                    check_metrics=False)
+    index = {n: i for i, n in enumerate(shards.label_names)}
+    frame["label"] = [index.get(str(names[y]), -1) for y in frame["label"]]
+    frame["label"] = frame["label"].astype("int64")
+    missing = [c for c in run_extras(shards) if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"join --data {path}: the run's shards have columns {missing} that "
+                          "its data.prompt_column / messages_column settings do not give")
+    return frame[["text", "label", *run_extras(shards)]]
+
+
+def read_newcomers(path: str | Path, cfg: Config, shards: ShardSet,
+                   client_column: str | None = None) -> list[Newcomer]:
+    """The newcomers in the table at ``path`` (Parquet, CSV or JSON lines).
+
+    The table must have the run's data columns: ``data.text_column`` and ``data.label_column``
+    plus the run's extra shard columns, or for generative data the run's prompt/response (or
+    messages) and task columns; raises :class:`ConfigError` (one line) otherwise, or when it
+    is empty.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"join --data {path}: file not found")
+    raw = read_table(Path(path))
+    extra = [client_column] if client_column else []
+    if cfg.data.generative:
+        _require(raw, extra, path)
+    else:
+        _require(raw, [cfg.data.text_column, cfg.data.label_column, *run_extras(shards), *extra],
+                 path)
+        raw = raw.dropna(subset=[cfg.data.text_column])
+    if raw.empty:
+        raise ConfigError(f"join --data {path}: no rows")
+    frame = (_generative_frame if cfg.data.generative else _classification_frame)(
+        raw, cfg, shards, path)
     if not client_column:
         return [Newcomer("newcomer", shards.num_clients, frame)]
     keys = raw[client_column].astype(str).to_numpy()
