@@ -64,17 +64,16 @@ class AWAPartial:
 
     @classmethod
     def combine(cls, parts: list[AWAPartial]) -> AWAPartial:
-        first = parts[0]
-        out = cls(first.gram.copy(), first.dot_g.copy(), first.sq_k.copy(),
-                  first.sq_diff.copy(), first.sq_g, first.d)
+        """The sums over several blocks (added in block order)."""
+        gram, dot_g = parts[0].gram.copy(), parts[0].dot_g.copy()
+        sq_k, sq_diff = parts[0].sq_k.copy(), parts[0].sq_diff.copy()
         for p in parts[1:]:
-            out.gram += p.gram
-            out.dot_g += p.dot_g
-            out.sq_k += p.sq_k
-            out.sq_diff += p.sq_diff
-            out = cls(out.gram, out.dot_g, out.sq_k, out.sq_diff, out.sq_g + p.sq_g,
-                      out.d + p.d)
-        return out
+            gram += p.gram
+            dot_g += p.dot_g
+            sq_k += p.sq_k
+            sq_diff += p.sq_diff
+        return cls(gram, dot_g, sq_k, sq_diff, float(sum(p.sq_g for p in parts)),
+                   int(sum(p.d for p in parts)))
 
     def finish(self, distance: str = "cos") -> AWAStats:
         """The :class:`AWAStats` of the whole adapter from its combined sums."""

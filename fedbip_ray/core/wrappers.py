@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 
 from .aggregate import clip_rows
+from .blocks import block_noise, param_sq_norms, row_norms
 from .interface import AggregationInput, AggregationResult, ClientOptions, Strategy
 from .params import NONNEGATIVE, POSITIVE
 
@@ -37,34 +38,37 @@ class ClippedStrategy:
 class GaussianNoiseStrategy:
     """Client-level DP: clip each task vector to ``clip``, add ``N(0, (noise_multiplier·clip)²)``.
 
-    The noise generator is seeded once with ``seed`` and advances on every call.
+    Norms and noise are those of a server split in column blocks
+    (:func:`~fedbip_ray.core.blocks.row_norms`, :func:`~fedbip_ray.core.blocks.block_noise`):
+    ``seed`` determines the noise (the server seeds it per round).
     """
 
     inner: Strategy
     clip: float
     noise_multiplier: float
     seed: int = 0
-    _rng: np.random.Generator = field(init=False, repr=False, compare=False)
     name: ClassVar[str] = "gaussian-noise"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clip", POSITIVE("clip", self.clip))
         object.__setattr__(self, "noise_multiplier",
                            NONNEGATIVE("noise_multiplier", self.noise_multiplier))
-        object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
 
     @property
     def client_options(self) -> ClientOptions:
         return self.inner.client_options
 
     def privatize(self, inp: AggregationInput) -> AggregationInput:
-        """``inp`` with each task vector clipped and noised (draws the next noise sample):
-        everything computed from the result (aggregates, similarity, gate candidates) then
-        derives from noised updates only."""
-        deltas = clip_rows(inp.deltas, self.clip)
-        std = self.noise_multiplier * self.clip
-        noisy = self._rng.standard_normal(deltas.shape, dtype=np.float32)
-        noisy *= np.float32(std)
+        """``inp`` with each task vector clipped and noised: everything computed from the
+        result (aggregates, similarity, gate candidates) then derives from noised updates
+        only."""
+        norms = row_norms(param_sq_norms(inp.deltas, inp.layout))
+        scale = np.ones_like(norms)
+        over = norms > self.clip
+        scale[over] = self.clip / norms[over]
+        deltas = inp.deltas * scale.astype(np.float32)[:, None] if over.any() else inp.deltas
+        noisy = block_noise(self.seed, inp.n, 0, inp.layout.size)
+        noisy *= np.float32(self.noise_multiplier * self.clip)
         noisy += deltas
         return replace(inp, deltas=noisy)
 
