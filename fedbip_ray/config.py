@@ -116,6 +116,9 @@ class DataConfig(_Frozen):
         default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     # true group of each natural client (partition.kind column): oracle and diagnostics
     group_column: str | None = None
+    # `fedbip join` output directories whose newcomers take part from a resumed round on
+    # (clients N, N+1, ... after the run's N; runtime/joined.py)
+    joined: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -213,6 +216,9 @@ class FederationConfig(_Frozen):
     updates: UpdateCheckConfig = UpdateCheckConfig()
     # nearest neighbours per client in each round's report (the matrices go to similarity/)
     report_top_k: int = Field(8, ge=1)
+    # server actors, each holding one block of the adapter's columns for every client (split
+    # at module boundaries) and spread over the nodes; 1: one server actor
+    server_shards: int = Field(1, ge=1, le=1024)
 
     def checkpoint_due(self, round_num: int) -> bool:
         """Whether round ``round_num``'s checkpoint is written."""
@@ -250,6 +256,9 @@ class ResourcesConfig(_Frozen):
     # the server actor's CPUs (its BLAS threads) and memory reservation (GiB; None: none)
     server_cpus: float = Field(0.0, ge=0)
     server_memory_gb: float | None = Field(None, gt=0)
+    # the client actors of a node share one read-only copy of the frozen base model (Ray's
+    # object store); false: each actor loads its own
+    share_base_model: bool = True
 
 
 class TrackingConfig(_Frozen):
@@ -298,11 +307,13 @@ class Config(_Frozen):
                              f"model.peft.method 'lora' (got '{self.model.peft.method}')")
         return self
 
-    def clients_per_round(self) -> int:
-        """Number of clients sampled each round."""
+    def clients_per_round(self, num_clients: int | None = None) -> int:
+        """Number of clients sampled each round out of ``num_clients`` (default
+        data.num_clients; more with data.joined)."""
         if self.federation.clients_per_round:
             return self.federation.clients_per_round
-        return max(1, math.ceil(self.federation.fraction * self.data.num_clients))
+        n = num_clients or self.data.num_clients
+        return max(1, math.ceil(self.federation.fraction * n))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -52,6 +52,8 @@ FROZEN_ON_RESUME: tuple[str, ...] = (
     "seed", "model", "data", "train", "strategy", "privacy",
     "federation.clients_per_round", "federation.fraction", "federation.updates",
 )
+# ... except these, checked on their own (data.joined may only grow: runtime/joined.py)
+THAWED_ON_RESUME: tuple[str, ...] = ("data.joined",)
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ def config_difference(saved: Mapping[str, Any], current: Mapping[str, Any],
     on both sides only, so fields added by a newer version do not count), or None."""
     a, b = _flatten(saved), _flatten(current)
     prefixes = tuple(frozen)
-    for key in sorted(set(a) & set(b)):
+    for key in sorted(set(a) & set(b) - set(THAWED_ON_RESUME)):
         if any(key == p or key.startswith(p + ".") for p in prefixes) and a[key] != b[key]:
             return f"{key}: {a[key]!r} -> {b[key]!r}"
     return None

@@ -42,6 +42,7 @@ from fedbip_ray.runtime.cluster import (
 )
 from fedbip_ray.runtime.context import RunCallback, RunContext
 from fedbip_ray.runtime.dispatch import NO_LIVE_ACTOR
+from fedbip_ray.runtime.joined import check_growth, with_joined
 from fedbip_ray.runtime.messages import AggregationReport, ShardRef
 from fedbip_ray.runtime.outputs import RunOutputs
 from fedbip_ray.runtime.phases import evaluate_phase, fit_phase, gate_phase
@@ -94,6 +95,7 @@ def load_resume_checkpoint(out: RunOutputs, cfg: Config) -> ckpt_io.Checkpoint |
     if diff is not None:
         raise ConfigError(f"--resume {out.location}: config differs from the checkpoint's "
                           f"({diff})")
+    check_growth(ck.config.get("data", {}).get("joined", []), cfg.data.joined)
     return ck
 
 
@@ -140,6 +142,7 @@ def run_federation(cfg: Config, output: str | os.PathLike[str], resume: bool = F
         strategy = cfg.strategy.build()  # once per run, validated when cfg was parsed
         preflight_model(cfg.model)
         shards = build_shards(cfg.data, cfg.seed, out.local / "shards")
+        ck, shards = with_joined(cfg.data.joined, ck, shards)
         if ck is not None and ck.num_clients != shards.num_clients:
             raise ConfigError(f"--resume {out.location}: checkpoint has {ck.num_clients} "
                               f"clients, the data has {shards.num_clients}")
@@ -234,7 +237,8 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
     opts = ctx.strategy.client_options
     t0 = time.perf_counter()
     ctx.round = rnd
-    participants = sample_clients(ctx.shards.num_clients, cfg.clients_per_round(), cfg.seed, rnd)
+    n = ctx.shards.num_clients
+    participants = sample_clients(n, cfg.clients_per_round(n), cfg.seed, rnd)
     clock = PhaseClock()
     fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient,
                     bool(opts.gate_mixes))

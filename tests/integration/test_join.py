@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 import fedbip_ray
 from fedbip_ray.cli import main
-from fedbip_ray.config import config_from_dict
+from fedbip_ray.config import config_from_dict, load_config
 from fedbip_ray.core.join import join_aggregate
 from fedbip_ray.core.strategies import make_strategy
 from fedbip_ray.core.taskvector import Layout
@@ -137,6 +138,64 @@ def test_python_join_and_models_match_the_cli(finished, tmp_path):
 
     stored = fedbip_ray.load_client_model(tmp / "run", 0)
     assert isinstance(stored, PeftModel) and isinstance(model, PeftModel)
+
+
+class _StatesAtStart:
+    """Records every client's state on the server when the (resumed) run starts."""
+
+    def __init__(self) -> None:
+        self.states: np.ndarray | None = None
+
+    def on_start(self, run) -> None:
+        import ray
+
+        self.states = np.stack(ray.get([run.server.get_state.remote(c)
+                                        for c in range(run.shards.num_clients)]))
+
+    def on_round(self, run, row, report) -> None:
+        pass
+
+    def on_end(self, run, summary) -> None:
+        pass
+
+
+@pytest.mark.ray
+def test_joined_clients_take_part_in_a_resumed_run(finished, tmp_path):
+    from safetensors.numpy import load_file
+
+    from fedbip_ray.runtime import checkpoint as ckpt_io
+    from fedbip_ray.runtime.federation import run_federation
+
+    tmp, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    rows_before = (run / "metrics.jsonl").read_text().splitlines()
+    stored = ckpt_io.read_latest(run / "checkpoints").tensors["states"]
+    newcomers = json.loads((tmp / "joined" / "summary.json").read_text())["newcomers"]
+    joined = {e["client_id"]: load_file(str(tmp / "joined" / e["directory"] / "state.safetensors"))
+              for e in newcomers}
+    cfg = load_config(run / "config.yaml", [f"data.joined=[{tmp / 'joined'}]",
+                                            "federation.rounds=2", "tracking.mlflow=false"])
+    probe = _StatesAtStart()
+    summary = run_federation(cfg, run, resume=True, callbacks=[probe], echo=lambda s: None)
+    n = len(stored)
+    assert probe.states is not None and probe.states.shape[0] == n + len(newcomers)
+    assert np.array_equal(probe.states[:n], stored)  # the stored clients: as the run left them
+    for cid, tensors in joined.items():  # each newcomer: the adapter the join gave it
+        assert np.array_equal(probe.states[cid], tensors["state"])
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert rows[: len(rows_before)] == rows_before and len(rows) == len(rows_before) + 1
+    every = {str(c) for c in range(n + len(newcomers))}
+    assert set(json.loads(rows[-1])["per_client_accuracy"]) == every
+    assert set(summary["per_client_accuracy"]) == every
+    meta = json.loads((run / "shards" / "clients.json").read_text())["clients"]
+    for e in newcomers:
+        shard = (run / "shards" / f"client_{e['client_id']:05d}.parquet").read_bytes()
+        assert shard == (tmp / "joined" / "shards" / f"{e['directory']}.parquet").read_bytes()
+        assert meta[e["client_id"]]["joined"] == e["name"]
+    after = ckpt_io.read_latest(run / "checkpoints")
+    assert after.round == 2 and after.num_clients == n + len(newcomers)
+    assert load_config(run / "config.yaml").data.joined == (str(tmp / "joined"),)
 
 
 BAD = [
