@@ -15,8 +15,14 @@ split, and every method is scored on the newcomers' test splits:
     python benchmarks/join.py --quick                     # tiny BERT, synthetic text (minutes)
     python benchmarks/join.py --setting nlp-groups        # MiniLM, Rotten Tomatoes, 2 groups
     python benchmarks/join.py --setting nlp-natural       # MiniLM, Rotten Tomatoes by movie
+    python benchmarks/join.py --setting generative        # SmolLM2, instruct-tasks by task
 
-Writes benchmarks/results/join.md (``join_quick.md`` with --quick) and a PNG next to it.
+Generative settings group the clients by instruction task (``instruct-tasks``: the conflicting
+``sentiment`` / ``sentiment-flipped`` pair); the score is the primary metric of
+``benchmarks/instruct.py`` (greedy generation, exact match; ROUGE-L for record-to-text).
+
+Writes benchmarks/results/join_<setting>.md (``join_quick.md`` with --quick), the raw rows
+(``.json``) and a PNG next to it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,7 @@ from fedbip_ray.config import DataConfig, config_from_dict  # noqa: E402
 from fedbip_ray.data.datasets import load_dataset  # noqa: E402
 
 METHODS = ("join", "local", "fedavg", "fedavg-ft", "oracle-ft")
+GOAL_SIZE = 25  # the local-only goal is read at this many examples (or the nearest size below)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,15 @@ class Setting:
     rounds: int
     test_examples: int = 60  # per newcomer
     command: str = ""  # the full run of this setting (results file)
+    tasks: tuple[str, ...] = ()  # generative: group g's clients all hold task ``tasks[g]``
+
+    @property
+    def generative(self) -> bool:
+        return bool(self.tasks)
+
+    @property
+    def metric(self) -> str:
+        return "score (exact match)" if self.generative else "accuracy"
 
 
 TINY = {"name": "tiny-bert", "max_length": 24, "peft": {"r": 4, "alpha": 8, "dropout": 0.0}}
@@ -71,15 +88,30 @@ SETTINGS = {
                            command="python benchmarks/join.py --setting nlp-natural --seeds 0,1,2 "
                            "--holdout 10 --train-sizes 10,20"),
 }
-NOT_RUN = {
-    "generative (SmolLM2)": "python benchmarks/instruct.py (federation) -- a generative join "
-    "needs the instruct data's prompt/response columns in a file dataset, which data.file "
-    "does not carry yet",
+SMOLLM2 = {"name": "smollm2", "task": "causal-lm", "max_length": 96,
+           "peft": {"r": 8, "alpha": 16, "dropout": 0.05}}
+TINY_LLAMA = {"name": "tiny-llama", "task": "causal-lm", "max_length": 64,
+              "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                       "intermediate_size": 32},
+              "peft": {"r": 4, "alpha": 8, "dropout": 0.0}}
+CONFLICT = ("sentiment", "sentiment-flipped")
+SETTINGS |= {
+    # CPU-sized: 2 tasks x 2 clients, 2 rounds, 1 newcomer per task
+    "generative": Setting(SMOLLM2, "instruct-tasks", 2, 2, 40,
+                          {"local_epochs": 1, "batch_size": 8, "lr": 0.002,
+                           "eval_batch_size": 16}, 2, 20,
+                          command="python benchmarks/join.py --setting generative --seeds 0,1 "
+                          "--holdout 1 --train-sizes 10,25", tasks=CONFLICT),
+    # pipeline check only (random-init model)
+    "tiny-generative": Setting(TINY_LLAMA, "instruct-tasks", 2, 2, 16,
+                               {"local_epochs": 1, "batch_size": 8, "lr": 0.01,
+                                "eval_batch_size": 8}, 1, 8, tasks=CONFLICT),
 }
 
 
 def pool(setting: Setting, seed: int) -> pd.DataFrame:
-    """The data pool: columns text, label, key (group key or natural client key)."""
+    """The data pool: columns text, label, client (natural client key); generative: also
+    prompt, response, task."""
     cfg = DataConfig(dataset=setting.dataset, num_clients=1)
     frame = load_dataset(cfg, seed).frame.sample(frac=1.0, random_state=seed)
     return frame.reset_index(drop=True)
@@ -93,6 +125,8 @@ def split_clients(setting: Setting, frame: pd.DataFrame, holdout: int, sizes: li
     by g (label flip); natural settings: the most frequent keys federate, the next ones join.
     """
     need_new = max(sizes) + max(4, max(sizes) // 2) + setting.test_examples
+    if setting.generative:
+        return split_tasks(setting, frame, holdout, need_new)
     if setting.groups:
         fed, new, at = [], [], 0
         for g in range(setting.groups):
@@ -114,13 +148,40 @@ def split_clients(setting: Setting, frame: pd.DataFrame, holdout: int, sizes: li
     return fed.rename(columns={"client": "key"}), new
 
 
+def split_tasks(setting: Setting, frame: pd.DataFrame, holdout: int,
+                need_new: int) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """Generative: group g's clients (key ``g<g>``) and newcomers draw task ``tasks[g]``'s
+    rows (prompt, response, task) in turn."""
+    fed, new = [], []
+    cols = ["prompt", "response", "task"]
+    for g, task in enumerate(setting.tasks):
+        rows = frame[frame["task"] == task][cols].reset_index(drop=True)
+        at = setting.clients_per_group * setting.examples
+        if at + holdout * need_new > len(rows):
+            print(f"join benchmark: task {task} has {len(rows)} rows, the setting needs "
+                  f"{at + holdout * need_new}", file=sys.stderr)
+            raise SystemExit(2)
+        fed.append(rows.iloc[:at].assign(key=f"g{g}"))
+        for h in range(holdout):
+            new.append(rows.iloc[at:at + need_new].assign(user=f"{task}-new{h}", group=g))
+            at += need_new
+    return pd.concat(fed, ignore_index=True), new
+
+
+def data_config(setting: Setting, data_path: Path, clients: int) -> dict[str, Any]:
+    """The federation's ``data`` section: the federated file, one client column partition."""
+    columns = ({"prompt_column": "prompt", "response_column": "response", "task_column": "task"}
+               if setting.generative else {"text_column": "text", "label_column": "label"})
+    return {"dataset": "file", "path": str(data_path), **columns, "client_column": "key",
+            "num_clients": clients, "examples_per_client": setting.examples,
+            "partition": {"kind": "column"}}
+
+
 def base_config(setting: Setting, data_path: Path, clients: int, seed: int,
                 strategy: str) -> dict[str, Any]:
     return {
         "name": f"join-{strategy}", "seed": seed, "model": setting.model,
-        "data": {"dataset": "file", "path": str(data_path), "text_column": "text",
-                 "label_column": "label", "client_column": "key", "num_clients": clients,
-                 "examples_per_client": setting.examples, "partition": {"kind": "column"}},
+        "data": data_config(setting, data_path, clients),
         "train": setting.train, "strategy": {"name": strategy},
         "federation": {"rounds": setting.rounds}, "resources": {"num_cpus_per_client": 1},
         "tracking": {"mlflow": False},
@@ -204,19 +265,74 @@ def mean_std(values: list[float | None]) -> str:
     return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
 
 
+def paired(rows: list[dict], a: str, b: str) -> tuple[float, float, int] | None:
+    """Mean of ``a − b`` over the rows that have both, its standard error and the count."""
+    d = [r[a] - r[b] for r in rows if r.get(a) is not None and r.get(b) is not None]
+    if not d:
+        return None
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(np.mean(d)), se, len(d)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The join's goals, each read from paired differences (points = score x 100): within 2
+    points of oracle-ft, at least 5 points over local-only at ``GOAL_SIZE`` examples, never
+    below fedavg-ft by more than noise (2 standard errors)."""
+    sizes = sorted({r["n"] for r in rows})
+    at = max([n for n in sizes if n <= GOAL_SIZE], default=sizes[0])
+    out = ["| goal | train examples | join minus baseline (points, mean ± s.e., pairs) | met |",
+           "|---|---|---|---|"]
+
+    def line(goal: str, n: int, base: str, ok: Callable[[float, float], bool]) -> None:
+        res = paired([r for r in rows if r["n"] == n], "join", base)
+        if res is None:
+            out.append(f"| {goal} | {n} | n/a | n/a |")
+            return
+        m, se, k = res
+        out.append(f"| {goal} | {n} | {100 * m:+.1f} ± {100 * se:.1f} ({k}) | "
+                   f"{'yes' if ok(m, 0.0 if se != se else se) else 'no'} |")
+
+    for n in sizes:
+        line("within 2 points of oracle-ft", n, "oracle-ft", lambda m, se: m >= -0.02)
+    line("≥ 5 points over local-only", at, "local", lambda m, se: m >= 0.05)
+    for n in sizes:
+        line("not below fedavg-ft beyond noise (2 s.e.)", n, "fedavg-ft",
+             lambda m, se: m >= -2 * se)
+    return out
+
+
+def setting_line(name: str, setting: Setting, args: argparse.Namespace) -> str:
+    """What was federated and joined."""
+    model = setting.model["name"]
+    if setting.generative:
+        who = (f"{setting.groups} groups = tasks {', '.join(setting.tasks)} x "
+               f"{setting.clients_per_group} clients")
+    elif setting.groups:
+        who = f"{setting.groups} label-flipped groups x {setting.clients_per_group} clients"
+    else:
+        who = f"up to {setting.clients_per_group} natural clients"
+    per = "per group" if setting.groups else "in all"
+    return (f"Setting `{name}`: `{model}` + LoRA r={setting.model['peft']['r']}; {who}, "
+            f"{setting.examples} examples each, {setting.rounds} rounds x "
+            f"{setting.train['local_epochs']} local epoch(s); {args.holdout} held-out clients "
+            f"{per}, each with a test split of {setting.test_examples} examples.")
+
+
 def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float,
            out: Path) -> None:
-    """The markdown table (mean ± std over newcomers and seeds) and the PNG."""
+    """The markdown table (mean ± std over newcomers and seeds), the goals and the PNG."""
+    setting = SETTINGS[name]
     sizes = sorted({r["n"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
     methods = [m for m in METHODS if any(m in r for r in rows)]
     lines = [f"# Join benchmark{' (quick)' if args.quick else ''}: {name}", "",
              f"Command: `{shlex.join(['python', 'benchmarks/join.py', *args.argv])}`  ",
-             f"Seeds {args.seeds}; {args.holdout} held-out clients per group; test split of "
-             f"{SETTINGS[name].test_examples} examples per newcomer; {seconds / 60:.1f} minutes on "
-             "2 shared CPU cores.", "",
-             "Test accuracy on the newcomers' own test splits (mean ± std over newcomers x "
-             "seeds); `in-group`: share of the join's stored-client weight on the newcomer's "
-             "own group; `mix`: the gate's mean λ.", "",
+             f"Seeds {','.join(map(str, seeds))} (asked: {args.seeds}); "
+             f"{seconds / 60:.1f} minutes on 2 shared CPU cores.", "",
+             setting_line(name, setting, args), "",
+             f"Test {setting.metric} on the newcomers' own test splits (mean ± std over "
+             "newcomers x seeds); `in-group`: share of the join's stored-client weight on the "
+             "newcomer's own group; `mix`: the gate's mean λ.", "",
              "| train examples | " + " | ".join(methods) + " | in-group | mix |",
              "|---|" + "---|" * (len(methods) + 2)]
     for n in sizes:
@@ -224,18 +340,16 @@ def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float
         cells = [mean_std([r.get(m) for r in sel]) for m in methods]
         cells += [mean_std([r["in_group"] for r in sel]), mean_std([r["mix"] for r in sel])]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "Not run here (CPU only, shared machine); the full commands:", ""]
-    for key, s in SETTINGS.items():
-        if s.command and key != name:
-            lines.append(f"- {key}: `{s.command}` (not run)")
-    for what, cmd in NOT_RUN.items():
-        lines.append(f"- {what}: not run; {cmd}")
+    lines += ["", "Goals (paired by newcomer and seed):", "", *goal_lines(rows), "",
+              f"![join: {name}]({out.with_suffix('.png').name})"]
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
-    plot(rows, methods, out.with_suffix(".png"), name)
+    plot(rows, methods, out.with_suffix(".png"), name, setting.metric)
 
 
-def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
+def plot(rows: list[dict], methods: list[str], path: Path, title: str,
+         metric: str = "accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +361,7 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
         ys = [np.mean([r[m] for r in rows if r["n"] == n and r.get(m) is not None]) for n in sizes]
         ax.plot(sizes, ys, marker="o", label=m)
     ax.set_xlabel("newcomer training examples")
-    ax.set_ylabel("newcomer test accuracy")
+    ax.set_ylabel(f"newcomer test {metric}")
     ax.set_title(f"join: {title}")
     ax.legend()
     fig.tight_layout()
@@ -267,10 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     name = args.setting or ("tiny-groups" if args.quick else "nlp-groups")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    sizes = [int(s) for s in args.train_sizes.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        sizes = [int(s) for s in args.train_sizes.split(",")]
+    except ValueError:
+        ap.error("--seeds and --train-sizes take comma-separated integers")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "join_quick.md" if args.quick else "join.md")
+        "join_quick.md" if args.quick else f"join_{name}.md")
     t0 = time.perf_counter()
     rows = []
     for seed in seeds:
