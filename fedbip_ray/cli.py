@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   fedbip replay jobs/configs/tune_tiny.yaml --record   # aggregation-only search, no retraining
   fedbip bench aggregation --quick
   fedbip join runs/quickstart --data new_users.csv --client-column user
+  fedbip run --resume runs/qs --set 'data.joined=[runs/qs/joined]' --set federation.rounds=6
 """
 
 
@@ -89,11 +90,13 @@ def _add_join_parser(sub: argparse._SubParsersAction) -> None:
         "aggregate of the stored clients most like it (the run's strategy), and the run's "
         "validation gate picks the mix. Writes adapters (peft format), weights, similarity "
         "rows and scores into the output directory (default RUN_DIR/joined). The run itself "
-        "is not changed."))
+        "is not changed; `fedbip run --resume RUN_DIR --set data.joined=[DIR]` lets the "
+        "newcomers take part in further rounds."))
     join.add_argument("run_dir", metavar="RUN_DIR",
                       help="output directory (or storage URI) of a finished run")
     join.add_argument("--data", required=True, metavar="FILE",
-                      help="Parquet, CSV or JSON lines with the run's text and label columns")
+                      help="Parquet, CSV or JSON lines with the run's data columns (text and "
+                           "label; generative runs: prompt/response or messages, task)")
     join.add_argument("--client-column", metavar="C",
                       help="one newcomer per value of this column (default: one newcomer)")
     join.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
