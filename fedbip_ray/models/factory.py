@@ -89,8 +89,11 @@ def wrap_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.M
         raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
 
 
-def build_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[torch.nn.Module, Any]:
-    """(peft model, tokenizer) for sequence classification."""
+def build_model(cfg: ModelConfig, num_labels: int, seed: int,
+                base: torch.nn.Module | None = None) -> tuple[torch.nn.Module, Any]:
+    """(peft model, tokenizer) for sequence classification, over ``base`` when given (e.g. a
+    shared frozen base, :mod:`fedbip_ray.models.shared_base`), else over a fresh load."""
     tok = load_tokenizer(cfg)
-    base = load_base_model(cfg, num_labels, len(tok), seed)
+    if base is None:
+        base = load_base_model(cfg, num_labels, len(tok), seed)
     return wrap_peft(base, cfg, seed), tok

@@ -135,10 +135,13 @@ def wrap_lm_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.n
 
 
 def build_causal_lm(cfg: ModelConfig, seed: int, device: torch.device,
-                    dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
-    """(peft-wrapped causal LM on ``device``, tokenizer); ``dtype`` as in :func:`load_causal_lm`."""
+                    dtype: torch.dtype | None = None,
+                    base: torch.nn.Module | None = None) -> tuple[torch.nn.Module, Any]:
+    """(peft-wrapped causal LM on ``device``, tokenizer); ``dtype`` as in :func:`load_causal_lm`.
+    Over ``base`` (already on ``device``, e.g. a shared frozen base) when given."""
     tok = load_lm_tokenizer(cfg)
-    base = load_causal_lm(cfg, len(tok), seed, device, dtype)
+    if base is None:
+        base = load_causal_lm(cfg, len(tok), seed, device, dtype)
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tok.pad_token_id
     return wrap_lm_peft(base, cfg, seed), tok

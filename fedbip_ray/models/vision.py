@@ -191,9 +191,13 @@ def wrap_image_peft(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
         raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
 
 
-def build_image_model(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
-    """peft-wrapped image classifier: (n, 3, S, S) pixels -> (n, num_labels) logits."""
-    return wrap_image_peft(load_base_image_model(cfg, num_labels, seed), cfg, seed)
+def build_image_model(cfg: ModelConfig, num_labels: int, seed: int,
+                      base: nn.Module | None = None) -> nn.Module:
+    """peft-wrapped image classifier: (n, 3, S, S) pixels -> (n, num_labels) logits, over
+    ``base`` when given (e.g. a shared frozen base), else over a fresh load."""
+    if base is None:
+        base = load_base_image_model(cfg, num_labels, seed)
+    return wrap_image_peft(base, cfg, seed)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ import ray
 from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.data.shards import read_shard
+from fedbip_ray.runtime.base_store import BaseHandle, fetch_base
 from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef
 from fedbip_ray.training.device import torch_device
 from fedbip_ray.training.protocol import Trainer
@@ -34,14 +35,16 @@ FAULTS_ENV = "FEDBIP_TEST_POISON"  # = fedbip_ray.runtime.faults.POISON_ENV
 _INPUT_ERRORS = (ConfigError, OSError, ValueError, KeyError, ImportError)
 
 
-def _build_trainer(cfg: Config, num_labels: int, node_id: str) -> Trainer:
-    """The trainer on the device Ray's GPU assignment allows. Imported inside the actor only
-    (torch, transformers): the driver, which needs this module to start actors, never loads
-    torch."""
+def _build_trainer(cfg: Config, num_labels: int, node_id: str,
+                   base: BaseHandle | None = None) -> Trainer:
+    """The trainer on the device Ray's GPU assignment allows, over the node's shared frozen
+    base when ``base`` is given (:mod:`fedbip_ray.runtime.base_store`). Imported inside the
+    actor only (torch, transformers): the driver, which needs this module to start actors,
+    never loads torch."""
     from fedbip_ray.training.registry import make_trainer
 
     device = torch_device(cfg.resources.device, ray.get_gpu_ids(), node_id)
-    return make_trainer(cfg, num_labels, device)
+    return make_trainer(cfg, num_labels, device, fetch_base(base))
 
 
 def _with_faults(tau: np.ndarray, client_id: int) -> np.ndarray:
@@ -112,7 +115,7 @@ class ClientActor:
     restart the actor in vain and print a traceback): :meth:`info` reports it as ``error``.
     """
 
-    def __init__(self, cfg: Config, num_labels: int) -> None:
+    def __init__(self, cfg: Config, num_labels: int, shared_base: bool = False) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         quiet_library_warnings()
         self.cfg = cfg  # validated once by the driver, like the server's ServerSettings
@@ -122,9 +125,22 @@ class ClientActor:
         self.error: str | None = None
         self.trainer: Trainer | None = None
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.num_labels = num_labels
+        if not shared_base:  # else the first call, use_base, builds the model
+            self._build(None)
+
+    def use_base(self, base: BaseHandle) -> None:
+        """Build the model over the run's shared frozen base (the first call of an actor
+        started with ``shared_base``; the reference comes in a call, not in the constructor,
+        whose object-store arguments Ray does not keep for restarts). A restarted actor,
+        which gets no such call, builds a private copy on its first call."""
+        if self.trainer is None and self.error is None:
+            self._build(base)
+
+    def _build(self, base: BaseHandle | None) -> None:
         try:
             check_model_on_node(self.cfg.model.name)
-            self.trainer = _build_trainer(self.cfg, num_labels, self.node_id)
+            self.trainer = _build_trainer(self.cfg, self.num_labels, self.node_id, base)
         except _INPUT_ERRORS as exc:
             self.error = one_line(exc) if isinstance(exc, ConfigError) else (
                 f"model '{self.cfg.model.name}': {type(exc).__name__}: {one_line(exc)}")
@@ -135,15 +151,21 @@ class ClientActor:
     def info(self) -> dict[str, Any]:
         """Layout and size of the adapter, pid, Ray node id, device, and ``error`` if the model
         could not be built; also a readiness probe."""
+        if self.trainer is None and self.error is None:
+            self._build(None)
         if self.trainer is None:
             return {"error": self.error, "pid": os.getpid(), "node_id": self.node_id,
                     "device": None}
+        shared = getattr(self.trainer, "shared_base", None)
         return {"layout": self.trainer.layout.to_dict(), "pid": os.getpid(),
                 "node_id": self.node_id,
+                "shared_base_bytes": shared.nbytes if shared is not None else 0,
                 "device": str(self.trainer.device), "error": None,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def _ready(self) -> Trainer:
+        if self.trainer is None and self.error is None:
+            self._build(None)
         if self.trainer is None:
             raise RuntimeError(f"client actor has no model: {self.error}")
         return self.trainer

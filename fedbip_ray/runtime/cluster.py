@@ -34,6 +34,7 @@ from fedbip_ray.runtime.acquire import (
     plan_num_actors,
     release_bundles,
 )
+from fedbip_ray.runtime.base_store import BaseHandle, put_base
 from fedbip_ray.runtime.client import ClientActor
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.messages import ServerSettings
@@ -272,9 +273,9 @@ def forwarded_test_env() -> dict[str, str]:
 
 
 def spawn_client(cfg: Config, num_labels: int, placement: Placement | None = None,
-                 index: int = 0) -> Any:
+                 index: int = 0, base: BaseHandle | None = None) -> Any:
     """One client actor with the run's per-client resources (in bundle ``index`` of the
-    placement's group, when there is one)."""
+    placement's group, when there is one), over the shared frozen base ``base`` if given."""
     rc = cfg.resources
     opts: dict[str, Any] = {"num_cpus": rc.num_cpus_per_client, "num_gpus": rc.num_gpus_per_client}
     env = forwarded_test_env()
@@ -282,7 +283,10 @@ def spawn_client(cfg: Config, num_labels: int, placement: Placement | None = Non
         opts["runtime_env"] = {"env_vars": env}
     if placement is not None:
         opts.update(actor_options(placement.group, index))
-    return ClientActor.options(**opts).remote(cfg, num_labels)
+    actor = ClientActor.options(**opts).remote(cfg, num_labels, base is not None)
+    if base is not None:
+        actor.use_base.remote(base)  # runs before any later call of this driver
+    return actor
 
 
 def driver_node() -> NodeAffinitySchedulingStrategy:
@@ -330,7 +334,8 @@ def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
     if ctx.placement is None:
         ctx.placement = Placement(num_actors)
     placement = ctx.placement
-    ctx.actors = [spawn_client(ctx.cfg, ctx.shards.num_labels, placement, i)
+    ctx.base = put_base(ctx.cfg, ctx.shards.num_labels, placement.group)
+    ctx.actors = [spawn_client(ctx.cfg, ctx.shards.num_labels, placement, i, ctx.base)
                   for i in range(num_actors)]
     ctx.server = spawn_server(ctx)
     infos = ray.get([a.info.remote() for a in ctx.actors])
@@ -350,6 +355,7 @@ def stop_actors(ctx: RunContext) -> None:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+    ctx.base = None  # frees the shared base once no actor holds it
     if ctx.placement is not None:
         release_bundles(ctx.placement.group)
         ctx.placement.group = None
@@ -386,10 +392,13 @@ def heal_actors(ctx: RunContext, actor_indices: Sequence[int]) -> int:
     if ctx.placement is None:
         ctx.placement = Placement(len(ctx.actors))
     for i in sorted(set(actor_indices)):
+        if ctx.base is not None:  # a restarted actor shares the base again (else: a no-op)
+            ctx.actors[i].use_base.remote(ctx.base)
         alive, info = probe_actor(ctx.actors[i], PING_TIMEOUT_S)
         if not alive:
             log.warning("client actor %d is dead (restarts exhausted): starting a new one", i)
-            ctx.actors[i] = spawn_client(ctx.cfg, ctx.shards.num_labels, ctx.placement, i)
+            ctx.actors[i] = spawn_client(ctx.cfg, ctx.shards.num_labels, ctx.placement, i,
+                                         ctx.base)
             replaced += 1
             info = probe_actor(ctx.actors[i], PING_TIMEOUT_S)[1]
         if info is not None and not info.get("error"):

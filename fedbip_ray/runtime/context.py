@@ -17,6 +17,7 @@ from fedbip_ray.storage import Location
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
+    from fedbip_ray.runtime.base_store import BaseHandle
     from fedbip_ray.runtime.checkpoint import CheckpointWriter
     from fedbip_ray.runtime.cluster import Placement
     from fedbip_ray.runtime.outputs import RunOutputs
@@ -54,6 +55,7 @@ class RunContext:
     outputs: RunOutputs | None = None  # where the run writes (``output`` is its local side)
     round: int = 0  # the round in progress
     placement: Placement | None = None  # the client actors' bundles and nodes (cluster.provision)
+    base: BaseHandle | None = None  # the shared frozen base model (runtime.base_store)
 
     def actor_index(self, client_id: int) -> int:
         """The client's home actor (its calls go there unless another actor is idle first)."""

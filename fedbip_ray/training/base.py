@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from fedbip_ray.config import Config
+from fedbip_ray.models.shared_base import FrozenBase, adopt_base, privatize_trainables, unfit_reason
 from fedbip_ray.training.device import Precision, bf16_supported, resolve_precision, torch_device
 from fedbip_ray.training.loops import autocast, run_local_epochs
 from fedbip_ray.training.protocol import FitMetrics
@@ -22,6 +24,7 @@ from fedbip_ray.training.state import (
 )
 
 B = TypeVar("B")
+log = logging.getLogger("fedbip.trainer")
 
 
 def setup_torch(cfg: Config, device: torch.device | None) -> torch.device:
@@ -35,8 +38,10 @@ class AdapterTrainer:
     """Base of the trainers: ``model`` (a peft model on ``device``), ``params`` (its trainable
     parameters, name -> Parameter, layout order), ``layout``, ``precision``.
 
-    Subclasses build the model in ``__init__`` and call :meth:`_adopt`; they implement
-    ``encode``, ``train`` (through :meth:`_run_epochs`) and ``evaluate``.
+    Subclasses build the model in ``__init__`` (over :meth:`_shared_model` when a shared base
+    is given) and call :meth:`_adopt`; they implement ``encode``, ``train`` (through
+    :meth:`_run_epochs`) and ``evaluate``. ``shared_base`` is the :class:`FrozenBase` whose
+    arrays hold this trainer's frozen weights (None: a private copy).
     """
 
     cfg: Config
@@ -45,14 +50,32 @@ class AdapterTrainer:
     params: dict[str, torch.nn.Parameter]
     precision: Precision
     cpu_precision: Precision = "fp32"
+    shared_base: FrozenBase | None = None
 
     def _resolve_precision(self) -> Precision:
         kind = self.device.type if self.device.type == "cuda" else "cpu"
         return resolve_precision(self.cfg.train.precision, kind, bf16_supported(self.device),
                                  self.cpu_precision)
 
+    def _shared_model(self, base: FrozenBase | None,
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module | None:
+        """The base model over ``base``'s shared read-only arrays, or None (the caller loads a
+        private copy) when there is no ``base`` or it does not fit this trainer's device and
+        weight ``dtype`` (one log line says why)."""
+        if base is None:
+            return None
+        why = unfit_reason(base, self.cfg.model.task, self.device, dtype)
+        if why is not None:
+            log.warning("base model: a private copy (%s)", why)
+            return None
+        self.shared_base = base
+        return adopt_base(base)
+
     def _adopt(self, model: torch.nn.Module) -> None:
-        """Take ``model`` (already on ``device``) and record its trainable parameters."""
+        """Take ``model`` (already on ``device``) and record its trainable parameters (each a
+        private copy, also when the frozen weights are shared)."""
+        if self.shared_base is not None:
+            privatize_trainables(model, self.shared_base)
         self.model = model
         self.params = trainable_parameters(model)
         self.layout = layout_of(self.params)

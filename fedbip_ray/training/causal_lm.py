@@ -31,6 +31,7 @@ import torch
 
 from fedbip_ray.config import Config
 from fedbip_ray.models.lm import build_causal_lm
+from fedbip_ray.models.shared_base import FrozenBase
 from fedbip_ray.training.base import AdapterTrainer, setup_torch
 from fedbip_ray.training.loops import empty_metrics, evaluation_loop
 from fedbip_ray.training.protocol import EvalMetrics, FitMetrics
@@ -222,14 +223,16 @@ class CausalLMTrainer(AdapterTrainer):
     """A causal LM + adapter (``layout`` over the trainable adapter parameters in sorted-name
     order, flat (D,) float32 states); response-only loss, generative evaluation."""
 
-    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None,
+                 base: FrozenBase | None = None) -> None:
         self.cfg, self.seed = cfg, cfg.seed
         self.cpu_precision = "bf16" if CPU_AUTOCAST_BF16 else "fp32"
         self.device = setup_torch(cfg, device)
         self.precision = self._resolve_precision()
         cuda_bf16 = self.device.type == "cuda" and self.precision == "bf16"
-        model, self.tokenizer = build_causal_lm(cfg.model, cfg.seed, self.device,
-                                                torch.bfloat16 if cuda_bf16 else torch.float32)
+        dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        model, self.tokenizer = build_causal_lm(cfg.model, cfg.seed, self.device, dtype,
+                                                self._shared_model(base, dtype))
         if cfg.train.gradient_checkpointing:
             model.get_base_model().activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})

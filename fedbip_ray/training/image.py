@@ -11,6 +11,7 @@ import torch
 
 from fedbip_ray.config import Config
 from fedbip_ray.data.images import frame_pixels, rotate_groups
+from fedbip_ray.models.shared_base import FrozenBase
 from fedbip_ray.models.vision import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -62,13 +63,15 @@ def image_batches(data: ImageData, batch_size: int, gen: torch.Generator | None,
 class ImageTrainer(AdapterTrainer):
     """An image classifier + adapter; BatchNorm stays frozen while training."""
 
-    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None,
+                 base: FrozenBase | None = None) -> None:
         self.cfg, self.seed = cfg, cfg.seed
         self.size = input_size(cfg.model.name)
         self.rotation_groups = rotation_groups(cfg)
         self.device = setup_torch(cfg, device)
         self.precision = self._resolve_precision()
-        self._adopt(build_image_model(cfg.model, num_labels, cfg.seed).to(self.device))
+        model = build_image_model(cfg.model, num_labels, cfg.seed, self._shared_model(base))
+        self._adopt(model.to(self.device))
 
     def encode(self, frame: pd.DataFrame) -> ImageData:
         """Decode a split once: (n, C, S, S) normalized pixels, rotated by group if configured."""

@@ -23,7 +23,9 @@ def trainer_class(task: str) -> type[Any]:
     return SequenceTrainer
 
 
-def make_trainer(cfg: Config, num_labels: int, device: Any = None) -> Trainer:
+def make_trainer(cfg: Config, num_labels: int, device: Any = None, base: Any = None) -> Trainer:
     """The trainer for ``cfg.model.task`` on ``device`` (a ``torch.device``; by default the one
-    :func:`fedbip_ray.training.device.torch_device` picks from ``resources.device``)."""
-    return trainer_class(cfg.model.task)(cfg, num_labels, device)
+    :func:`fedbip_ray.training.device.torch_device` picks from ``resources.device``), over the
+    shared frozen weights of ``base`` (a :class:`~fedbip_ray.models.shared_base.FrozenBase`)
+    when given and usable, else over a private copy."""
+    return trainer_class(cfg.model.task)(cfg, num_labels, device, base)

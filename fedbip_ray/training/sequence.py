@@ -12,6 +12,7 @@ import torch
 
 from fedbip_ray.config import Config
 from fedbip_ray.models.factory import build_model
+from fedbip_ray.models.shared_base import FrozenBase
 from fedbip_ray.training.base import AdapterTrainer, setup_torch
 from fedbip_ray.training.loops import classification_eval, ordered_indices
 from fedbip_ray.training.protocol import EvalMetrics, FitMetrics
@@ -58,11 +59,13 @@ def text_batches(data: Encoded, batch_size: int, gen: torch.Generator | None,
 class SequenceTrainer(AdapterTrainer):
     """A text classifier + adapter (tokenizer in ``tokenizer``); cross-entropy on the label."""
 
-    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None,
+                 base: FrozenBase | None = None) -> None:
         self.cfg, self.seed = cfg, cfg.seed
         self.device = setup_torch(cfg, device)
         self.precision = self._resolve_precision()
-        model, self.tokenizer = build_model(cfg.model, num_labels, cfg.seed)
+        model, self.tokenizer = build_model(cfg.model, num_labels, cfg.seed,
+                                            self._shared_model(base))
         self._adopt(model.to(self.device))
 
     def encode(self, frame: pd.DataFrame) -> Encoded:
