@@ -22,7 +22,8 @@ Generative settings group the clients by instruction task (``instruct-tasks``: t
 ``benchmarks/instruct.py`` (greedy generation, exact match; ROUGE-L for record-to-text).
 
 Writes benchmarks/results/join_<setting>.md (``join_quick.md`` with --quick), the raw rows
-(``.json``) and a PNG next to it.
+(``.json``) and a PNG next to it, after every seed. ``--report-only ROWS`` rebuilds a report
+from its rows; ``--combine [--preamble FILE]`` writes join.md from the settings' reports.
 """
 
 from __future__ import annotations
@@ -318,17 +319,30 @@ def setting_line(name: str, setting: Setting, args: argparse.Namespace) -> str:
             f"{per}, each with a test split of {setting.test_examples} examples.")
 
 
-def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float,
+def command_text(args: argparse.Namespace) -> str:
+    """The command that ran the setting (without --report-only and its file)."""
+    argv, skip = [], False
+    for a in args.argv:
+        if skip or a == "--report-only":
+            skip = not skip
+            continue
+        argv.append(a)
+    text = f"`{shlex.join(['python', 'benchmarks/join.py', *argv])}`"
+    return text + (f" (report rebuilt from `{args.report_only}`)" if args.report_only else "")
+
+
+def report(name: str, rows: list[dict], args: argparse.Namespace, seconds: float | None,
            out: Path) -> None:
     """The markdown table (mean ± std over newcomers and seeds), the goals and the PNG."""
     setting = SETTINGS[name]
     sizes = sorted({r["n"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     methods = [m for m in METHODS if any(m in r for r in rows)]
+    took = f"{seconds / 60:.1f} minutes" if seconds is not None else "run time in its log"
     lines = [f"# Join benchmark{' (quick)' if args.quick else ''}: {name}", "",
-             f"Command: `{shlex.join(['python', 'benchmarks/join.py', *args.argv])}`  ",
+             f"Command: {command_text(args)}  ",
              f"Seeds {','.join(map(str, seeds))} (asked: {args.seeds}); "
-             f"{seconds / 60:.1f} minutes on 2 shared CPU cores.", "",
+             f"{took} on 2 shared CPU cores.", "",
              setting_line(name, setting, args), "",
              f"Test {setting.metric} on the newcomers' own test splits (mean ± std over "
              "newcomers x seeds); `in-group`: share of the join's stored-client weight on the "
@@ -369,7 +383,31 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str,
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+COMBINED = ("nlp-groups", "nlp-natural", "generative")
+
+
+def combine(results: Path, preamble: str) -> Path:
+    """``join.md``: ``preamble``, then every setting's report found in ``results`` (headings
+    one level down), then the commands of the settings not run yet."""
+    lines = ["# Join benchmark: new clients joining a finished run", ""]
+    lines += [preamble.strip(), ""] if preamble.strip() else []
+    missing = []
+    for name in COMBINED:
+        part = results / f"join_{name}.md"
+        if not part.is_file():
+            missing.append(f"- {name}: `{SETTINGS[name].command}` (not run yet)")
+            continue
+        lines += ["#" + x if x.startswith("#") else x for x in part.read_text().splitlines()]
+        lines.append("")
+    if missing:
+        lines += ["## Not run yet", "", *missing, ""]
+    out = results / "join.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny BERT on synthetic text")
     ap.add_argument("--setting", choices=list(SETTINGS), default=None)
@@ -378,20 +416,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-sizes", default="10,25,50")
     ap.add_argument("--workdir", default="runs/bench-join")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report-only", metavar="ROWS", default=None,
+                    help="rebuild the setting's report from a finished run's rows (.json)")
+    ap.add_argument("--combine", action="store_true",
+                    help="write join.md from the join_<setting>.md reports next to --out")
+    ap.add_argument("--preamble", type=Path, default=None, help="markdown for --combine")
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    name = args.setting or ("tiny-groups" if args.quick else "nlp-groups")
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-        sizes = [int(s) for s in args.train_sizes.split(",")]
+        args.seed_list = [int(s) for s in args.seeds.split(",")]
+        args.sizes = [int(s) for s in args.train_sizes.split(",")]
     except ValueError:
         ap.error("--seeds and --train-sizes take comma-separated integers")
+    for path in (args.report_only, args.preamble):
+        if path is not None and not Path(path).is_file():
+            ap.error(f"{path}: file not found")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a setting (or rebuild its report, or combine the reports)."""
+    args = parse_args(argv)
+    name = args.setting or ("tiny-groups" if args.quick else "nlp-groups")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         "join_quick.md" if args.quick else f"join_{name}.md")
+    if args.combine:
+        print(combine(out.parent, args.preamble.read_text() if args.preamble else ""))
+        return 0
+    if args.report_only:
+        report(name, json.loads(Path(args.report_only).read_text()), args, None, out)
+        print(out.read_text())
+        return 0
     t0 = time.perf_counter()
     rows = []
-    for seed in seeds:
-        rows += run_seed(name, SETTINGS[name], seed, args.holdout, sizes, Path(args.workdir))
+    for seed in args.seed_list:
+        rows += run_seed(name, SETTINGS[name], seed, args.holdout, args.sizes,
+                         Path(args.workdir))
         report(name, rows, args, time.perf_counter() - t0, out)  # partial results as it goes
     print(out.read_text())
     return 0
