@@ -4,6 +4,8 @@ Layout of ``OUTPUT/checkpoints/``::
 
     latest.json                 {"round": R, "path": "round_0000R"}   (replaced atomically)
     round_0000R/server.safetensors  states (N, D) f32, init (D,) f32, similarity (N, N) f64
+    round_0000R/server_shard_KKKK.safetensors  a sharded server's blocks: states (N, D_k),
+                                init (D_k,) each (server.safetensors then holds the rest)
     round_0000R/layout.json     the adapter layout (names, shapes, offsets)
     round_0000R/meta.json       format, round, history (metrics rows 1..R), config, sha256,
                                 extra (run metadata, e.g. the MLflow run id)
@@ -46,6 +48,7 @@ FORMAT = 1
 KEEP = 2  # complete checkpoints kept on disk
 TENSORS = "server.safetensors"
 _NAME = re.compile(r"^round_(\d{5,})$")
+_SHARD = re.compile(r"^server_shard_(\d{3,})\.safetensors$")
 # Config sections that must not change on resume (they define the data, the model and the
 # trajectory); others (rounds, deadlines, resources, tracking) may.
 FROZEN_ON_RESUME: tuple[str, ...] = (
@@ -125,11 +128,48 @@ def write_safetensors(fh: Any, tensors: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(root: Root, round_num: int, tensors: Mapping[str, np.ndarray],
+TensorFiles = Mapping[str, Mapping[str, np.ndarray]]  # file name -> its tensors
+
+
+def tensor_files(tensors: Mapping[str, Any]) -> dict[str, Mapping[str, np.ndarray]]:
+    """``tensors`` as {file name: tensors}: one ``server.safetensors`` for a server's
+    tensors, or the files of a sharded server as they are."""
+    if tensors and all(isinstance(v, Mapping) for v in tensors.values()):
+        return dict(tensors)
+    return {TENSORS: tensors}
+
+
+def merge_tensor_files(files: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One server's tensors from a checkpoint's files: the shards' ``states`` and ``init``
+    joined along the columns in shard order."""
+    shards = sorted((f for f in files if _SHARD.match(f)), key=lambda f: int(_SHARD.match(f)[1]))
+    out = dict(files.get(TENSORS, {}))
+    if shards:
+        out["states"] = np.concatenate([files[f]["states"] for f in shards], axis=1)
+        out["init"] = np.concatenate([files[f]["init"] for f in shards])
+    return out
+
+
+def _write_files(directory: Path, files: TensorFiles) -> dict[str, str]:
+    """Each file's tensors, fsynced, written in parallel; their sha256 by name."""
+    def one(name: str) -> str:
+        with (directory / name).open("wb") as fh:
+            digest = write_safetensors(fh, files[name])
+            fh.flush()
+            os.fsync(fh.fileno())
+        return digest
+
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        return dict(zip(files, pool.map(one, files), strict=True))
+
+
+def write_checkpoint(root: Root, round_num: int, tensors: Mapping[str, Any],
                      layout: Mapping[str, Any], history: list[dict[str, Any]],
                      config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Any:
     """Write round ``round_num``'s checkpoint under ``root`` atomically; prune old ones.
+    ``tensors``: a server's tensors, or {file name: tensors} (a sharded server's files).
     Returns its directory (a Path, or a Location on an object store)."""
+    files = tensor_files(tensors)
     meta = {"format": FORMAT, "round": round_num, "history": history, "config": dict(config),
             "extra": dict(extra or {}),
             "rng": "stateless: sampling, training and DP noise are seeded by (seed, round, client)"}
@@ -137,19 +177,15 @@ def write_checkpoint(root: Root, round_num: int, tensors: Mapping[str, np.ndarra
         if not root.is_local:
             from fedbip_ray.runtime.checkpoint_remote import publish  # (imports this module)
 
-            return publish(root, round_num, tensors, layout, meta)
+            return publish(root, round_num, files, layout, meta)
         root = root.local_path
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(round_num)
     tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with (tmp / TENSORS).open("wb") as fh:
-        digest = write_safetensors(fh, tensors)
-        fh.flush()
-        os.fsync(fh.fileno())
+    meta["sha256"] = _write_files(tmp, files)
     write_text_atomic(tmp / "layout.json", json.dumps(dict(layout)))
-    meta["sha256"] = {TENSORS: digest}
     write_text_atomic(tmp / "meta.json", json.dumps(meta))
     fsync_dir(tmp)
     if final.exists():  # left by a run killed after the rename but before latest.json moved
@@ -224,13 +260,23 @@ def read_checkpoint(path: Path, expected_round: int | None = None) -> Checkpoint
     if not path.is_dir():
         raise _bad(path, "directory missing")
     meta = check_meta(_read_json(path / "meta.json", path), path, expected_round)
-    tensor_path = path / TENSORS
-    if not tensor_path.is_file():
-        raise _bad(path, f"{TENSORS} missing")
-    if sha256_file(tensor_path) != (meta.get("sha256") or {}).get(TENSORS):
-        raise _bad(path, f"{TENSORS} is corrupt (sha256 mismatch)")
-    tensors = load_tensors(lambda: load_file(str(tensor_path)), path)
-    return validated(path, meta, tensors, _read_json(path / "layout.json", path))
+    files: dict[str, dict[str, np.ndarray]] = {}
+    for name in checkpoint_files(meta):
+        tensor_path = path / name
+        if not tensor_path.is_file():
+            raise _bad(path, f"{name} missing")
+        if sha256_file(tensor_path) != (meta.get("sha256") or {}).get(name):
+            raise _bad(path, f"{name} is corrupt (sha256 mismatch)")
+        files[name] = load_tensors(lambda p=tensor_path: load_file(str(p)), path)
+    return validated(path, meta, merge_tensor_files(files),
+                     _read_json(path / "layout.json", path))
+
+
+def checkpoint_files(meta: Mapping[str, Any]) -> list[str]:
+    """The tensor files a checkpoint's meta.json lists (``server.safetensors`` at least)."""
+    digests = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    names = [n for n in digests if n == TENSORS or _SHARD.match(n)]
+    return names if TENSORS in names else [TENSORS, *names]
 
 
 def check_meta(meta: Any, where: Any, expected_round: int | None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import json
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-import numpy as np
 from safetensors.numpy import load as load_safetensors
 
 from fedbip_ray import storage
@@ -19,19 +18,22 @@ from fedbip_ray.runtime import checkpoint as ckpt
 from fedbip_ray.storage import Location, Published
 
 
-def publish(root: Location, round_num: int, tensors: Mapping[str, np.ndarray],
+def publish(root: Location, round_num: int, files: ckpt.TensorFiles,
             layout: Mapping[str, Any], meta: dict[str, Any]) -> Location:
-    """Write round ``round_num``'s checkpoint under ``root``; its directory."""
+    """Write round ``round_num``'s checkpoint ({file name: tensors}) under ``root``; its
+    directory."""
     digest: dict[str, str] = {}
 
-    def write_tensors(fh: BinaryIO) -> None:
-        digest[ckpt.TENSORS] = ckpt.write_safetensors(fh, tensors)
+    def writer(name: str) -> Any:
+        def write(fh: BinaryIO) -> None:
+            digest[name] = ckpt.write_safetensors(fh, files[name])
+        return write
 
-    def write_meta(fh: BinaryIO) -> None:  # after the tensors: their digest is known
+    def write_meta(fh: BinaryIO) -> None:  # after the tensors: their digests are known
         fh.write(json.dumps({**meta, "sha256": dict(digest)}).encode())
 
     return storage.publish_checkpoint(root, round_num, {
-        ckpt.TENSORS: write_tensors,
+        **{name: writer(name) for name in files},
         "layout.json": json.dumps(dict(layout)).encode(),
         "meta.json": write_meta,
     }, keep=ckpt.KEEP)
@@ -51,13 +53,16 @@ def from_published(pub: Published) -> ckpt.Checkpoint:
     """The validated checkpoint of a verified round directory (ConfigError if it is not one)."""
     where = pub.location
     meta = ckpt.check_meta(_json(pub, "meta.json"), where.describe(), pub.round)
-    data = pub.files.get(ckpt.TENSORS)
-    if data is None:
-        raise ckpt._bad(where.describe(), f"{ckpt.TENSORS} missing")
-    if hashlib.sha256(data).hexdigest() != (meta.get("sha256") or {}).get(ckpt.TENSORS):
-        raise ckpt._bad(where.describe(), f"{ckpt.TENSORS} is corrupt (sha256 mismatch)")
-    tensors = ckpt.load_tensors(lambda: load_safetensors(data), where.describe())
-    return ckpt.validated(where, meta, tensors, _json(pub, "layout.json"))
+    files = {}
+    for name in ckpt.checkpoint_files(meta):
+        data = pub.files.get(name)
+        if data is None:
+            raise ckpt._bad(where.describe(), f"{name} missing")
+        if hashlib.sha256(data).hexdigest() != (meta.get("sha256") or {}).get(name):
+            raise ckpt._bad(where.describe(), f"{name} is corrupt (sha256 mismatch)")
+        files[name] = ckpt.load_tensors(lambda d=data: load_safetensors(d), where.describe())
+    return ckpt.validated(where, meta, ckpt.merge_tensor_files(files),
+                          _json(pub, "layout.json"))
 
 
 def load(root: Location) -> ckpt.Checkpoint | None:

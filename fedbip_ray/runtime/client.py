@@ -24,7 +24,7 @@ from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.data.shards import read_shard
 from fedbip_ray.runtime.base_store import BaseHandle, fetch_base
-from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef
+from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef, resolve_state
 from fedbip_ray.training.device import torch_device
 from fedbip_ray.training.protocol import Trainer
 from fedbip_ray.training.seeds import seed_for
@@ -190,6 +190,7 @@ class ClientActor:
         ``keep`` the trained state ``state + τ`` stays in the actor for this round's
         :meth:`score_mixes` (so the server need not send it back)."""
         trainer = self._ready()
+        state = resolve_state(state)
         self._trained = {c: v for c, v in self._trained.items() if v[0] == round_num}
         data = self._client_data(client_id, shard)["train"]
         trainer.load_state(state)
@@ -212,11 +213,17 @@ class ClientActor:
                             trainer.layout, len(data), metrics, signal)
 
     @ray.method(num_returns=2)
-    def fit_receipt(self, *args: Any, **kwargs: Any) -> tuple[int, ClientUpdate]:
+    def fit_receipt(self, *args: Any, blocks: list[Any] | None = None,
+                    **kwargs: Any) -> tuple[Any, ...]:
         """:meth:`fit` as two results: a small receipt that tells the driver the call is done
         (the client id, fetched by the driver; an error there names an actor death), and the
-        update, which only the server fetches."""
+        update, which only the server fetches. With a sharded server's ``blocks`` (called with
+        ``num_returns=1 + K``): the receipt, then the update's slice for each block."""
+        from fedbip_ray.runtime.server import slice_update
+
         update = self.fit(*args, **kwargs)
+        if blocks:
+            return (update.client_id, *slice_update(update, blocks))
         return update.client_id, update
 
     def evaluate(self, client_id: int, state: np.ndarray, round_num: int,
@@ -227,7 +234,7 @@ class ClientActor:
         names tasks adds ``per_task`` {task: score} to each split."""
         trainer = self._ready()
         data = self._client_data(client_id, shard)
-        trainer.load_state(state)
+        trainer.load_state(resolve_state(state))
         if finetune_epochs > 0:
             trainer.train(data["train"], finetune_epochs,
                           seed_for(self.cfg.seed, client_id, round_num, 7))
@@ -241,6 +248,7 @@ class ClientActor:
         ``local`` the state kept by this round's ``fit(keep=True)`` is used; None when there is
         none (e.g. the actor was restarted): the caller then sends ``local``."""
         trainer = self._ready()
+        aggregate, local = resolve_state(aggregate), resolve_state(local)
         kept = self._trained.pop(client_id, None)
         if local is None:
             if kept is None or kept[0] != round_num:
@@ -260,7 +268,7 @@ class ClientActor:
         from pathlib import Path
 
         trainer = self._ready()
-        trainer.load_state(state)
+        trainer.load_state(resolve_state(state))
         with tempfile.TemporaryDirectory() as tmp:
             trainer.model.save_pretrained(tmp)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

@@ -143,15 +143,18 @@ def server_share(cfg: Config, resources: Mapping[str, float], where: str = "Ray 
     """The CPUs the server actor takes from ``resources`` (``resources.server_cpus``); raises
     ConfigError (one line) when the server and one client actor cannot fit together, or the
     server's memory reservation exceeds what ``resources`` has."""
-    rc = cfg.resources
-    cpus, server = float(resources.get("CPU", 0)), float(rc.server_cpus)
+    rc, k = cfg.resources, cfg.federation.server_shards
+    cpus, server = float(resources.get("CPU", 0)), float(rc.server_cpus) * k
+    actors = f"{k} server shards" if k > 1 else "the server"
     if server + rc.num_cpus_per_client > cpus:
-        raise ConfigError(f"resources.server_cpus={server:g}: the server and one client actor "
-                          f"(resources.num_cpus_per_client={rc.num_cpus_per_client:g}) need "
-                          f"{server + rc.num_cpus_per_client:g} CPUs, the {where} has {cpus:g}")
+        raise ConfigError(f"resources.server_cpus={rc.server_cpus:g}: {actors} and one client "
+                          f"actor (resources.num_cpus_per_client={rc.num_cpus_per_client:g}) "
+                          f"need {server + rc.num_cpus_per_client:g} CPUs, the {where} has "
+                          f"{cpus:g}")
     memory = float(resources.get("memory", math.inf))
-    if rc.server_memory_gb is not None and rc.server_memory_gb * 2**30 > memory:
-        raise ConfigError(f"resources.server_memory_gb={rc.server_memory_gb:g}: the {where} has "
+    if rc.server_memory_gb is not None and rc.server_memory_gb * k * 2**30 > memory:
+        raise ConfigError(f"resources.server_memory_gb={rc.server_memory_gb:g}: {actors} need "
+                          f"{rc.server_memory_gb * k:g} GiB, the {where} has "
                           f"{memory / 2**30:.1f} GiB of memory for actors")
     return server
 
@@ -317,12 +320,24 @@ def server_options(cfg: Config, output: Location | None) -> dict[str, Any]:
 
 def spawn_server(ctx: RunContext) -> Any:
     """The run's server actor: writes each round's matrices to the run's output, runs its
-    BLAS on ``max(1, int(resources.server_cpus))`` threads."""
+    BLAS on ``max(1, int(resources.server_cpus))`` threads. With
+    ``federation.server_shards: K > 1`` a :class:`~fedbip_ray.runtime.sharded.ShardedServer`
+    (K block actors spread over the nodes, each with those CPUs and memory, and a
+    coordinator on the driver's node)."""
     assert ctx.strategy is not None
     output = ctx.outputs.location if ctx.outputs is not None else None
     settings = ServerSettings.from_config(ctx.cfg, ctx.strategy, ctx.shards.groups, output)
     threads = max(1, int(ctx.cfg.resources.server_cpus))
-    return ServerActor.options(**server_options(ctx.cfg, output)).remote(settings, threads)
+    opts = server_options(ctx.cfg, output)
+    shards = ctx.cfg.federation.server_shards
+    if shards > 1:
+        from fedbip_ray.runtime.sharded import ShardedServer
+
+        coordinator = {**opts, "num_cpus": 0}
+        coordinator.pop("memory", None)
+        return ShardedServer(settings, shards, threads, {**opts, "scheduling_strategy": "SPREAD"},
+                             coordinator)
+    return ServerActor.options(**opts).remote(settings, threads)
 
 
 def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
@@ -349,7 +364,10 @@ def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
 
 def stop_actors(ctx: RunContext) -> None:
     """Kill the run's actors (those already gone are skipped) and release their bundles."""
-    for actor in [*ctx.actors, ctx.server]:
+    kill = getattr(ctx.server, "kill", None)  # a sharded server stops its own actors
+    if callable(kill):
+        kill()
+    for actor in [*ctx.actors, *([] if callable(kill) else [ctx.server])]:
         if actor is not None:
             try:
                 ray.kill(actor)

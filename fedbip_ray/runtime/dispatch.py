@@ -21,8 +21,9 @@ Call = Callable[[int, int], tuple[Any, Any]]  # (actor index, client) -> (receip
 
 
 def cancel(refs: Sequence[Any]) -> None:
-    """Cancel calls past the deadline (the actor stops them at its next batch)."""
-    for r in refs:
+    """Cancel calls past the deadline (the actor stops them at its next batch); a list is a
+    call's several results."""
+    for r in [x for ref in refs for x in (ref if isinstance(ref, list) else [ref])]:
         try:
             ray.cancel(r)
         except Exception:  # noqa: BLE001 - e.g. its actor is already gone

@@ -115,8 +115,10 @@ def submit_checkpoint(ctx: RunContext, rnd: int) -> None:
     they are sent, so the next round cannot change it first); write it in the background."""
     assert ctx.server is not None and ctx.checkpoints is not None
     ref = ctx.server.state_dict.remote()
-    ctx.checkpoints.submit(lambda: ray.get(ref), ctx.checkpoint_root, rnd, ctx.history,
-                           ctx.cfg.to_dict(), ctx.meta)
+    sharded = getattr(ctx.server, "fetch_state", None)  # one file per shard
+    fetch = (lambda: sharded(ref)) if callable(sharded) else (lambda: ray.get(ref))
+    ctx.checkpoints.submit(fetch, ctx.checkpoint_root, rnd, ctx.history, ctx.cfg.to_dict(),
+                           ctx.meta)
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -220,8 +222,16 @@ def _aggregate(ctx: RunContext, rnd: int, participants: list[int], done: list[tu
     """The server's aggregation of the fits that came back (it fetches the refs itself)."""
     assert ctx.server is not None
     need = min_reports(ctx.cfg.federation.min_report_fraction, len(participants))
-    report: AggregationReport = ray.get(ctx.server.aggregate_refs.remote(
-        rnd, [c for c, _ in done], [r for _, r in done], need))
+    try:
+        report: AggregationReport = ray.get(ctx.server.aggregate_refs.remote(
+            rnd, [c for c, _ in done], [r for _, r in done], need))
+    except ray.exceptions.RayError as exc:
+        if getattr(ctx.server, "bounds", None) is None:
+            raise
+        from fedbip_ray.runtime.server import failure_reason
+
+        raise RuntimeError(f"round {rnd}: a server shard failed ({failure_reason(exc)}); "
+                           "--resume continues from the last checkpoint") from None
     report.bytes_out = len(participants) * 4 * dim
     report.failed.update({c: NO_LIVE_ACTOR for c in orphans})
     if not report.aggregated:

@@ -46,6 +46,25 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
+class StateSlices:
+    """A client's state held by a sharded server: the ObjectRefs of its ``K`` column slices,
+    in column order (wrapped, so Ray hands the refs over unresolved); :func:`resolve_state`
+    joins them where the state is used."""
+
+    refs: tuple[Any, ...]
+
+
+def resolve_state(state: Any) -> Any:
+    """``state`` as one ``(D,)`` array: a :class:`StateSlices` is fetched and joined; anything
+    else (an array, None) is returned as it is."""
+    if isinstance(state, StateSlices):
+        import ray
+
+        return np.concatenate(ray.get(list(state.refs)))
+    return state
+
+
+@dataclass(frozen=True)
 class ShardRef:
     """A client's data shard as an ObjectRef of its Parquet bytes.
 

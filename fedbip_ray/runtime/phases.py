@@ -41,10 +41,15 @@ def fit_phase(ctx: RunContext, rnd: int, participants: list[int], prox_mu: float
     state for the validation gate). The update refs are not fetched here: the server pulls
     them (a failed fit's ref carries its error to the server, which reports it)."""
     states = prefetch_states(ctx, participants)
+    blocks = getattr(ctx.server, "bounds", None)  # a sharded server's column blocks
 
     def call(a: int, c: int) -> tuple[Any, Any]:
-        return ctx.actors[a].fit_receipt.remote(c, states[c], rnd, prox_mu, ctx.shard_refs[c],
-                                                gradient, keep)
+        args = (c, states[c], rnd, prox_mu, ctx.shard_refs[c], gradient, keep)
+        if not blocks:
+            return ctx.actors[a].fit_receipt.remote(*args)
+        refs = ctx.actors[a].fit_receipt.options(num_returns=1 + len(blocks)).remote(
+            *args, blocks=blocks)
+        return refs[0], list(refs[1:])  # each shard gets its slice straight from the client
 
     run = dispatch(ctx, participants, call, deadline_s, phase="fit")
     if run.late:

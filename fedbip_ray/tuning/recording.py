@@ -82,6 +82,9 @@ def check_recordable(cfg: Config) -> None:
     privacy = getattr(cfg, "privacy", None)
     if privacy is not None and getattr(privacy, "enabled", False):
         raise ConfigError("privacy.clip_norm: a run with DP noise cannot be recorded for replay")
+    if cfg.federation.server_shards != 1:
+        raise ConfigError(f"federation.server_shards={cfg.federation.server_shards}: recording "
+                          "task vectors for replay needs one server block (set it to 1)")
 
 
 class TaskVectorRecorder:

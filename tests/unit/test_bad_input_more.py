@@ -83,6 +83,10 @@ MORE_CASES = [
        args=_sets("strategy.params.reference=foo")),
     _c("gate-mix-out-of-range", "gate entries must be numbers in [0, 1]",
        args=_sets("strategy.params.gate=[2]")),
+    _c("zero-server-shards", "config field 'federation.server_shards'",
+       args=_sets("federation.server_shards=0")),
+    _c("more-server-shards-than-modules", "federation.server_shards=64: 64 server shards but "
+       "the adapter has", args=_sets("federation.server_shards=64")),
     # data files
     _c("empty-data-file", "e.csv': no rows", args=_file("e.csv"), files=_write("e.csv", "")),
     _c("header-only-data-file", "h.csv': no rows", args=_file("h.csv"),
