@@ -22,7 +22,8 @@ from fedbip_ray.core.blocks import Block, block_noise, param_sq_norms
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.core.interface import AggregationInput, Plan, Strategy
 from fedbip_ray.core.join import join_input
-from fedbip_ray.core.validation import UpdateRejected
+from fedbip_ray.core.taskvector import Layout
+from fedbip_ray.core.validation import UpdateRejected, validate_update
 from fedbip_ray.runtime.messages import ClientUpdate
 from fedbip_ray.runtime.threads import set_blas_threads
 
@@ -170,10 +171,7 @@ class ServerBlock:
         try:
             vec = _checked_slice(up, round_num, self.num_clients, self.block)
             if send_gradient:
-                if up.signal is None:
-                    raise UpdateRejected("the strategy compares gradients but the update has "
-                                         "no gradient signal")
-                _checked_array(np.asarray(up.signal), self.block, "gradient signal: ")
+                _checked_signal(up, self.block)
         except UpdateRejected as exc:
             return SliceReceipt(up.client_id, str(exc), None, nbytes)
         if up.client_id in self._pending:
@@ -282,26 +280,11 @@ def all_finite(x: np.ndarray, block_rows: int = 64) -> bool:
     return all(bool(np.isfinite(x[i:i + block_rows]).all()) for i in range(0, len(x), block_rows))
 
 
-def _checked_array(vec: np.ndarray, block: Block, what: str = "") -> np.ndarray:
-    """``vec`` if it is a finite float32 array of the block's size; else UpdateRejected."""
-    if not isinstance(vec, np.ndarray):
-        raise UpdateRejected(f"{what}update must be a numpy array, got {type(vec).__name__}")
-    if vec.dtype != np.float32:
-        raise UpdateRejected(f"{what}update has dtype {vec.dtype}, expected float32")
-    if vec.shape != (block.size,):
-        raise UpdateRejected(f"{what}update has shape {vec.shape}, expected ({block.size},)")
-    bad = int(vec.size - np.count_nonzero(np.isfinite(vec)))
-    if bad:
-        raise UpdateRejected(f"{what}update has {bad} non-finite (NaN/Inf) entries of "
-                             f"{vec.size}")
-    return vec
-
-
 def _checked_slice(up: ClientUpdate, round_num: int, num_clients: int,
                    block: Block) -> np.ndarray:
-    """The update's slice for ``block`` once round, id, count, layout and values check out."""
-    from fedbip_ray.core.taskvector import Layout
-
+    """The update's slice for ``block`` once round, id, count, layout and values check out
+    (:func:`~fedbip_ray.core.validation.validate_update`; the norm bound needs every block and
+    is the coordinator's)."""
     if up.round != round_num:
         raise UpdateRejected(f"update is for round {up.round}, expected {round_num}")
     if not 0 <= up.client_id < num_clients:
@@ -310,10 +293,18 @@ def _checked_slice(up: ClientUpdate, round_num: int, num_clients: int,
         raise UpdateRejected(f"num_examples must be positive, got {up.num_examples}")
     if not isinstance(up.layout, Layout):
         raise UpdateRejected(f"update layout is a {type(up.layout).__name__}, not a Layout")
-    if up.layout != block.layout:
-        diff = block.layout.first_difference(up.layout) or "layouts differ"
-        raise UpdateRejected(f"layout mismatch: {diff}")
-    return _checked_array(up.vector, block)
+    return validate_update(up.vector, up.layout, block.layout)[0]
+
+
+def _checked_signal(up: ClientUpdate, block: Block) -> None:
+    """UpdateRejected unless the update carries a valid gradient signal for ``block``."""
+    if up.signal is None:
+        raise UpdateRejected("the strategy compares gradients but the update has no "
+                             "gradient signal")
+    try:
+        validate_update(up.signal, block.layout, block.layout)
+    except UpdateRejected as exc:
+        raise UpdateRejected(f"gradient signal: {exc}") from None
 
 
 @ray.remote(max_restarts=0)

@@ -28,6 +28,7 @@ CONFIG = "jobs/configs/tiny.yaml"
 SMALL = ("data.num_clients=4", "federation.rounds=2", "tracking.mlflow=false",
          "resources.num_actors=2")
 ON_GPU_NODES = ("resources.num_gpus_per_client=1",)
+SHARDED = ("federation.server_shards=2",)  # the job's server: 2 block actors + a coordinator
 WHERE = re.compile(r"^(?P<node>[0-9a-f]+)/cpu \(GPU (?P<gpu>\d+)\)$")
 
 
@@ -53,7 +54,7 @@ def job(multinode_cluster, tmp_path_factory) -> dict[str, Any]:  # noqa: F811
     out = tmp_path_factory.mktemp("job") / "run"
     t0 = time.monotonic()
     proc = submit(multinode_cluster, REPO, "python", "jobs/train.py", "--config", CONFIG,
-                  *sets(*SMALL, *ON_GPU_NODES), "--output", str(out))
+                  *sets(*SMALL, *ON_GPU_NODES, *SHARDED), "--output", str(out))
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     after = alive_nodes(multinode_cluster)
@@ -71,6 +72,8 @@ def test_a_job_on_a_fresh_cluster_gets_gpu_nodes_from_the_autoscaler(job):
     assert job["lines"][-1].startswith("client resources ready: 2 bundles {CPU: 1, GPU: 1} on 2")
     summary = json.loads((job["out"] / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
+    shards = {p.name for p in (job["out"] / "checkpoints").glob("round_00002/server_shard_*")}
+    assert shards == {"server_shard_000.safetensors", "server_shard_001.safetensors"}
 
 
 def test_the_rows_say_which_gpu_node_trained_each_client(job):
@@ -82,7 +85,8 @@ def test_the_rows_say_which_gpu_node_trained_each_client(job):
 
 
 def test_the_cluster_run_gives_the_results_of_a_one_node_run(job, ray_local, tmp_path):
-    cfg = load_config(REPO / CONFIG, SMALL)  # same seed; CPU bundles on the embedded Ray
+    # same seed; CPU bundles on the embedded Ray, one server actor (the job's is sharded)
+    cfg = load_config(REPO / CONFIG, SMALL)
     run_federation(cfg, tmp_path / "ref", echo=lambda _: None)
     ref, got = rows(tmp_path / "ref"), rows(job["out"])
     assert len(ref) == len(got) == 2
