@@ -24,7 +24,7 @@ from fedbip_ray.core.interface import AggregationInput, Plan, Strategy
 from fedbip_ray.core.join import join_input
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.core.validation import UpdateRejected, validate_update
-from fedbip_ray.runtime.messages import ClientUpdate
+from fedbip_ray.runtime.messages import ALAResult, ClientUpdate
 from fedbip_ray.runtime.threads import set_blas_threads
 
 log = logging.getLogger("fedbip.server")
@@ -205,11 +205,13 @@ class ServerBlock:
             states=self.states[as_index(idx)], deltas=deltas, counts=decision.counts,
             layout=self.block.layout, init=self.init, signals=signals)
         self._ids = ids
-        theta = self._inp.theta()
         if self.keep_last:
             self.last_deltas = deltas
-        return BlockStats(self.strategy.statistics(self._inp), _row_is(self._inp.states, self.init),
-                          _row_is(theta, self.init), _row_is(self.states, self.init))
+        inp = self._inp
+        theta_init = np.asarray([np.array_equal(s + d, self.init)  # one row at a time
+                                 for s, d in zip(inp.states, inp.deltas, strict=True)])
+        return BlockStats(self.strategy.statistics(inp), _row_is(inp.states, self.init),
+                          theta_init, _row_is(self.states, self.init))
 
     def _stored(self, keep: tuple[int, ...]) -> np.ndarray:
         """``(len(keep), D_b)``: each kept client's trained state if it took part in this
@@ -248,8 +250,9 @@ class ServerBlock:
             for j, c in enumerate(join.late):
                 new[rows[c]] = joined[len(join.keep) + j]
         idx = np.asarray(self._ids, dtype=np.int64)
-        gate = self.strategy.client_options.gate_mixes
-        self._gate = ({c: k for k, c in enumerate(self._ids)}, inp.theta() if gate else None)
+        opts = self.strategy.client_options
+        keep = bool(opts.gate_mixes) or opts.ala is not None  # the clients' own trained states
+        self._gate = ({c: k for k, c in enumerate(self._ids)}, inp.theta() if keep else None)
         self._inp = None
         finite = all_finite(new)
         if finite:
@@ -273,6 +276,42 @@ class ServerBlock:
                 continue
             self.states[cid] = mix_candidates(local[rows[cid]], self.states[cid], [lam])[0]
         self._gate = ({}, None)
+
+    # -- FedALA ---------------------------------------------------------------------------
+    def apply_ala(self, round_num: int, client_ids: list[int], results: list[Any]) -> list[int]:
+        """Set each client's row to its :class:`ALAResult` state (or the result's ref) on
+        this block's columns; one that failed or does not check out keeps its aggregate.
+        Returns the clients set; drops the kept trained states."""
+        assert self.states is not None
+        done = []
+        for cid, item in zip(client_ids, results, strict=True):
+            res = ala_checked(item, cid, round_num, self.block.stop)
+            if res is not None:
+                self.states[cid] = res.state[self.block.cols]
+                done.append(int(cid))
+        self._gate = ({}, None)
+        return done
+
+
+def ala_checked(item: Any, client_id: int, round_num: int, dim: int) -> ALAResult | None:
+    """``item`` (an :class:`ALAResult` or its ref) if it is this client's and round's with a
+    finite float32 ``(dim,)`` state; None (logged) otherwise."""
+    try:
+        res = _fetch(item)
+    except Exception as exc:  # noqa: BLE001 - a client failure is isolated
+        log.warning("round %d: adaptive local aggregation of client %d failed (%s): aggregate "
+                    "kept", round_num, client_id, type(exc).__name__)
+        return None
+    if res is None:
+        return None
+    ok = (isinstance(res, ALAResult) and res.client_id == client_id and res.round == round_num
+          and isinstance(res.state, np.ndarray) and res.state.dtype == np.float32
+          and res.state.shape == (dim,) and bool(np.isfinite(res.state).all()))
+    if not ok:
+        log.warning("round %d: malformed adaptive local aggregation result of client %d: "
+                    "aggregate kept", round_num, client_id)
+        return None
+    return res
 
 
 def all_finite(x: np.ndarray, block_rows: int = 64) -> bool:
