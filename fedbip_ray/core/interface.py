@@ -18,8 +18,8 @@ import numpy as np
 
 from .taskvector import Layout
 
-__all__ = ["AggregationInput", "AggregationResult", "ClientOptions", "Plan", "RoundMeta",
-           "Strategy", "run_strategy"]
+__all__ = ["ALAOptions", "AggregationInput", "AggregationResult", "ClientOptions", "Plan",
+           "RoundMeta", "Strategy", "run_strategy"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,21 @@ class AggregationResult:
 
 
 @dataclass(frozen=True)
+class ALAOptions:
+    """FedALA's adaptive local aggregation (:mod:`.fedala`): after each aggregation every
+    aggregated client learns element-wise weights ``W`` on ``rand_percent`` % of its train
+    data for the last ``layer_idx`` parameter tensors (0 = all) with step ``eta``, until the
+    std of the last ``num_pre_loss`` epoch losses is below ``threshold`` (its first time; then
+    one epoch a round), and keeps ``θ + (g − θ) ⊙ W`` (``g`` elsewhere) as its state."""
+
+    rand_percent: int = 80
+    layer_idx: int = 2
+    eta: float = 1.0
+    threshold: float = 0.1
+    num_pre_loss: int = 10
+
+
+@dataclass(frozen=True)
 class ClientOptions:
     """How clients train under a strategy.
 
@@ -192,12 +207,14 @@ class ClientOptions:
             validation split (empty = off: the aggregate is kept as is).
         send_gradient: clients also send the negated sum of their loss gradients over the
             round (``AggregationInput.signals``).
+        ala: FedALA's adaptive local aggregation after each aggregation (None = off).
     """
 
     prox_mu: float = 0.0
     finetune_epochs_before_eval: int = 0
     gate_mixes: tuple[float, ...] = ()
     send_gradient: bool = False
+    ala: ALAOptions | None = None
 
 
 @runtime_checkable

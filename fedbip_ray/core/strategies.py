@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .aggregate import aggregate_task_vectors, mix_models
+from .fedala import FedALAStrategy
 from .fedbip import FedBipLayerStrategy, FedBipStrategy
 from .interface import (
     AggregationInput,
@@ -50,6 +51,7 @@ __all__ = [
     "AggregationResult",
     "ClientOptions",
     "ClippedStrategy",
+    "FedALAStrategy",
     "FedAMPStrategy",
     "FedAWAStrategy",
     "FedAvgFTStrategy",
@@ -220,6 +222,7 @@ STRATEGIES: dict[str, type] = {
         OracleStrategy,
         FedSALoRAStrategy,
         FedAWAStrategy,
+        FedALAStrategy,
     )
 }
 

@@ -22,9 +22,16 @@ import ray
 
 from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.core.gate import mix_candidates
+from fedbip_ray.core.interface import ALAOptions
 from fedbip_ray.data.shards import read_shard
 from fedbip_ray.runtime.base_store import BaseHandle, fetch_base
-from fedbip_ray.runtime.messages import ClientUpdate, EvalResult, ShardRef, resolve_state
+from fedbip_ray.runtime.messages import (
+    ALAResult,
+    ClientUpdate,
+    EvalResult,
+    ShardRef,
+    resolve_state,
+)
 from fedbip_ray.training.device import torch_device
 from fedbip_ray.training.protocol import Trainer
 from fedbip_ray.training.seeds import seed_for
@@ -260,6 +267,32 @@ class ClientActor:
             trainer.load_state(cand)
             scores.append(trainer.evaluate(data))
         return scores
+
+    @ray.method(num_returns=2)
+    def adapt_local(self, client_id: int, aggregate: np.ndarray, weights: np.ndarray | None,
+                    round_num: int, opts: ALAOptions, shard: ShardRef | None = None,
+                    local: np.ndarray | None = None) -> tuple[Any, ALAResult | None]:
+        """FedALA's adaptive local aggregation (:mod:`fedbip_ray.training.ala`) of the
+        client's own trained state (kept by this round's ``fit(keep=True)``, or ``local``)
+        and the ``aggregate`` (both (D,)), from ``weights`` (P,) (None: first time). Returns
+        a small receipt ``(epochs, mean W)`` and the :class:`ALAResult`; ``(None, None)``
+        when the actor holds no trained state (the caller then sends ``local``)."""
+        from fedbip_ray.training.ala import adaptive_local_aggregation
+
+        trainer = self._ready()
+        aggregate, local = resolve_state(aggregate), resolve_state(local)
+        kept = self._trained.pop(client_id, None)
+        if local is None:
+            if kept is None or kept[0] != round_num:
+                return None, None
+            local = kept[1]
+        data = self._client_data(client_id, shard)["train"]
+        out = adaptive_local_aggregation(trainer, data, local, aggregate, weights, opts,
+                                         seed_for(self.cfg.seed, client_id, round_num, 11))
+        mean_w = float(out.weights.mean()) if out.weights is not None and out.weights.size \
+            else float("nan")
+        return (out.epochs, mean_w), ALAResult(client_id, round_num, out.state, out.weights,
+                                               out.epochs, out.loss)
 
     def export_adapter(self, client_id: int, state: np.ndarray) -> dict[str, bytes]:
         """The client's adapter in peft format (``PeftModel.from_pretrained`` loads it), as

@@ -45,7 +45,7 @@ from fedbip_ray.runtime.dispatch import NO_LIVE_ACTOR
 from fedbip_ray.runtime.joined import check_growth, with_joined
 from fedbip_ray.runtime.messages import AggregationReport, ShardRef
 from fedbip_ray.runtime.outputs import RunOutputs
-from fedbip_ray.runtime.phases import evaluate_phase, fit_phase, gate_phase
+from fedbip_ray.runtime.phases import ala_phase, evaluate_phase, fit_phase, gate_phase
 from fedbip_ray.runtime.progress import PhaseProgress
 from fedbip_ray.runtime.rows import (
     PhaseClock,
@@ -251,7 +251,7 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
     participants = sample_clients(n, cfg.clients_per_round(n), cfg.seed, rnd)
     clock = PhaseClock()
     fit = fit_phase(ctx, rnd, participants, opts.prox_mu, fed.round_deadline_s, opts.send_gradient,
-                    bool(opts.gate_mixes))
+                    bool(opts.gate_mixes) or opts.ala is not None)
     clock.lap("fit")
     report = _aggregate(ctx, rnd, participants, fit.done, fit.run.orphans, dim)
     clock.lap("aggregate")
@@ -265,6 +265,12 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
             ran_on)
         report.bytes_out += 4 * dim * (len(report.accepted) + report.gate_locals_sent)
         clock.lap("gate")
+    if opts.ala is not None and report.aggregated:
+        ala = ala_phase(ctx, rnd, report.accepted, opts.ala, fed.round_deadline_s,
+                        report.modified, ran_on)
+        report.diagnostics.update(ala)
+        report.bytes_out += 4 * dim * (len(report.accepted) + int(ala["ala_locals_sent"]))
+        clock.lap("ala")
     evals: dict[int, dict[str, dict]] = {}
     eval_failed: dict[int, str] = {}
     if rnd % fed.eval_every == 0 or rnd == fed.rounds:

@@ -36,6 +36,21 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class ALAResult:
+    """FedALA's adaptive local aggregation of one client (:mod:`fedbip_ray.core.fedala`):
+    ``state`` (D,) float32 its new start model ``θ + (g − θ) ⊙ W`` (``g`` on the lower
+    layers); ``weights`` (P,) float32 the learned ``W`` of the higher layers (None: skipped,
+    ``g`` equals ``θ`` there); ``epochs`` of weight learning; ``loss`` the last batch's."""
+
+    client_id: int
+    round: int
+    state: np.ndarray
+    weights: np.ndarray | None
+    epochs: int
+    loss: float
+
+
+@dataclass(frozen=True)
 class EvalResult:
     """Per-client evaluation on its own splits: ``{"val": {"accuracy", "loss", ...}, "test":
     {...}}``."""

@@ -12,6 +12,7 @@ from typing import Any
 import ray
 
 from fedbip_ray.core.gate import choose_mix
+from fedbip_ray.core.interface import ALAOptions
 from fedbip_ray.runtime.cluster import PROCESS_DEATH, heal_actors
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.dispatch import Call, Dispatch, collect, dispatch, prefetch_states
@@ -107,6 +108,76 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
     chosen = {cid: choose_mix(s, mixes) for cid, s in scores.items() if s is not None}
     ray.get(server.apply_gate.remote(chosen))
     return chosen, len(sent)
+
+
+def _kept_local_call(ctx: RunContext, method: str, make_args: Any, sent: list[int],
+                     resend: set[int], kept_on: Mapping[int, int], with_local: bool) -> Call:
+    """A call of a two-result actor ``method(*make_args(c), local)`` (its payload: both refs)
+    whose ``local`` (the client's own trained state) the server sends only when needed (see
+    :func:`gate_phase`)."""
+    assert ctx.server is not None
+    server = ctx.server
+
+    def run(a: int, c: int) -> tuple[Any, Any]:
+        local = None
+        if with_local or c in resend or kept_on.get(c) != a:
+            local = server.gate_local.remote(c)
+            sent.append(c)
+        receipt, payload = getattr(ctx.actors[a], method).remote(*make_args(c), local)
+        return receipt, (receipt, payload)
+    return run
+
+
+def ala_phase(ctx: RunContext, rnd: int, clients: Sequence[int], opts: ALAOptions,
+              deadline_s: float, send_local: Sequence[int] = (),
+              ran_on: Mapping[int, int] | None = None) -> dict[str, float]:
+    """FedALA (:mod:`fedbip_ray.core.fedala`): every aggregated client learns its weights W on
+    its train data from its own trained state and its aggregate (the global model) on the
+    actor that ran its ``fit`` (which kept the trained state; else the server sends it), and
+    the server keeps ``θ + (g − θ) ⊙ W`` as its state and W in its memory. A client whose call
+    fails or misses the deadline keeps the global model. Returns diagnostics
+    (``ala_clients``, ``ala_mean_epochs``, ``ala_mean_weight``, ``ala_locals_sent``)."""
+    assert ctx.server is not None
+    server = ctx.server
+    kept_on = dict(ran_on) if ran_on is not None else {c: ctx.actor_index(c) for c in clients}
+    sent: list[int] = []
+    t0 = time.monotonic()
+    states = prefetch_states(ctx, clients)
+    weights = {c: server.ala_weights.remote(c) for c in clients}
+
+    def args(c: int) -> tuple[Any, ...]:
+        return (c, states[c], weights[c], rnd, opts, ctx.shard_refs[c])
+
+    def run(pending: Sequence[int], with_local: bool, left: float) -> tuple[dict, dict]:
+        call = _kept_local_call(ctx, "adapt_local", args, sent, set(send_local), kept_on,
+                                with_local)
+        out = dispatch(ctx, pending, call, left, kept_on, "ala")
+        receipts, payloads = {}, {}
+        for c, ((receipt, payload), error) in out.done.items():
+            if error is None:
+                receipts[c], payloads[c] = ray.get(receipt), payload
+        return receipts, payloads
+
+    receipts, payloads = run(clients, False, deadline_s)
+    lost = [c for c, r in receipts.items() if r is None]
+    if lost:
+        left = max(1.0, deadline_s - (time.monotonic() - t0))
+        again, more = run(lost, True, left)
+        receipts.update(again)
+        payloads.update(more)
+    ids = [c for c in clients if receipts.get(c) is not None]
+    if ids:
+        ray.get(server.apply_ala.remote(rnd, ids, [payloads[c] for c in ids]))
+    failed = sorted(set(clients) - set(ids))
+    if failed:
+        log.warning("round %d: adaptive local aggregation failed for clients %s: global model "
+                    "kept", rnd, failed)
+    epochs = [receipts[c][0] for c in ids]
+    mean_w = [receipts[c][1] for c in ids if receipts[c][1] == receipts[c][1]]
+    return {"ala_clients": float(len(ids)),
+            "ala_mean_epochs": float(sum(epochs) / len(epochs)) if epochs else float("nan"),
+            "ala_mean_weight": float(sum(mean_w) / len(mean_w)) if mean_w else float("nan"),
+            "ala_locals_sent": float(len(sent))}
 
 
 def _eval_pass(ctx: RunContext, rnd: int, clients: Sequence[int], finetune_epochs: int,

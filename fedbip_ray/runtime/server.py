@@ -190,6 +190,21 @@ class FederatedServer:
             b.apply_gate(mixes)
         return applied
 
+    # -- FedALA (fedbip_ray.core.fedala) ----------------------------------------------------
+    def ala_weights(self, client_id: int) -> np.ndarray | None:
+        """(P,) float32 the client's FedALA weights from its last adaptation (None: none)."""
+        return self.coordinator.ala_weights(client_id)
+
+    def apply_ala(self, round_num: int, client_ids: list[int], results: list[Any]) -> list[int]:
+        """Each client's state becomes its :class:`~.messages.ALAResult` state (``results``:
+        the results or their refs, fetched here) and its weights are kept; returns the
+        clients set (one whose result failed keeps its aggregate)."""
+        done: list[int] = []
+        for b in self.blocks:
+            done = b.apply_ala(round_num, client_ids, results)
+        self.coordinator.remember_ala(round_num, client_ids, results)
+        return done
+
     def keep_last_round(self, keep: bool = True) -> None:
         """Keep each aggregation's stacked task vectors until the next one (N_t x D float32
         between rounds) so that :meth:`last_round` can return them; off by default."""

@@ -243,6 +243,27 @@ class Coordinator:
             self.memory = np.full((self.num_clients, mem.shape[1]), np.nan)
         self.memory[idx] = mem
 
+    # -- FedALA ---------------------------------------------------------------------------
+    def ala_weights(self, client_id: int) -> np.ndarray | None:
+        """(P,) float32 the client's learned FedALA weights (None: none yet)."""
+        if self.memory is None or np.isnan(self.memory[client_id]).all():
+            return None
+        return self.memory[client_id].astype(np.float32)
+
+    def remember_ala(self, round_num: int, client_ids: list[int], results: list[Any]) -> None:
+        """Keep the FedALA weights of each result that checks out (see :func:`ala_checked`)."""
+        from fedbip_ray.runtime.server_block import ala_checked
+
+        assert self.layout is not None
+        rows, idx = [], []
+        for cid, item in zip(client_ids, results, strict=True):
+            res = ala_checked(item, cid, round_num, self.layout.size)
+            if res is not None and res.weights is not None:
+                rows.append(np.asarray(res.weights, dtype=np.float64))
+                idx.append(int(cid))
+        if rows:
+            self.remember(np.asarray(idx, dtype=np.int64), np.stack(rows))
+
     def _report_matrices(self, report: AggregationReport, plan: Plan) -> None:
         """Write the (N_t, N_t) matrices to the output (when set); put them into ``report``
         up to ``FULL_MATRIX_MAX`` participants, their bounded summary always."""

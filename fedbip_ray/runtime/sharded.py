@@ -63,7 +63,8 @@ class ShardedServer:
         self.bounds: list[Block] = []
         self.layout: Layout | None = None
         for name in ("initialize", "load_state_dict", "aggregate_refs", "get_state",
-                     "gate_local", "apply_gate", "state_dict", "keep_last_round",
+                     "gate_local", "apply_gate", "ala_weights", "apply_ala", "state_dict",
+                     "keep_last_round",
                      "last_round", "all_states"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
@@ -124,6 +125,15 @@ class ShardedServer:
 
     def _apply_gate(self, mixes: dict[int, float]) -> list[Any]:
         return [b.apply_gate.remote(mixes) for b in self.blocks]
+
+    def _ala_weights(self, client_id: int) -> Any:
+        return self.coordinator.ala_weights.remote(client_id)
+
+    def _apply_ala(self, round_num: int, client_ids: list[int], results: list[Any]) -> list[Any]:
+        """Every block sets its columns of the clients' states, the coordinator keeps their
+        weights (each fetches the results itself)."""
+        return [self.coordinator.remember_ala.remote(round_num, client_ids, results),
+                *(b.apply_ala.remote(round_num, client_ids, results) for b in self.blocks)]
 
     def _state_dict(self) -> list[Any]:
         """Refs of the coordinator's and every block's state (see :func:`fetch_state`)."""

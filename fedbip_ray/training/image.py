@@ -96,6 +96,18 @@ class ImageTrainer(AdapterTrainer):
         return self._run_epochs(epochs, seed, prox_mu,
                                 lambda gen: image_batches(data, bs, gen, self.device), loss_of)
 
+    def ala_losses(self, data: ImageData, rows: slice) -> Iterator[torch.Tensor]:
+        """The loss of each full batch of ``data[rows]`` in data order (FedALA's weight
+        learning, :mod:`fedbip_ray.training.ala`; BatchNorm frozen)."""
+        from fedbip_ray.training.ala import full_batches
+
+        freeze_batchnorm(self.model)
+        sub = ImageData(data.pixels[rows], data.labels[rows])
+        for part in full_batches(len(sub), self.cfg.train.batch_size):
+            x = sub.pixels[part].to(self.device).expand(-1, 3, -1, -1)
+            yield torch.nn.functional.cross_entropy(self.logits(x),
+                                                    sub.labels[part].to(self.device))
+
     def evaluate(self, data: ImageData) -> EvalMetrics:
         """Accuracy and mean loss of the loaded state on ``data``."""
         batches = image_batches(data, self.cfg.train.eval_batch_size, None, self.device)

@@ -90,6 +90,17 @@ class SequenceTrainer(AdapterTrainer):
         return self._run_epochs(epochs, seed, prox_mu,
                                 lambda gen: text_batches(data, bs, gen, self.device), loss_of)
 
+    def ala_losses(self, data: Encoded, rows: slice) -> Iterator[torch.Tensor]:
+        """The loss of each full batch of ``data[rows]`` in data order (FedALA's weight
+        learning, :mod:`fedbip_ray.training.ala`)."""
+        from fedbip_ray.training.ala import full_batches
+
+        sub = Encoded(data.input_ids[rows], data.attention_mask[rows], data.labels[rows])
+        for part in full_batches(len(sub), self.cfg.train.batch_size):
+            chunk = Encoded(sub.input_ids[part], sub.attention_mask[part], sub.labels[part])
+            for inputs, y in text_batches(chunk, len(chunk), None, self.device):
+                yield torch.nn.functional.cross_entropy(self.logits(inputs), y)
+
     def evaluate(self, data: Encoded) -> EvalMetrics:
         """Accuracy and mean loss of the loaded state on ``data``."""
         batches = text_batches(data, self.cfg.train.eval_batch_size, None, self.device)

@@ -80,6 +80,7 @@ def test_registry_names() -> None:
         "oracle",
         "fedsa-lora",
         "fedawa",
+        "fedala",
     }
     for name in STRATEGIES:
         strategy = make_strategy(name)
