@@ -199,9 +199,10 @@ class FederatedServer:
         """Each client's state becomes its :class:`~.messages.ALAResult` state (``results``:
         the results or their refs, fetched here) and its weights are kept; returns the
         clients set (one whose result failed keeps its aggregate)."""
+        assert self.layout is not None
         done: list[int] = []
         for b in self.blocks:
-            done = b.apply_ala(round_num, client_ids, results)
+            done = b.apply_ala(round_num, client_ids, results, self.layout.size)
         self.coordinator.remember_ala(round_num, client_ids, results)
         return done
 

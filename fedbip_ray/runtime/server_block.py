@@ -278,14 +278,16 @@ class ServerBlock:
         self._gate = ({}, None)
 
     # -- FedALA ---------------------------------------------------------------------------
-    def apply_ala(self, round_num: int, client_ids: list[int], results: list[Any]) -> list[int]:
-        """Set each client's row to its :class:`ALAResult` state (or the result's ref) on
-        this block's columns; one that failed or does not check out keeps its aggregate.
+    def apply_ala(self, round_num: int, client_ids: list[int], results: list[Any],
+                  dim: int) -> list[int]:
+        """Set each client's row to its :class:`ALAResult` state (or the result's ref; the
+        whole adapter's ``(dim,)``) on this block's columns; one that failed or does not check
+        out keeps its aggregate.
         Returns the clients set; drops the kept trained states."""
         assert self.states is not None
         done = []
         for cid, item in zip(client_ids, results, strict=True):
-            res = ala_checked(item, cid, round_num, self.block.stop)
+            res = ala_checked(item, cid, round_num, dim)
             if res is not None:
                 self.states[cid] = res.state[self.block.cols]
                 done.append(int(cid))

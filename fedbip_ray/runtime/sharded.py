@@ -132,8 +132,10 @@ class ShardedServer:
     def _apply_ala(self, round_num: int, client_ids: list[int], results: list[Any]) -> list[Any]:
         """Every block sets its columns of the clients' states, the coordinator keeps their
         weights (each fetches the results itself)."""
+        assert self.layout is not None
         return [self.coordinator.remember_ala.remote(round_num, client_ids, results),
-                *(b.apply_ala.remote(round_num, client_ids, results) for b in self.blocks)]
+                *(b.apply_ala.remote(round_num, client_ids, results, self.layout.size)
+                  for b in self.blocks)]
 
     def _state_dict(self) -> list[Any]:
         """Refs of the coordinator's and every block's state (see :func:`fetch_state`)."""
