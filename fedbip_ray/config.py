@@ -308,6 +308,9 @@ class Config(_Frozen):
         if self.strategy.name == "fedsa-lora" and self.model.peft.method != "lora":
             raise ValueError("strategy 'fedsa-lora' shares LoRA A factors: it needs "
                              f"model.peft.method 'lora' (got '{self.model.peft.method}')")
+        if self.strategy.name == "fedala" and self.model.task == "causal-lm":
+            raise ValueError("strategy 'fedala' learns its weights on classification losses: "
+                             "model.task 'causal-lm' is not supported")
         return self
 
     def clients_per_round(self, num_clients: int | None = None) -> int:
