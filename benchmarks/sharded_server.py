@@ -1,6 +1,8 @@
 """Sharded server benchmark: one aggregation of ``--participants`` updates over ``--clients``
 stored states of ``--dim`` columns, for K = 1, 2, 4 server shards (federation.server_shards),
-on a real local Ray: seconds per aggregation, peak memory per shard actor (USS) and in all,
+on a real local Ray: seconds per aggregation, peak memory per shard actor (its private
+anonymous memory, ``RssAnon``: Ray's shared-memory object store, where the updates arrive, is
+not counted) and in all,
 bytes moved into the server, against the floor (one pass of the participants' Gram and one
 of the update at this machine's measured matmul rate, and one pass over the states at its
 measured memory bandwidth).
@@ -34,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.perf.aggregation import lora_layout, make_update  # noqa: E402
 from benchmarks.perf.common import GIB  # noqa: E402
 from benchmarks.perf.machine import machine_line  # noqa: E402
-from benchmarks.perf.measure import TreeMemorySampler  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 
@@ -44,7 +45,8 @@ class Row:
     shards: int
     seconds: float = float("nan")
     shard_peak: float = float("nan")  # largest peak USS of one block actor (bytes)
-    idle: float = float("nan")  # USS of an idle server actor (Python, numpy, Ray)
+    idle: float = float("nan")  # RssAnon of an idle server actor (Python, numpy, Ray)
+    threads: int = 1
     total_peak: float = float("nan")  # peak USS summed over the server's actors
     bytes_in: int = 0
     accepted: int = 0
@@ -62,14 +64,42 @@ def _pid(self: Any) -> int:
     return os.getpid()
 
 
-def _uss(self: Any) -> int:
-    import psutil
+def rss_anon(pid: int) -> int:
+    """Private anonymous memory of a process (bytes; 0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    gc.collect()
-    return int(psutil.Process().memory_full_info().uss)
+
+class PeakSampler:
+    """Peak :func:`rss_anon` of each of ``pids``, sampled every ``interval`` s on a thread."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        import threading
+
+        self.pids, self.interval = pids, interval
+        self.peaks = [rss_anon(p) for p in pids]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peaks = [max(a, rss_anon(p)) for a, p in zip(self.peaks, self.pids, strict=True)]
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def floor_seconds(n_t: int, n: int, dim: int) -> tuple[float, float, float]:
+def floor_seconds(n_t: int, n: int, dim: int, cpus: int) -> tuple[float, float, float]:
     """(floor seconds, matmul GFLOP/s, memory GB/s) measured here: the Gram ``X Xᵀ`` and the
     update ``W X`` of an (n_t, D) float32 matrix at the rate of one (n_t, 2^18) product, and
     one read + write of the (N, D) states at the rate of a large copy."""
@@ -89,12 +119,13 @@ def floor_seconds(n_t: int, n: int, dim: int) -> tuple[float, float, float]:
     bw = 2 * big.nbytes / (time.perf_counter() - t0)
     del copy, big
     compute = 2 * 2.0 * n_t * n_t * dim / rate
-    memory = 2 * 4.0 * n * dim / bw  # the states written for the participants, read once
-    return compute + (n_t / n) * memory, rate / 1e9, bw / 1e9
+    memory = 2 * 4.0 * n_t * dim / bw  # the participants' states read and written once
+    return compute + memory, rate / 1e9, bw / 1e9
 
 
-def run_case(shards: int, n: int, dim: int, n_t: int, layout: Any) -> Row:
-    """One measured aggregation (after one warm-up round) for ``shards`` blocks."""
+def run_case(shards: int, n: int, dim: int, n_t: int, layout: Any, cpus: int) -> Row:
+    """One measured aggregation (after one warm-up round) for ``shards`` blocks, each with
+    ``max(1, cpus // shards)`` BLAS threads (the machine's ``cpus`` cores in all)."""
     import ray
 
     from fedbip_ray.core.blocks import split_layout
@@ -104,18 +135,18 @@ def run_case(shards: int, n: int, dim: int, n_t: int, layout: Any) -> Row:
 
     settings = ServerSettings.of("fedbip", {"gate": []}, n)
     blocks = split_layout(layout, shards)
-    row = Row(shards)
+    row = Row(shards, threads=max(1, cpus // shards))
     if shards == 1:
-        server: Any = ServerActor.options(num_cpus=0).remote(settings, 1)
+        server: Any = ServerActor.options(num_cpus=0).remote(settings, row.threads)
         actors = [server]
     else:
-        server = ShardedServer(settings, shards, 1, {"num_cpus": 0}, {"num_cpus": 0})
+        server = ShardedServer(settings, shards, row.threads, {"num_cpus": 0}, {"num_cpus": 0})
     ray.get(server.initialize.remote(np.zeros(dim, dtype=np.float32), layout))
     if shards > 1:
         actors = server.blocks
     pids = [ray.get(a.__ray_call__.remote(_pid)) for a in actors]
     probe = ServerActor.options(num_cpus=0).remote(settings, 1)
-    row.idle = float(ray.get(probe.__ray_call__.remote(_uss)))
+    row.idle = float(rss_anon(ray.get(probe.__ray_call__.remote(_pid))))
     ray.kill(probe)
     make = ray.remote(num_cpus=1)(make_slices)
     try:
@@ -125,19 +156,14 @@ def run_case(shards: int, n: int, dim: int, n_t: int, layout: Any) -> Row:
                      for c in ids]
             flat = [r for c in calls for r in (c if isinstance(c, list) else [c])]
             ray.wait(flat, num_returns=len(flat), fetch_local=False)
-            payload = calls if shards > 1 else calls
-            samplers = [TreeMemorySampler(p, 0.05, "uss") for p in pids]
-            for s in samplers:
-                s.__enter__()
-            t0 = time.perf_counter()
-            report = ray.get(server.aggregate_refs.remote(rnd, ids, payload))
-            seconds = time.perf_counter() - t0
-            for s in samplers:
-                s.__exit__(None, None, None)
+            with PeakSampler(pids) as sampler:
+                t0 = time.perf_counter()
+                report = ray.get(server.aggregate_refs.remote(rnd, ids, calls))
+                seconds = time.perf_counter() - t0
             if rnd == 2:
                 row.seconds = seconds
-                row.shard_peak = max(s.peak for s in samplers)
-                row.total_peak = sum(s.peak for s in samplers)
+                row.shard_peak = float(max(sampler.peaks))
+                row.total_peak = float(sum(sampler.peaks))
                 row.bytes_in, row.accepted = report.bytes_in, len(report.accepted)
             del calls, flat, report
             gc.collect()
@@ -159,19 +185,21 @@ def report(rows: list[Row], args: argparse.Namespace, floor: tuple[float, float,
         f"{n_t} participants per round", "",
         f"Command: `python benchmarks/sharded_server.py --clients {n} --dim {dim} "
         f"--participants {n_t}{' --quick' if args.quick else ''}`  ",
-        f"{machine_line()}; {minutes:.1f} minutes. One local Ray node: the K shard actors share "
-        "its cores (each BLAS on 1 thread, as `resources.server_cpus: 0` gives).", "",
+        f"{machine_line()}; {minutes:.1f} minutes; load average {args.load[0]:.1f} before, "
+        f"{args.load[1]:.1f} after (other work on the machine). One local Ray node: the K shard "
+        "actors share its cores, each with cores/K BLAS threads (at least 1; "
+        "`resources.server_cpus`).", "",
         f"Floor: {floor[0]:.2f} s (the participants' Gram and update at {floor[1]:.1f} GFLOP/s "
         f"measured here, plus their states at {floor[2]:.1f} GB/s). N·D·4 = "
-        f"{matrix / GIB:.2f} GiB; an idle server actor's USS (Python, numpy, Ray) is "
+        f"{matrix / GIB:.2f} GiB; an idle server actor's RssAnon (Python, numpy, Ray) is "
         f"{rows[0].idle / GIB:.2f} GiB.", "",
-        "| shards K | seconds | x floor | x K=1 | peak per shard (USS) | (peak − idle actor) "
-        "/ (N·D·4/K) | total peak | bytes into the server |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shards K | BLAS threads each | seconds | x floor | x K=1 | peak per shard (RssAnon) | "
+        "(peak − idle actor) / (N·D·4/K) | total peak | bytes into the server |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.shards} | {r.seconds:.2f} | {r.seconds / floor[0]:.2f} | "
+            f"| {r.shards} | {r.threads} | {r.seconds:.2f} | {r.seconds / floor[0]:.2f} | "
             f"{r.seconds / base.seconds:.2f} | {r.shard_peak / GIB:.2f} GiB | "
             f"{(r.shard_peak - r.idle) / (matrix / r.shards):.2f} | {r.total_peak / GIB:.2f} GiB | "
             f"{r.bytes_in / GIB:.2f} GiB |")
@@ -198,20 +226,23 @@ def main(argv: list[str] | None = None) -> int:
 
     cloudpickle.register_pickle_by_value(agg)
     t0 = time.perf_counter()
-    floor = floor_seconds(args.participants, args.clients, args.dim)
+    cpus = os.cpu_count() or 2
+    load0 = os.getloadavg()[0]
+    floor = floor_seconds(args.participants, args.clients, args.dim, cpus)
     ray_env_defaults()
     tmp = tempfile.mkdtemp(prefix="rayshard", dir="/tmp")
     store = int(2.5 * args.participants * args.dim * 4 + (1 << 30))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=store,
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=store,
              logging_level="ERROR", log_to_driver=False, _temp_dir=tmp,
              _node_ip_address="127.0.0.1")
     layout = lora_layout(args.dim)
     try:
-        rows = [run_case(int(k), args.clients, args.dim, args.participants, layout)
+        rows = [run_case(int(k), args.clients, args.dim, args.participants, layout, cpus)
                 for k in args.shards.split(",")]
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+    args.load = (load0, os.getloadavg()[0])
     text = report(rows, args, floor, (time.perf_counter() - t0) / 60)
     print(text)
     name = "sharded_server_quick.md" if args.quick else "sharded_server.md"
