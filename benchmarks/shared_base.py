@@ -24,14 +24,21 @@ import copy
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.perf.common import DEFAULT_FLOWER_PYTHON, GIB, MIB, Run, log  # noqa: E402
+from benchmarks.perf.common import (  # noqa: E402
+    DEFAULT_FLOWER_PYTHON,
+    GIB,
+    MIB,
+    Run,
+    fail_run,
+    log,
+)
 from benchmarks.perf.fedbip_run import fedbip_run  # noqa: E402
 from benchmarks.perf.flower import flower_run  # noqa: E402
 from benchmarks.perf.machine import machine_line  # noqa: E402
@@ -96,9 +103,9 @@ def measure(model: str, actors: int, runner: str, work: Path, flower_python: str
 
 
 def run_all(models: Sequence[str], actor_counts: Sequence[int], flower_python: str,
-            work: Path) -> list[Cell]:
-    """Every (model, actors, runner) once."""
-    cells = []
+            work: Path, done: Callable[[list[Cell]], None]) -> list[Cell]:
+    """Every (model, actors, runner) once; ``done(cells so far)`` after each."""
+    cells: list[Cell] = []
     for model in models:
         warm_model_cache(model)
         for k in actor_counts:
@@ -108,11 +115,14 @@ def run_all(models: Sequence[str], actor_counts: Sequence[int], flower_python: s
                 log(f"{model} x{k} {runner}: peak {run.peak_pss / GIB:.2f} GiB, "
                     f"{time.perf_counter() - t0:.0f} s{' ERROR ' + run.error if run.error else ''}")
                 cells.append(Cell(model, k, runner, run))
+                done(cells)
     return cells
 
 
 def _gib(run: Run) -> str:
-    return "failed" if run.error else f"{run.peak_pss / GIB:.2f}"
+    if run.error:
+        return "not run" if run.error == "not run" else "failed"
+    return f"{run.peak_pss / GIB:.2f}"
 
 
 def _ratio(a: Run, b: Run) -> float | None:
@@ -132,13 +142,14 @@ def _fmt_ratio(x: float | None, goal: float | None = None) -> str:
 def table(cells: Sequence[Cell], sizes: dict[str, float]) -> list[str]:
     """One row per (model, actors): the three peaks and the ratios."""
     by = {(c.model, c.actors, c.runner): c.run for c in cells}
+    missing = fail_run("", "", "not run")
     out = ["| model (frozen base) | actors | private copies | shared base | Flower (cached) "
            "| saved by sharing (MiB) | shared / private | shared / Flower (goal <= 0.6x from 2 "
            "actors) | same accuracy |",
            "|---|---|---|---|---|---|---|---|---|"]
     for model, k in sorted({(c.model, c.actors) for c in cells},
                            key=lambda mk: (list(EXAMPLES).index(mk[0]), mk[1])):
-        priv, shared, flower = (by[(model, k, r)] for r in RUNNERS)
+        priv, shared, flower = (by.get((model, k, r), missing) for r in RUNNERS)
         same = ("n/a" if priv.error or shared.error else
                 "yes" if priv.accuracy == shared.accuracy else
                 f"no ({priv.accuracy} vs {shared.accuracy})")
@@ -211,12 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/shared_base.py" + "".join(f" {a}" for a in given)
     t0 = time.perf_counter()
     sizes = {m: base_mib(m) for m in args.models}
-    with tempfile.TemporaryDirectory(prefix="fedbip-shared-base-") as tmp:
-        cells = run_all(args.models, args.actors, args.flower_python, Path(tmp))
-    text = report(cells, sizes, command, time.perf_counter() - t0)
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+
+    def write(cells: list[Cell]) -> None:  # after every run: a slow machine keeps what ran
+        args.out.write_text(report(cells, sizes, command, time.perf_counter() - t0))
+
+    with tempfile.TemporaryDirectory(prefix="fedbip-shared-base-") as tmp:
+        cells = run_all(args.models, args.actors, args.flower_python, Path(tmp), write)
+    write(cells)
+    print(args.out.read_text())
     log(f"wrote {args.out}")
     return 0
 
