@@ -106,7 +106,7 @@ def warm_model_cache(model: str) -> None:
     """Build SmolLM2's one-time safetensors conversion before any timed run (both frameworks
     then load the same converted files)."""
     if model == "smollm2":
-        from fedbip_ray.models.lm import smollm2_model_dir
+        from fedbip_ray.models.smollm2 import smollm2_model_dir
 
         smollm2_model_dir()
 
