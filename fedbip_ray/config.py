@@ -311,6 +311,13 @@ class Config(_Frozen):
         if self.strategy.name == "fedala" and self.model.task == "causal-lm":
             raise ValueError("strategy 'fedala' learns its weights on classification losses: "
                              "model.task 'causal-lm' is not supported")
+        if self.strategy.name == "feddpa" and self.model.task != "sequence-classification":
+            raise ValueError("strategy 'feddpa' mixes its global and local adapters in the "
+                             "sequence-classification trainer: model.task "
+                             f"'{self.model.task}' is not supported")
+        if self.strategy.name == "feddpa" and self.model.peft.method != "lora":
+            raise ValueError("strategy 'feddpa' mixes two LoRA adapters: it needs "
+                             f"model.peft.method 'lora' (got '{self.model.peft.method}')")
         return self
 
     def clients_per_round(self, num_clients: int | None = None) -> int:

@@ -3,17 +3,25 @@ instance at inference.
 
 The model carries two peft adapters: ``default`` (global, trained and averaged as FedAvg) and
 ``local`` (each client's own). One flat state holds both (their parameter names differ in the
-adapter segment, ``...lora_A.default.weight`` / ``...lora_A.local.weight``), so the server
-rule is partial sharing: the global adapter's columns are averaged, the local adapter's stay
-the client's own (whole modules: any column block of whole modules works).
+adapter segment, ``...lora_A.default.weight`` / ``...lora_A.local.weight``; the classifier
+head and any other ``modules_to_save`` have one copy per adapter), so the server rule is
+partial sharing: the global adapter's columns are averaged, the local adapter's stay the
+client's own (whole modules: any column block of whole modules works).
 
-At inference an instance ``x`` is answered with ``(1 − α(x))·global + α(x)·local`` where
-``α(x) = max_weight · mean_j cos(e(x), e(x_j))`` over ``instance_num`` random training
-instances ``x_j`` of the client and ``e`` the local-adapter model's last hidden state (the
-authors' ``GlobalModel_generated.py``, ``get_weight``: ``max_weight`` 0.5, 5 instances).
+Each round a client trains as the authors' ``main.py`` (FedDPA-T, ``local_model=True``):
+first the local adapter with the global one frozen and both active, every adapted module's
+output ``local_weight · local + (1 − local_weight) · global`` (the global branch detached);
+then the global adapter alone. The local phase starts once the global adapter has been
+trained (the authors skip it in the first round). Its task vector spans both adapters.
 
-Not registered as a strategy yet: the client side (the second adapter, the two training
-phases and the per-instance mixing) is not in the trainers.
+At inference an instance ``x`` is answered with every adapted module's output
+``(1 − α(x))·global + α(x)·local`` where ``α(x) = max_weight · mean_j cos(e(x), e(x_j))``
+over ``instance_num`` random training instances ``x_j`` of the client and ``e`` the
+local-adapter model's last hidden state (the authors' ``GlobalModel_generated.py``,
+``get_weight``: ``max_weight`` 0.5, 5 instances). α weights the local adapter, as this
+method intends (the more like the client's own data, the more local); the released script's
+``set_local(['local'], [w, 1 - w])``, called with the global adapter active, puts ``w`` on
+the global adapter instead. The torch side: :mod:`fedbip_ray.training.dpa`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from .interface import (
     AggregationInput,
     AggregationResult,
     ClientOptions,
+    DPAOptions,
     Plan,
     RoundMeta,
     run_strategy,
@@ -80,7 +89,8 @@ class FedDPAStrategy:
 
     @property
     def client_options(self) -> ClientOptions:
-        return ClientOptions()
+        return ClientOptions(dual_adapter=DPAOptions(self.local_weight, self.max_weight,
+                                                     self.instance_num))
 
     def statistics(self, inp: AggregationInput) -> None:
         return None

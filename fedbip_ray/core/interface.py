@@ -18,8 +18,8 @@ import numpy as np
 
 from .taskvector import Layout
 
-__all__ = ["ALAOptions", "AggregationInput", "AggregationResult", "ClientOptions", "Plan",
-           "RoundMeta", "Strategy", "run_strategy"]
+__all__ = ["ALAOptions", "AggregationInput", "AggregationResult", "ClientOptions", "DPAOptions",
+           "Plan", "RoundMeta", "Strategy", "run_strategy"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,19 @@ class ALAOptions:
 
 
 @dataclass(frozen=True)
+class DPAOptions:
+    """FedDPA's dual adapter (:mod:`.feddpa`): every client's model carries a second peft
+    adapter ``local`` beside the global ``default``. Each round the local adapter trains with
+    the global one frozen (adapter outputs weighted ``local_weight`` on local, the rest on
+    global), then the global adapter alone; evaluation mixes them per instance, ``α(x)`` on
+    local (``max_weight`` times the mean cosine to ``instance_num`` training instances)."""
+
+    local_weight: float = 0.5
+    max_weight: float = 0.5
+    instance_num: int = 5
+
+
+@dataclass(frozen=True)
 class ClientOptions:
     """How clients train under a strategy.
 
@@ -208,6 +221,7 @@ class ClientOptions:
         send_gradient: clients also send the negated sum of their loss gradients over the
             round (``AggregationInput.signals``).
         ala: FedALA's adaptive local aggregation after each aggregation (None = off).
+        dual_adapter: FedDPA's global and local adapters (None = one adapter).
     """
 
     prox_mu: float = 0.0
@@ -215,6 +229,7 @@ class ClientOptions:
     gate_mixes: tuple[float, ...] = ()
     send_gradient: bool = False
     ala: ALAOptions | None = None
+    dual_adapter: DPAOptions | None = None
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ import numpy as np
 from .aggregate import aggregate_task_vectors, mix_models
 from .fedala import FedALAStrategy
 from .fedbip import FedBipLayerStrategy, FedBipStrategy
+from .feddpa import FedDPAStrategy
 from .interface import (
     AggregationInput,
     AggregationResult,
@@ -57,6 +58,7 @@ __all__ = [
     "FedAvgFTStrategy",
     "FedAvgStrategy",
     "FedBipPaperStrategy",
+    "FedDPAStrategy",
     "FedProxStrategy",
     "FedSALoRAStrategy",
     "GaussianNoiseStrategy",
@@ -223,6 +225,7 @@ STRATEGIES: dict[str, type] = {
         FedSALoRAStrategy,
         FedAWAStrategy,
         FedALAStrategy,
+        FedDPAStrategy,
     )
 }
 

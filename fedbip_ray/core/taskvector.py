@@ -176,17 +176,19 @@ def module_key(name: str) -> str:
     """Module that parameter ``name`` belongs to (peft naming).
 
     Strips, in order and each at most once: a trailing ``weight``/``bias`` segment, a trailing
-    adapter name segment ``default``, then a trailing adapter segment (``lora_A``, ``lora_B``,
+    adapter name segment (``default``, or any name right after an adapter segment, e.g.
+    FedDPA's ``local``), then a trailing adapter segment (``lora_A``, ``lora_B``,
     ``lora_embedding_A``, ``lora_embedding_B``, ``lora_magnitude_vector``, ``ia3_l``,
     ``modules_to_save``). So ``...query.lora_A.default.weight`` and
-    ``...query.lora_B.default.weight``
+    ``...query.lora_B.local.weight``
     both map to ``...query``, and ``classifier.modules_to_save.default.bias`` to ``classifier``.
     A name that is a single segment is returned unchanged.
     """
     parts = name.split(".")
     if len(parts) > 1 and parts[-1] in ("weight", "bias"):
         parts.pop()
-    if len(parts) > 1 and parts[-1] == _ADAPTER_NAME:
+    if len(parts) > 1 and (parts[-1] == _ADAPTER_NAME
+                           or (len(parts) > 2 and parts[-2] in _ADAPTER_SEGMENTS)):
         parts.pop()
     if len(parts) > 1 and parts[-1] in _ADAPTER_SEGMENTS:
         parts.pop()

@@ -89,6 +89,23 @@ def wrap_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.M
         raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
 
 
+def add_adapter_copy(model: torch.nn.Module, name: str) -> None:
+    """Give peft ``model`` a second adapter ``name`` with the config of ``default`` (its own
+    LoRA factors and its own copy of every ``modules_to_save`` module), active beside
+    ``default`` in every LoRA layer; the parameters of both adapters are trainable."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    model.add_adapter(name, copy.deepcopy(model.peft_config["default"]))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter(["default", name])
+    for n, p in model.named_parameters():
+        if {"default", name} & set(n.split(".")):
+            p.requires_grad_(True)
+
+
 def build_model(cfg: ModelConfig, num_labels: int, seed: int,
                 base: torch.nn.Module | None = None) -> tuple[torch.nn.Module, Any]:
     """(peft model, tokenizer) for sequence classification, over ``base`` when given (e.g. a

@@ -63,6 +63,14 @@ def _with_faults(tau: np.ndarray, client_id: int) -> np.ndarray:
     return poison_update(tau, client_id)
 
 
+def _scores(trainer: Trainer, data: dict[str, Any], split: str, seed: int) -> Any:
+    """``trainer``'s scores on ``data[split]``; a dual adapter (FedDPA) also gets the
+    client's training instances, against which it weighs its adapters per instance."""
+    if getattr(trainer, "dual", None) is None:
+        return trainer.evaluate(data[split])
+    return trainer.evaluate(data[split], data["train"], seed)  # type: ignore[call-arg]
+
+
 class TaskCancelled(RuntimeError):
     """The driver cancelled this call (a straggler past the round deadline)."""
 
@@ -245,7 +253,9 @@ class ClientActor:
         if finetune_epochs > 0:
             trainer.train(data["train"], finetune_epochs,
                           seed_for(self.cfg.seed, client_id, round_num, 7))
-        return EvalResult(client_id, round_num, {s: trainer.evaluate(data[s]) for s in splits})
+        seed = seed_for(self.cfg.seed, client_id, round_num, 13)
+        return EvalResult(client_id, round_num,
+                          {s: _scores(trainer, data, s, seed) for s in splits})
 
     def score_mixes(self, client_id: int, aggregate: np.ndarray, mixes: tuple[float, ...],
                     round_num: int, shard: ShardRef | None = None,

@@ -114,9 +114,12 @@ class AdapterTrainer:
     # -- training -------------------------------------------------------------------------
     def _run_epochs(self, epochs: int, seed: int, prox_mu: float,
                     batches: Callable[[torch.Generator], Iterable[B]],
-                    loss_of: Callable[[B], torch.Tensor]) -> FitMetrics:
-        """:func:`run_local_epochs` over this trainer's parameters, precision and device."""
+                    loss_of: Callable[[B], torch.Tensor],
+                    params: list[torch.nn.Parameter] | None = None) -> FitMetrics:
+        """:func:`run_local_epochs` over this trainer's parameters (or the subset ``params``),
+        precision and device."""
         summed = self._grad_sum
-        return run_local_epochs(list(self.params.values()), self.cfg.train, epochs, seed, prox_mu,
+        params = list(self.params.values()) if params is None else params
+        return run_local_epochs(params, self.cfg.train, epochs, seed, prox_mu,
                                 batches, loss_of, precision=self.precision, device=self.device,
                                 on_grads=summed.add if summed is not None else None)

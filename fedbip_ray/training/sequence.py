@@ -11,7 +11,9 @@ import pandas as pd
 import torch
 
 from fedbip_ray.config import Config
-from fedbip_ray.models.factory import build_model
+from fedbip_ray.core.feddpa import GLOBAL_ADAPTER, LOCAL_ADAPTER
+from fedbip_ray.core.interface import DPAOptions
+from fedbip_ray.models.factory import add_adapter_copy, build_model
 from fedbip_ray.models.shared_base import FrozenBase
 from fedbip_ray.training.base import AdapterTrainer, setup_torch
 from fedbip_ray.training.loops import classification_eval, ordered_indices
@@ -57,7 +59,12 @@ def text_batches(data: Encoded, batch_size: int, gen: torch.Generator | None,
 
 
 class SequenceTrainer(AdapterTrainer):
-    """A text classifier + adapter (tokenizer in ``tokenizer``); cross-entropy on the label."""
+    """A text classifier + adapter (tokenizer in ``tokenizer``); cross-entropy on the label.
+
+    Under a strategy with a dual adapter (FedDPA, ``dual`` its options) the model carries a
+    second adapter ``local`` whose outputs ``mix`` weights (:mod:`fedbip_ray.training.dpa`):
+    ``train`` runs the two phases, ``evaluate`` mixes the adapters per instance.
+    """
 
     def __init__(self, cfg: Config, num_labels: int, device: torch.device | None = None,
                  base: FrozenBase | None = None) -> None:
@@ -66,7 +73,14 @@ class SequenceTrainer(AdapterTrainer):
         self.precision = self._resolve_precision()
         model, self.tokenizer = build_model(cfg.model, num_labels, cfg.seed,
                                             self._shared_model(base))
+        self.dual: DPAOptions | None = cfg.strategy.build().client_options.dual_adapter
+        if self.dual is not None:
+            add_adapter_copy(model, LOCAL_ADAPTER)
         self._adopt(model.to(self.device))
+        if self.dual is not None:
+            from fedbip_ray.training.dpa import AdapterMix
+
+            self.mix = AdapterMix(self.model)
 
     def encode(self, frame: pd.DataFrame) -> Encoded:
         """Tokenize a split once (padded to its longest example, at most max_length)."""
@@ -79,7 +93,8 @@ class SequenceTrainer(AdapterTrainer):
         return out.logits.float()
 
     def train(self, data: Encoded, epochs: int, seed: int, prox_mu: float = 0.0) -> FitMetrics:
-        """Train the loaded state in place for ``epochs`` local epochs. Returns metrics."""
+        """Train the loaded state in place for ``epochs`` local epochs (a dual adapter: both
+        phases, :func:`fedbip_ray.training.dpa.dual_fit`). Returns metrics."""
         self.model.train()
 
         def loss_of(batch: tuple[Inputs, torch.Tensor]) -> torch.Tensor:
@@ -87,8 +102,17 @@ class SequenceTrainer(AdapterTrainer):
             return torch.nn.functional.cross_entropy(self.logits(inputs), y)
 
         bs = self.cfg.train.batch_size
-        return self._run_epochs(epochs, seed, prox_mu,
-                                lambda gen: text_batches(data, bs, gen, self.device), loss_of)
+
+        def run(params: list[torch.nn.Parameter] | None, phase_seed: int) -> FitMetrics:
+            return self._run_epochs(epochs, phase_seed, prox_mu,
+                                    lambda gen: text_batches(data, bs, gen, self.device),
+                                    loss_of, params)
+
+        if self.dual is None:
+            return run(None, seed)
+        from fedbip_ray.training.dpa import dual_fit
+
+        return dual_fit(self, self.dual, run, seed)
 
     def ala_losses(self, data: Encoded, rows: slice) -> Iterator[torch.Tensor]:
         """The loss of each full batch of ``data[rows]`` in data order (FedALA's weight
@@ -101,7 +125,74 @@ class SequenceTrainer(AdapterTrainer):
             for inputs, y in text_batches(chunk, len(chunk), None, self.device):
                 yield torch.nn.functional.cross_entropy(self.logits(inputs), y)
 
-    def evaluate(self, data: Encoded) -> EvalMetrics:
-        """Accuracy and mean loss of the loaded state on ``data``."""
-        batches = text_batches(data, self.cfg.train.eval_batch_size, None, self.device)
-        return classification_eval(self.model, batches, self.logits, len(data))
+    def evaluate(self, data: Encoded, references: Encoded | None = None,
+                 seed: int = 0) -> EvalMetrics:
+        """Accuracy and mean loss of the loaded state on ``data``; a dual adapter mixes its
+        adapters per instance with weights from the client's training instances
+        ``references`` (drawn with ``seed``)."""
+        if self.dual is None:
+            batches = text_batches(data, self.cfg.train.eval_batch_size, None, self.device)
+            return classification_eval(self.model, batches, self.logits, len(data))
+        if references is None:
+            raise ValueError("strategy 'feddpa' weighs its adapters per instance against the "
+                             "client's training instances: none were given")
+        return self.mixed_eval(data, self.instance_alphas(data, references, seed))
+
+    # -- FedDPA -----------------------------------------------------------------------------
+    def mixed_logits(self, inputs: Inputs, alpha: torch.Tensor) -> torch.Tensor:
+        """(b, K) float32 logits with every adapted module's output ``(1 − α_i)·global +
+        α_i·local`` for row ``i`` (``alpha`` (b,))."""
+        with self.mix.use({GLOBAL_ADAPTER: 1.0 - alpha, LOCAL_ADAPTER: alpha}):
+            return self.logits(inputs)
+
+    def mixed_eval(self, data: Encoded, alpha: np.ndarray) -> EvalMetrics:
+        """Accuracy and mean loss on ``data`` with row ``i`` mixed by ``alpha[i]`` (n,)."""
+        a = torch.as_tensor(np.asarray(alpha, dtype=np.float32))
+        bs = self.cfg.train.eval_batch_size
+
+        def batches() -> Iterator[tuple[tuple[Inputs, torch.Tensor], torch.Tensor]]:
+            rows = text_batches(data, bs, None, self.device)
+            for start, (inputs, y) in zip(range(0, len(data), bs), rows, strict=True):
+                yield (inputs, a[start:start + len(y)]), y
+
+        return classification_eval(self.model, batches(), lambda b: self.mixed_logits(*b),
+                                   len(data))
+
+    @torch.no_grad()
+    def local_representations(self, data: Encoded) -> np.ndarray:
+        """(n, h) float32 last-layer hidden state of each row under the local adapter alone:
+        the first token's (an encoder's CLS) or, without a CLS token, the last attended one."""
+        self.model.eval()
+        backbone = self.model.get_base_model().base_model  # e.g. BertModel: no head
+        out = []
+        with self.mix.use({GLOBAL_ADAPTER: 0.0, LOCAL_ADAPTER: 1.0}):
+            for inputs, _ in text_batches(data, self.cfg.train.eval_batch_size, None,
+                                          self.device):
+                with self.autocast():
+                    hidden = backbone(**inputs).last_hidden_state
+                out.append(self._pooled(hidden, inputs["attention_mask"]).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def _pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(b, h) of hidden (b, L, h): CLS, else the last attended token."""
+        if getattr(self.tokenizer, "cls_token", None) is not None:
+            return hidden[:, 0]
+        if getattr(self.tokenizer, "padding_side", "right") == "left":
+            return hidden[:, -1]
+        return hidden[torch.arange(hidden.shape[0]), mask.sum(dim=1) - 1]
+
+    def instance_alphas(self, data: Encoded, references: Encoded, seed: int) -> np.ndarray:
+        """(n,) float64 local-adapter weight of each row of ``data`` against ``instance_num``
+        random rows of ``references`` (:func:`fedbip_ray.training.dpa.alphas`)."""
+        from fedbip_ray.training.dpa import alphas
+
+        assert self.dual is not None
+
+        def embed_train(rows: np.ndarray) -> np.ndarray:
+            idx = torch.as_tensor(rows)
+            sub = Encoded(references.input_ids[idx], references.attention_mask[idx],
+                          references.labels[idx])
+            return self.local_representations(sub)
+
+        test = self.local_representations(data) if len(data) else np.zeros((0, 0))
+        return alphas(test, embed_train, len(references), self.dual, seed)

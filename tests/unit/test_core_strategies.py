@@ -81,6 +81,7 @@ def test_registry_names() -> None:
         "fedsa-lora",
         "fedawa",
         "fedala",
+        "feddpa",
     }
     for name in STRATEGIES:
         strategy = make_strategy(name)

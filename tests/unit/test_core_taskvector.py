@@ -98,7 +98,12 @@ def test_first_difference_names_parameter() -> None:
             "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight",
             "base_model.model.bert.encoder.layer.0.attention.self.query",
         ),
+        (
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.local.weight",
+            "base_model.model.bert.encoder.layer.0.attention.self.query",
+        ),
         ("classifier.modules_to_save.default.weight", "classifier"),
+        ("classifier.modules_to_save.local.bias", "classifier"),
         ("classifier.modules_to_save.default.bias", "classifier"),
         ("model.embed.lora_embedding_A.default", "model.embed"),
         ("model.layer.0.fc.ia3_l.default", "model.layer.0.fc"),
