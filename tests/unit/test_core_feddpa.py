@@ -57,3 +57,27 @@ def test_feddpa_params_checked_one_line() -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="instance_num"):
         check_params(FedDPAStrategy, {"instance_num": 0}, "feddpa")
+
+
+def test_both_adapters_of_a_module_stay_in_one_block() -> None:
+    """The sorted layout interleaves the adapters (``lora_A.default``, ``lora_A.local``,
+    ``lora_B.default``, ...); a server split into column blocks keeps each module whole and
+    computes the one-block result."""
+    from fedbip_ray.core.blocks import split_layout
+
+    lay = Layout.from_shapes({f"m.{q}.{s}.{a}.weight": (2,) for q in ("q", "v")
+                              for s in ("lora_A", "lora_B") for a in ("default", "local")})
+    blocks = split_layout(lay, 2)
+    assert [b.layout.names[0] for b in blocks] == ["m.q.lora_A.default.weight",
+                                                   "m.v.lora_A.default.weight"]
+    rng = np.random.default_rng(0)
+    deltas = rng.standard_normal((3, lay.size)).astype(np.float32)
+    inp = AggregationInput(states=np.zeros_like(deltas), deltas=deltas,
+                           counts=np.array([1, 2, 3]), layout=lay)
+    s = FedDPAStrategy()
+    whole = s.aggregate(inp).states
+    plan = s.plan(None, inp.meta())
+    parts = [s.apply(AggregationInput(states=inp.states[:, b.cols], deltas=deltas[:, b.cols],
+                                      counts=inp.counts, layout=b.layout), plan)
+             for b in blocks]
+    assert np.array_equal(np.concatenate(parts, axis=1), whole)
