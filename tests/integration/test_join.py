@@ -198,6 +198,44 @@ def test_joined_clients_take_part_in_a_resumed_run(finished, tmp_path):
     assert load_config(run / "config.yaml").data.joined == (str(tmp / "joined"),)
 
 
+@pytest.mark.ray
+def test_generative_run_joins_newcomers_from_prompt_response_rows(ray_local, tmp_path):
+    """A causal-LM run on a file of prompt/response/task rows; newcomers in the same columns
+    (one of a task the run never saw) join it through the CLI."""
+    from fedbip_ray.config import DataConfig
+    from fedbip_ray.data.datasets import load_dataset
+    from fedbip_ray.runtime.federation import run_federation
+
+    frame = load_dataset(DataConfig(dataset="instruct-tasks"), 0).frame
+    cols = ["prompt", "response", "task"]
+    parts = {t: frame[frame["task"] == t][cols].head(36) for t in ("sentiment", "arithmetic",
+                                                                     "reverse-words")}
+    fed = pd.concat([parts["sentiment"].head(24), parts["arithmetic"].head(24)])
+    fed.rename(columns={"prompt": "q"}).assign(user=fed["task"]).to_parquet(tmp_path / "f.parquet")
+    new = pd.concat([parts["sentiment"].tail(12), parts["reverse-words"].tail(12)])
+    new.assign(who=new["task"]).rename(columns={"prompt": "q"}).to_csv(tmp_path / "new.csv")
+    cfg = config_from_dict(tiny_config(
+        model={"name": "tiny-llama", "task": "causal-lm", "max_length": 64,
+               "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                        "intermediate_size": 32}},
+        data={"dataset": "file", "path": str(tmp_path / "f.parquet"), "prompt_column": "q",
+              "task_column": "task", "client_column": "user", "num_clients": 2,
+              "examples_per_client": 24, "partition": {"kind": "column"}},
+        train={"local_epochs": 1, "batch_size": 8, "lr": 0.01, "eval_batch_size": 8},
+        federation={"rounds": 1}))
+    run_federation(cfg, tmp_path / "run", echo=lambda s: None)
+    rc = main(["join", str(tmp_path / "run"), "--data", str(tmp_path / "new.csv"),
+               "--client-column", "who", "--output", str(tmp_path / "joined")])
+    assert rc == 0
+    got = {e["name"]: e for e in json.loads((tmp_path / "joined" / "summary.json")
+                                            .read_text())["newcomers"]}
+    assert set(got) == {"sentiment", "reverse-words"}
+    for task, entry in got.items():
+        assert 0.0 <= entry["test"]["accuracy"] <= 1.0
+        assert set(entry["test"]["per_task"]) == {task}
+        assert len(entry["weights"]) == 3 and entry["peers"][-1] == "self"
+
+
 BAD = [
     ("no-run", ["join", "{tmp}/missing", "--data", "{tmp}/new.csv"], "not found"),
     ("columns", ["join", "{tmp}/run", "--data", "{tmp}/cols.csv"], "columns ['text'] missing"),
