@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedbip_ray.config import Config, ConfigError, load_config
+from fedbip_ray.config_io import RunFailed
 from fedbip_ray.runtime.outputs import fetch_config, is_uri, local_side
 
 EXAMPLES = """examples:
@@ -210,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedbip: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedbip: run failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedbip: interrupted", file=sys.stderr)
         return 130

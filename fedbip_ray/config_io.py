@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A configuration or input error; ``str(err)`` is one line for the user."""
 
 
+class RunFailed(RuntimeError):
+    """A run stopped by a failure it cannot go on from (e.g. a server shard died); ``str(err)``
+    is one line for the user, and the last checkpoint is intact (``--resume`` continues)."""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b.c=VALUE"`` -> (["a", "b", "c"], value parsed as YAML)."""
     if "=" not in text:

@@ -29,6 +29,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from fedbip_ray import storage
 from fedbip_ray.config import Config, ConfigError, ModelConfig
+from fedbip_ray.config_io import RunFailed
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.shards import build_shards, format_summary
 from fedbip_ray.models.names import MODEL_ALIASES, resolve_model_path  # torch-free
@@ -230,8 +231,8 @@ def _aggregate(ctx: RunContext, rnd: int, participants: list[int], done: list[tu
             raise
         from fedbip_ray.runtime.server import failure_reason
 
-        raise RuntimeError(f"round {rnd}: a server shard failed ({failure_reason(exc)}); "
-                           "--resume continues from the last checkpoint") from None
+        raise RunFailed(f"round {rnd}: a server shard failed ({failure_reason(exc)}); "
+                        "--resume continues from the last checkpoint") from None
     report.bytes_out = len(participants) * 4 * dim
     report.failed.update({c: NO_LIVE_ACTOR for c in orphans})
     if not report.aggregated:

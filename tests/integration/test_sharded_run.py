@@ -12,6 +12,7 @@ import ray
 from safetensors.numpy import load_file
 
 from fedbip_ray.config import config_from_dict
+from fedbip_ray.config_io import RunFailed
 from fedbip_ray.runtime import checkpoint as ckpt_io
 from fedbip_ray.runtime.federation import run_federation
 
@@ -69,7 +70,7 @@ def test_a_killed_shard_fails_the_run_and_resume_finishes_it(ray_local, tmp_path
     clean, _ = clean_run(tmp_path_factory)
     cfg = _sharded_config()
     out = tmp_path / "killed"
-    with pytest.raises(RuntimeError, match="server shard") as err:
+    with pytest.raises(RunFailed, match="server shard") as err:
         run_federation(cfg, out, echo=lambda s: None, callbacks=[KillShard(after=1)])
     assert "\n" not in str(err.value)
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["round"] == 1
