@@ -116,6 +116,7 @@ class ServerBlock:
         self.states: np.ndarray | None = None
         self._pending: dict[int, ClientUpdate] = {}
         self._inp: AggregationInput | None = None
+        self.at_init = np.zeros(0, dtype=bool)  # (N,) rows equal to init
         self._ids: list[int] = []
         self._gate: tuple[dict[int, int], np.ndarray | None] = ({}, None)
         self.keep_last = False
@@ -129,11 +130,21 @@ class ServerBlock:
             v = v[self.block.cols]
         self.init = v.copy()
         self.states = np.tile(self.init, (self.num_clients, 1))
+        self.at_init = np.ones(self.num_clients, dtype=bool)
 
     def load(self, states: np.ndarray, init: np.ndarray) -> None:
         """Restore ``states`` ``(N, D_b)`` and ``init`` ``(D_b,)``."""
         self.states = np.array(states, dtype=np.float32, copy=True)
         self.init = np.array(init, dtype=np.float32, copy=True)
+        self.at_init = _row_is(self.states, self.init)
+
+    def _set_rows(self, idx: Any, rows: np.ndarray) -> None:
+        """``states[idx] = rows`` (``idx``: a client id or ids), keeping :attr:`at_init`
+        (which clients' rows equal ``init``: no (N, D_b) scan per round) up to date."""
+        assert self.states is not None and self.init is not None
+        self.states[idx] = rows
+        ids = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        self.at_init[ids] = _row_is(self.states[ids], self.init)
 
     def get_state(self, client_id: int) -> np.ndarray:
         """``(D_b,)`` float32 row of one client (a view)."""
@@ -210,8 +221,8 @@ class ServerBlock:
         inp = self._inp
         theta_init = np.asarray([np.array_equal(s + d, self.init)  # one row at a time
                                  for s, d in zip(inp.states, inp.deltas, strict=True)])
-        return BlockStats(self.strategy.statistics(inp), _row_is(inp.states, self.init),
-                          theta_init, _row_is(self.states, self.init))
+        return BlockStats(self.strategy.statistics(inp), self.at_init[idx].copy(), theta_init,
+                          self.at_init.copy())
 
     def _stored(self, keep: tuple[int, ...]) -> np.ndarray:
         """``(len(keep), D_b)``: each kept client's trained state if it took part in this
@@ -256,7 +267,7 @@ class ServerBlock:
         self._inp = None
         finite = all_finite(new)
         if finite:
-            self.states[idx] = new
+            self._set_rows(idx, new)
         return BlockDone(len(idx), finite)
 
     # -- validation gate --------------------------------------------------------------------
@@ -274,7 +285,7 @@ class ServerBlock:
         for cid, lam in mixes.items():
             if local is None or cid not in rows or lam == 1.0:
                 continue
-            self.states[cid] = mix_candidates(local[rows[cid]], self.states[cid], [lam])[0]
+            self._set_rows(cid, mix_candidates(local[rows[cid]], self.states[cid], [lam])[0])
         self._gate = ({}, None)
 
     # -- FedALA ---------------------------------------------------------------------------
@@ -289,7 +300,7 @@ class ServerBlock:
         for cid, item in zip(client_ids, results, strict=True):
             res = ala_checked(item, cid, round_num, dim)
             if res is not None:
-                self.states[cid] = res.state[self.block.cols]
+                self._set_rows(cid, res.state[self.block.cols])
                 done.append(int(cid))
         self._gate = ({}, None)
         return done
