@@ -259,9 +259,6 @@ class ResourcesConfig(_Frozen):
     # the client actors of a node share one read-only copy of the frozen base model (Ray's
     # object store); false: each actor loads its own
     share_base_model: bool = True
-    # the client actors of a node share one read-only copy of the frozen base model (Ray's
-    # object store); false: each actor loads its own
-    share_base_model: bool = True
 
 
 class TrackingConfig(_Frozen):
