@@ -144,7 +144,7 @@ class ServerBlock:
         assert self.states is not None and self.init is not None
         self.states[idx] = rows
         ids = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        self.at_init[ids] = _row_is(self.states[ids], self.init)
+        self.at_init[ids] = _row_is(np.asarray(rows).reshape(len(ids), -1), self.init)
 
     def get_state(self, client_id: int) -> np.ndarray:
         """``(D_b,)`` float32 row of one client (a view)."""
