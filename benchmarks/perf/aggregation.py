@@ -66,7 +66,8 @@ def _trace_stop(self: Any) -> int:
 
 
 def _held(self: Any) -> int:
-    """Bytes of the numpy arrays the server object keeps (walks its attributes)."""
+    """Bytes of the numpy arrays the server object keeps (walks its attributes, and those of
+    the objects it holds: its column blocks, its coordinator)."""
     seen: set[int] = set()
 
     def size(obj: Any, depth: int = 0) -> int:
@@ -79,6 +80,8 @@ def _held(self: Any) -> int:
             return sum(size(v, depth + 1) for v in obj.values())
         if isinstance(obj, list | tuple):
             return sum(size(v, depth + 1) for v in obj)
+        if hasattr(obj, "__dict__") and not isinstance(obj, type):  # the server's blocks
+            return size(vars(obj), depth + 1)
         return 0
 
     return size(dict(vars(self)))
