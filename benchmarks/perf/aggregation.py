@@ -71,7 +71,7 @@ def _held(self: Any) -> int:
     seen: set[int] = set()
 
     def size(obj: Any, depth: int = 0) -> int:
-        if id(obj) in seen or depth > 4:
+        if id(obj) in seen or depth > 6:
             return 0
         seen.add(id(obj))
         if isinstance(obj, np.ndarray):
