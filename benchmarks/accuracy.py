@@ -81,11 +81,14 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     "nlp-dirichlet": (_NLP, _partition("dirichlet", alpha=0.1)),
     "cv-rotation": (_CV, _partition("groups", num_groups=4, shift="rotation")),
     "cv-dirichlet": (_CV, _partition("dirichlet", alpha=0.1)),
+    # task shift: 2 classification tasks over one label space, 3 clients per task
+    "nlp-tasks": (_NLP, merge(_partition("column"),
+                              {"data": {"dataset": "rotten-tomatoes-tasks"}})),
     "tiny-conflict": (_TINY, _partition("groups", num_groups=2, shift="label-flip")),
     "tiny-dirichlet": (_TINY, _partition("dirichlet", alpha=0.1)),
     "tiny-cv-rotation": (_TINY_CV, _partition("groups", num_groups=2, shift="rotation")),
 }
-FULL = ["nlp-conflict", "nlp-dirichlet", "cv-rotation", "cv-dirichlet"]
+FULL = ["nlp-conflict", "nlp-tasks", "nlp-dirichlet", "cv-rotation", "cv-dirichlet"]
 QUICK = ["tiny-conflict", "tiny-dirichlet"]
 BASELINES = ["local", "fedavg", "fedavg-ft", "fedprox", "fedamp", "fedbip-paper"]
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors
-from .gate import check_mixes
+from .gate import check_memory, check_mixes
 from .interface import (
     AggregationInput,
     AggregationResult,
@@ -56,6 +56,7 @@ SMOOTHING = Check("number", ge=0.0, lt=1.0)
 REFERENCE = Check("choice", choices=REFERENCES)
 SCOPE = Check("choice", choices=SCOPES)
 GATE = Check("custom", convert=check_mixes)
+GATE_MEMORY = Check("custom", convert=check_memory)
 
 
 def _module_names(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -102,6 +103,8 @@ class _FedBipOptions:
             ``"round"``, ``ΔW`` itself for ``"pretrained"`` since LoRA's ``B`` starts at 0).
         smoothing: EMA weight ``beta`` on ``prev_similarity`` (0 = off).
         gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
+        gate_memory: weight of the gate's earlier rounds of evidence, per round of age (0:
+            this round only; :func:`fedbip_ray.core.gate.pool_rounds`).
         lora_exact: aggregate each LoRA module in ``ΔW = B A`` space, truncated back to rank
             ``r`` by an SVD (:mod:`fedbip_ray.core.lora`), instead of averaging the factors.
     """
@@ -118,6 +121,7 @@ class _FedBipOptions:
     relative_threshold: bool = param(True, BOOL)
     self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
     gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
+    gate_memory: float = param(0.0, GATE_MEMORY)
     lora_exact: bool = param(False, BOOL)
 
     @property
@@ -127,7 +131,8 @@ class _FedBipOptions:
 
     @property
     def client_options(self) -> ClientOptions:
-        return ClientOptions(gate_mixes=self.gate, send_gradient=self.reference == "gradient")
+        return ClientOptions(gate_mixes=self.gate, gate_memory=self.gate_memory,
+                             send_gradient=self.reference == "gradient")
 
     def _weights(self, s: np.ndarray) -> np.ndarray:
         return personalized_weights(

@@ -8,6 +8,11 @@ The gate scores the interpolations ``local + λ (aggregate − local)`` for a fe
 worse than the best (within one standard error of its accuracy). ``λ = 1`` is plain FedBip,
 ``λ = 0`` is local training for that round. When no peer is similar enough to help (e.g. strong
 label skew), the client falls back towards its own model instead of being pulled away from it.
+
+With ``gate_memory`` ``m > 0`` the choice reads the client's evidence of earlier rounds too
+(:func:`pool_rounds`): each round asks the same question (does this client's aggregate beat its
+own training?), so a client whose 20-30 validation examples cannot tell in one round can tell
+over several, and the standard error shrinks with the pooled count.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["check_mixes", "choose_mix", "mix_candidates"]
+__all__ = ["check_memory", "check_mixes", "choose_mix", "mix_candidates", "pool_rounds"]
 
 
 def check_mixes(mixes: Sequence[float] | None) -> tuple[float, ...]:
@@ -78,3 +83,42 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float]) ->
     a = acc[best]
     se = math.sqrt(max(a * (1 - a), 0.0) / n) if n > 0 else 0.0
     return float(max(mixes[m] for m in usable if acc[m] >= a - se - 1e-12))
+
+
+def check_memory(memory: object) -> float:
+    """A validated ``gate_memory`` in ``[0, 1]`` (0: this round only; 1: every round alike)."""
+    if (isinstance(memory, bool) or not isinstance(memory, Real) or not math.isfinite(memory)
+            or not 0 <= memory <= 1):
+        raise ValueError(f"gate_memory must be a number in [0, 1], got {memory!r}")
+    return float(memory)
+
+
+def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
+                memory: float) -> list[dict[str, float]]:
+    """One client's gate scores pooled over its gated rounds, oldest first.
+
+    ``rounds[t][m]`` holds ``accuracy`` and ``n`` of mix ``m`` in the client's ``t``-th gated
+    round (every round scores the same ``M`` mixes). Round ``t`` of ``T`` weighs
+    ``w_t = memory^(T-1-t)``: the pooled accuracy is ``Σ w_t n_t a_t / Σ w_t n_t`` and the
+    pooled ``n`` is ``Σ w_t n_t`` (the count that sets the standard error in
+    :func:`choose_mix`). ``memory`` 0 returns the last round's scores; NaN accuracies are left
+    out of their round.
+    """
+    if not rounds:
+        raise ValueError("pool_rounds needs at least one round")
+    width = len(rounds[-1])
+    if any(len(r) != width for r in rounds):
+        raise ValueError(f"every round must score the same {width} mixes")
+    if memory <= 0:
+        return [dict(s) for s in rounds[-1]]
+    out = []
+    for m in range(width):
+        total = correct = 0.0
+        for age, scores in enumerate(reversed(rounds)):
+            a, n = float(scores[m].get("accuracy", math.nan)), float(scores[m].get("n", 0) or 0)
+            if a == a and n > 0:
+                w = memory ** age
+                total += w * n
+                correct += w * n * a
+        out.append({"accuracy": correct / total if total > 0 else math.nan, "n": total})
+    return out

@@ -218,6 +218,7 @@ class ClientOptions:
         gate_mixes: validation gate (see :mod:`fedbip_ray.core.gate`): after aggregation each
             client keeps the best of ``local + λ (aggregate − local)`` over these ``λ`` on its
             validation split (empty = off: the aggregate is kept as is).
+        gate_memory: weight per round of age of the gate's earlier evidence (0 = this round).
         send_gradient: clients also send the negated sum of their loss gradients over the
             round (``AggregationInput.signals``).
         ala: FedALA's adaptive local aggregation after each aggregation (None = off).
@@ -227,6 +228,7 @@ class ClientOptions:
     prox_mu: float = 0.0
     finetune_epochs_before_eval: int = 0
     gate_mixes: tuple[float, ...] = ()
+    gate_memory: float = 0.0
     send_gradient: bool = False
     ala: ALAOptions | None = None
     dual_adapter: DPAOptions | None = None

@@ -156,6 +156,7 @@ DATASETS: dict[str, Callable[[DataConfig, int], LoadedDataset]] = {
     "mnist-5k": _lazy("fedbip_ray.data.images", "load_mnist_5k"),
     "digits": _lazy("fedbip_ray.data.images", "load_digits"),
     "instruct-tasks": _lazy("fedbip_ray.data.instruct", "load_instruct_tasks"),
+    "rotten-tomatoes-tasks": _lazy("fedbip_ray.data.tasks", "load_rotten_tomatoes_tasks"),
 }
 
 

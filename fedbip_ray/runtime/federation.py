@@ -53,6 +53,7 @@ from fedbip_ray.runtime.rows import (
     Row,
     format_round,
     min_reports,
+    past_gate_scores,
     round_privacy,
     round_row,
     sample_clients,
@@ -261,9 +262,12 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
     replaced = heal_actors(ctx, sorted(fit.run.dead | {ran_on[c] for c in report.failed
                                                        if c in ran_on}))
     if opts.gate_mixes and report.aggregated:
-        report.gate, report.gate_locals_sent = gate_phase(
-            ctx, rnd, report.accepted, opts.gate_mixes, fed.round_deadline_s, report.modified,
-            ran_on)
+        gated = gate_phase(ctx, rnd, report.accepted, opts.gate_mixes, fed.round_deadline_s,
+                           report.modified, ran_on, opts.gate_memory,
+                           past_gate_scores(ctx.history, opts.gate_mixes) if opts.gate_memory
+                           else None)
+        report.gate, report.gate_locals_sent = gated.chosen, gated.locals_sent
+        report.gate_scores = gated.scores
         report.bytes_out += 4 * dim * (len(report.accepted) + report.gate_locals_sent)
         clock.lap("gate")
     if opts.ala is not None and report.aggregated:

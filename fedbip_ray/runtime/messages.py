@@ -165,7 +165,8 @@ class AggregationReport:
     the strategy has no similarity); ``summary`` is their bounded view at any N_t (the server
     writes the full matrices to ``similarity/round_XXXXX.npz`` at the run's output).
     The driver adds ``failed`` (clients whose fit never reached the server), ``bytes_out``,
-    ``gate`` (λ chosen per client), ``gate_locals_sent`` and ``phase_seconds``.
+    ``gate`` (λ chosen per client), ``gate_scores`` (per client one ``{accuracy, n}`` per
+    gate mix), ``gate_locals_sent`` and ``phase_seconds``.
     """
 
     round: int
@@ -185,6 +186,7 @@ class AggregationReport:
     bytes_in: int = 0
     bytes_out: int = 0
     gate: dict[int, float] = field(default_factory=dict)
+    gate_scores: dict[int, list[dict[str, float]]] = field(default_factory=dict)
     gate_locals_sent: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from fedbip_ray.core.gate import choose_mix
+from fedbip_ray.core.gate import choose_mix, pool_rounds
 from fedbip_ray.core.interface import ALAOptions
 from fedbip_ray.runtime.cluster import PROCESS_DEATH, heal_actors
 from fedbip_ray.runtime.context import RunContext
@@ -67,16 +67,27 @@ def _log_gate_errors(rnd: int, errors: Errors) -> None:
                     err if isinstance(err, str) else failure_reason(err))
 
 
+@dataclass(frozen=True)
+class GateOutcome:
+    """The λ each scored client chose, its scores this round (one ``{accuracy, n}`` per mix)
+    and how many times the server sent a client's ``local`` state."""
+
+    chosen: dict[int, float]
+    scores: dict[int, list[dict[str, float]]]
+    locals_sent: int
+
+
 def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[float, ...],
                deadline_s: float, send_local: Sequence[int] = (),
-               ran_on: Mapping[int, int] | None = None) -> tuple[dict[int, float], int]:
+               ran_on: Mapping[int, int] | None = None, memory: float = 0.0,
+               past: Mapping[int, list[list[dict[str, float]]]] | None = None) -> GateOutcome:
     """Validation gate (:mod:`fedbip_ray.core.gate`): every aggregated client scores
     ``local + λ (aggregate − local)`` for each ``λ`` on its validation split; the server keeps
-    the best. The actor that ran the client's ``fit`` (``ran_on``) kept ``local``; the server
-    sends it only to the clients in ``send_local`` (their task vector was clipped) and to those
-    whose call landed on an actor without it (restarted, or another actor took the call).
-    A client whose scoring fails or misses the deadline keeps its aggregate.
-    Returns (the chosen ``λ`` per client, how many times ``local`` was sent)."""
+    the best, read from this round's scores pooled with the client's ``past`` rounds' (oldest
+    first) by ``memory``. The actor that ran the client's ``fit`` (``ran_on``) kept ``local``;
+    the server sends it only to the clients in ``send_local`` (their task vector was clipped)
+    and to those whose call landed on an actor without it (restarted, or another actor took the
+    call). A client whose scoring fails or misses the deadline keeps its aggregate."""
     assert ctx.server is not None
     server = ctx.server
     kept_on = dict(ran_on) if ran_on is not None else {c: ctx.actor_index(c) for c in clients}
@@ -105,9 +116,12 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
         scores = {**{c: s for c, s in scores.items() if s is not None}, **again}
         errors.update(errors2)
     _log_gate_errors(rnd, errors)
-    chosen = {cid: choose_mix(s, mixes) for cid, s in scores.items() if s is not None}
+    scored = {cid: [dict(x) for x in s] for cid, s in scores.items() if s is not None}
+    past = past or {}
+    chosen = {cid: choose_mix(pool_rounds([*past.get(cid, []), s], memory), mixes)
+              for cid, s in scored.items()}
     ray.get(server.apply_gate.remote(chosen))
-    return chosen, len(sent)
+    return GateOutcome(chosen, scored, len(sent))
 
 
 def _kept_local_call(ctx: RunContext, method: str, make_args: Any, sent: list[int],

@@ -132,6 +132,10 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: Aggrega
     }
     if report.gate:
         row["gate_mix"] = {str(c): m for c, m in sorted(report.gate.items())}
+    if report.gate_scores:  # [accuracy, n] per mix, read back by a gate with memory
+        row["gate_scores"] = {str(c): [[_finite(x.get("accuracy")), float(x.get("n", 0) or 0)]
+                                       for x in s]
+                              for c, s in sorted(report.gate_scores.items())}
     if privacy is not None:
         row["privacy"] = privacy
     if placement:
@@ -213,3 +217,23 @@ def format_client_table(summary: dict[str, Any], groups: Sequence[int]) -> str:
                      f"worst10% {summary['worst10_accuracy']:.3f}  "
                      f"({summary['wall_seconds']:.0f}s)")
     return "\n".join(lines)
+
+
+def past_gate_scores(history: Sequence[Row],
+                     mixes: Sequence[float]) -> dict[int, list[list[dict[str, float]]]]:
+    """Each client's gate scores of the earlier rounds in ``history`` (oldest first), as
+    :func:`fedbip_ray.core.gate.pool_rounds` reads them; rows that scored a different number
+    of mixes (another config before a resume) are skipped."""
+    out: dict[int, list[list[dict[str, float]]]] = {}
+    for row in history:
+        for cid, scores in (row.get("gate_scores") or {}).items():
+            if len(scores) == len(mixes):
+                out.setdefault(int(cid), []).append(
+                    [{"accuracy": math.nan if a is None else float(a), "n": float(n)}
+                     for a, n in scores])
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    """``x`` as a float, None when missing or not finite (JSON has no NaN)."""
+    return float(x) if x is not None and math.isfinite(float(x)) else None

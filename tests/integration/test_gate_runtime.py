@@ -65,9 +65,12 @@ def test_gate_phase_sends_the_trained_state_only_to_clients_whose_actor_lost_it(
         ctx = RunContext(cfg, shards.directory, shards, server=server, actors=[fresh],
                          shard_refs=refs)
         before = ray.get(server.all_states.remote()).copy()
-        chosen, sent_local = gate_phase(ctx, 1, [0, 1], MIXES, 120.0)
+        outcome = gate_phase(ctx, 1, [0, 1], MIXES, 120.0)
+        chosen = outcome.chosen
         assert sorted(chosen) == [0, 1] and set(chosen.values()) <= set(MIXES)
-        assert sent_local == 1  # client 1's fit did not keep its state
+        assert sorted(outcome.scores) == [0, 1]
+        assert all(len(s) == 3 for s in outcome.scores.values())
+        assert outcome.locals_sent == 1  # client 1's fit did not keep its state
         after = ray.get(server.all_states.remote())
         for c, lam in chosen.items():
             local = init + ray.get(ups[c]).vector

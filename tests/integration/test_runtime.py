@@ -10,8 +10,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedbip_ray.config import ConfigError, config_from_dict
+from fedbip_ray.core.gate import choose_mix, pool_rounds
 from fedbip_ray.runtime.federation import run_federation
-from fedbip_ray.runtime.rows import sample_clients
+from fedbip_ray.runtime.rows import past_gate_scores, sample_clients
 
 from ..conftest import tiny_config
 
@@ -59,6 +60,9 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
         assert set(r["gate_mix"]) == {"0", "1", "2", "3"}
         assert set(r["gate_mix"].values()) <= {1.0, 0.5, 0.0}
         assert r["extra"]["gate_mean_mix"] == pytest.approx(np.mean(list(r["gate_mix"].values())))
+        for c, scores in r["gate_scores"].items():  # this round's evidence decided (no memory)
+            pooled = [{"accuracy": a, "n": n} for a, n in scores]
+            assert r["gate_mix"][c] == choose_mix(pooled, (1.0, 0.5, 0.0))
         # each participant is sent its state to train and its aggregate to gate (the actor that
         # ran its fit kept its own; a call taken by another actor is sent it too)
         sent = r["extra"]["gate_locals_sent"]
@@ -69,6 +73,22 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
     assert all("gate_mix" not in json.loads(x) for x in avg_rows)
     # clients with conflicting labels: personalization beats one global model
     assert s_bip["mean_accuracy"] > s_avg["mean_accuracy"] + 0.15
+
+
+def test_gate_with_memory_decides_on_the_evidence_of_every_round(ray_local, tmp_path):
+    mixes = (1.0, 0.5, 0.0)
+    _, out = _run(tmp_path, "mem", federation={"rounds": 3},
+                  strategy={"name": "fedbip", "params": {"gate_memory": 1.0}})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for t, row in enumerate(rows):
+        for c in ("0", "1", "2", "3"):
+            rounds = [[{"accuracy": a, "n": n} for a, n in r["gate_scores"][c]]
+                      for r in rows[: t + 1]]
+            assert row["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes)
+    assert past_gate_scores(rows, mixes)[0][2] == [{"accuracy": a, "n": n}
+                                                   for a, n in rows[2]["gate_scores"]["0"]]
+    assert past_gate_scores(rows, (1.0, 0.0)) == {}  # other mixes: not the same evidence
 
 
 def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):

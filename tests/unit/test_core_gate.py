@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedbip_ray.core import make_strategy
-from fedbip_ray.core.gate import check_mixes, choose_mix, mix_candidates
+from fedbip_ray.core.gate import check_memory, check_mixes, choose_mix, mix_candidates, pool_rounds
 
 
 def test_mix_candidates_interpolates_between_local_and_aggregate():
@@ -62,7 +62,44 @@ def test_check_mixes_sorts_and_empty_turns_off():
     assert check_mixes([]) == () and check_mixes(None) == ()
 
 
+def test_pool_rounds_weighs_older_rounds_by_memory():
+    r1 = [{"accuracy": 0.5, "n": 20}, {"accuracy": 1.0, "n": 20}]
+    r2 = [{"accuracy": 1.0, "n": 30}, {"accuracy": 0.5, "n": 30}]
+    assert pool_rounds([r1, r2], 0.0) == r2  # this round only
+    same = pool_rounds([r1, r2], 1.0)
+    assert same[0] == pytest.approx({"accuracy": (10 + 30) / 50, "n": 50})
+    assert same[1] == pytest.approx({"accuracy": (20 + 15) / 50, "n": 50})
+    half = pool_rounds([r1, r2], 0.5)  # round 1 counts as 10 examples
+    assert half[0] == pytest.approx({"accuracy": (5 + 30) / 40, "n": 40})
+    nan = [{"accuracy": math.nan, "n": 0}, {"accuracy": 0.25, "n": 8}]
+    assert pool_rounds([nan, r2], 1.0)[0] == pytest.approx({"accuracy": 1.0, "n": 30})
+    with pytest.raises(ValueError, match="same"):
+        pool_rounds([r1, r2[:1]], 1.0)
+    with pytest.raises(ValueError, match="one round"):
+        pool_rounds([], 1.0)
+
+
+def test_pooled_evidence_leaves_an_aggregate_one_round_could_not_reject():
+    """Each round the aggregate is 1 of 25 examples behind its own model: within one standard
+    error alone, clearly behind over four rounds."""
+    mixes = (1.0, 0.0)
+    one = [{"accuracy": 0.88, "n": 25}, {"accuracy": 0.92, "n": 25}]
+    assert choose_mix(pool_rounds([one], 1.0), mixes) == 1.0
+    assert choose_mix(pool_rounds([one] * 4, 1.0), mixes) == 0.0
+    assert choose_mix(pool_rounds([one] * 4, 0.0), mixes) == 1.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, True, "1"])
+def test_check_memory_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="gate_memory"):
+        check_memory(bad)
+    with pytest.raises(ValueError, match="gate_memory"):
+        make_strategy("fedbip", {"gate_memory": bad})
+
+
 def test_fedbip_strategies_expose_the_gate_to_clients():
+    assert make_strategy("fedbip", {"gate_memory": 1}).client_options.gate_memory == 1.0
+    assert make_strategy("fedbip").client_options.gate_memory == 0.0
     assert make_strategy("fedbip").client_options.gate_mixes == (1.0, 0.5, 0.0)
     assert make_strategy("fedbip-layer",
                          {"gate": [0.0, 1.0]}).client_options.gate_mixes == (1.0, 0.0)
