@@ -47,7 +47,8 @@ from fedbip_ray.config import config_from_dict  # noqa: E402
 __all__ = ["SETTINGS", "STRATEGIES", "main", "parse_strategy", "select"]
 
 STRATEGIES = ["local", "fedavg", "fedavg-ft", "fedprox", "fedamp", "fedbip-paper", "fedbip",
-              "fedbip-layer", "oracle"]
+              "fedbip-layer", "oracle", "fedsa-lora", "feddpa", "fedala", "fedawa"]
+PEERS = ["fedsa-lora", "feddpa", "fedala", "fedawa"]  # the 2023-2025 methods
 
 
 def _preset(model: dict, dataset: str, clients: int, examples: int, epochs: int, batch: int,
@@ -198,6 +199,9 @@ def _goal_row(results: list[dict], st: str, method: str) -> str | None:
     base = {k: v for k, v in base.items() if v is not None}
     best = max(base, key=base.get) if base else None
     oracle = _mean_of(results, st, "oracle", "mean")
+    peers = {p: _mean_of(results, st, p, "mean") for p in PEERS}
+    peers = {k: v for k, v in peers.items() if v is not None}
+    best_peer = max(peers, key=peers.get) if peers else None
     fa, lo = base.get("fedavg"), base.get("local")
     w, wl = _mean_of(results, st, method, "worst10"), _mean_of(results, st, "local", "worst10")
     r95 = _mean_of(results, st, method, "rounds_to_95")
@@ -206,8 +210,11 @@ def _goal_row(results: list[dict], st: str, method: str) -> str | None:
     def diff(x: float | None) -> str:
         return "n/a" if x is None else f"{m - x:+.3f}"
 
-    return (f"| {st} | {m:.3f} | {best or 'n/a'} {base.get(best, float('nan')):.3f} "
-            f"| {diff(base.get(best))} | {diff(oracle)} | {diff(fa)} | {diff(lo)} | "
+    seeds = len({r["seed"] for r in results if r["setting"] == st and r["strategy"] == method})
+    peer = f"{best_peer} {peers[best_peer]:.3f}" if best_peer else "n/a"
+    return (f"| {st} | {seeds} | {m:.3f} | {best or 'n/a'} {base.get(best, float('nan')):.3f} "
+            f"| {diff(base.get(best))} | {peer} | {diff(peers.get(best_peer))} "
+            f"| {diff(oracle)} | {diff(fa)} | {diff(lo)} | "
             f"{'n/a' if w is None or wl is None else f'{w - wl:+.3f}'} | "
             f"{'n/a' if r95 is None or not r95a else f'{r95:.1f} / {r95a:.1f}'} |")
 
@@ -215,10 +222,11 @@ def _goal_row(results: list[dict], st: str, method: str) -> str | None:
 def goal_lines(results: list[dict], settings: list[str], method: str = "fedbip") -> list[str]:
     """The goals checked against the measured means (over seeds) of ``method``."""
     lines = [f"### Goals ({method}, means over seeds)", "",
-             "| setting | " + method + " | best baseline (not oracle) | vs best baseline "
+             "| setting | seeds | " + method + " | best baseline (not oracle) | vs best baseline "
+             "| best 2023-2025 peer | vs best of the 2023-2025 peers "
              "| vs oracle | vs fedavg | vs local | worst-10% vs local | rounds to 95%: "
              + method + " / fedavg |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = (_goal_row(results, st, method) for st in settings)
     lines += [row for row in rows if row is not None]
     lines.append("")
@@ -235,7 +243,10 @@ def write_report(results: list[dict], settings: list[str], out: Path, command: s
              "split, at the round with the best mean validation accuracy (mean ± std over seeds). "
              "Worst-10% = mean of the lowest 10% of clients (at least one). Rounds to 95% = first "
              "round reaching 95% of the final round's mean accuracy.", ""]
-    lines += goal_lines(results, settings)
+    variants = dict.fromkeys(r["strategy"] for r in results
+                             if r["strategy"].startswith("fedbip[gate_memory"))
+    for method in ["fedbip", *variants]:
+        lines += goal_lines(results, settings, method)
     for s in settings:
         lines += table(results, s)
         png = out.with_name(f"{out.stem}_{s}.png")

@@ -66,3 +66,16 @@ def test_miniature_run_writes_tables_plots_and_resumes(acc, ray_local, tmp_path)
     partial.write_text("".join(json.dumps(r) + "\n" for r in results))
     assert acc.main(args + ["--report-only"]) == 0
     assert json.loads(out.with_suffix(".json").read_text()) == results
+
+
+def test_goals_compare_with_the_best_2023_2025_peer(acc):
+    def res(strategy, mean, seed=0):
+        return {"setting": "s", "strategy": strategy, "seed": seed, "mean": mean,
+                "worst10": mean - 0.1, "rounds_to_95": 1.0}
+    results = [res("fedbip", 0.80), res("fedbip", 0.70, 1), res("local", 0.70),
+               res("fedavg", 0.50), res("fedsa-lora", 0.72), res("fedawa", 0.78),
+               res("oracle", 0.74)]
+    row = next(x for x in acc.goal_lines(results, ["s"]) if x.startswith("| s |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:7] == ["s", "2", "0.750", "local 0.700", "+0.050", "fedawa 0.780", "-0.030"]
+    assert cells[7] == "+0.010"  # vs oracle
