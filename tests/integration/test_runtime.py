@@ -75,25 +75,11 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
     assert s_bip["mean_accuracy"] > s_avg["mean_accuracy"] + 0.15
 
 
-def test_gate_with_memory_decides_on_the_evidence_of_every_round(ray_local, tmp_path):
-    mixes = (1.0, 0.5, 0.0)
-    _, out = _run(tmp_path, "mem", federation={"rounds": 3},
-                  strategy={"name": "fedbip", "params": {"gate_memory": 1.0}})
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3
-    for t, row in enumerate(rows):
-        for c in ("0", "1", "2", "3"):
-            rounds = [[{"accuracy": a, "n": n} for a, n in r["gate_scores"][c]]
-                      for r in rows[: t + 1]]
-            assert row["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes)
-    assert past_gate_scores(rows, mixes)[0][2] == [{"accuracy": a, "n": n}
-                                                   for a, n in rows[2]["gate_scores"]["0"]]
-    assert past_gate_scores(rows, (1.0, 0.0)) == {}  # other mixes: not the same evidence
-
-
 def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
+    """Also: a gate with memory decides on the evidence of every round so far."""
     _, out = _run(tmp_path, "grp", federation={"rounds": 3},
-                  strategy={"name": "fedbip", "params": {"reference": "pretrained"}})
+                  strategy={"name": "fedbip", "params": {"reference": "pretrained",
+                                                         "gate_memory": 1.0}})
     lines = [json.loads(x) for x in (out / "similarity.jsonl").read_text().splitlines()]
     last = lines[-1]
     w = np.asarray(last["weights"])
@@ -108,6 +94,16 @@ def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["extra"]["group_in_group_weight_share"] == pytest.approx(share.mean())
     assert row["extra"]["group_adjusted_rand_index"] == pytest.approx(1.0)
+    mixes = (1.0, 0.5, 0.0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for t, r in enumerate(rows):
+        for c in ("0", "1", "2", "3"):
+            rounds = [[{"accuracy": a, "n": n} for a, n in x["gate_scores"][c]]
+                      for x in rows[: t + 1]]
+            assert r["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes)
+    assert past_gate_scores(rows, mixes)[0][2] == [{"accuracy": a, "n": n}
+                                                   for a, n in rows[2]["gate_scores"]["0"]]
+    assert past_gate_scores(rows, (1.0, 0.0)) == {}  # other mixes: not the same evidence
 
 
 def test_partial_participation_keeps_absent_clients(ray_local, tmp_path):
