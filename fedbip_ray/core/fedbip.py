@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors
-from .gate import check_memory, check_mixes
+from .gate import GATE_TIES, check_memory, check_mixes
 from .interface import (
     AggregationInput,
     AggregationResult,
@@ -57,6 +57,7 @@ REFERENCE = Check("choice", choices=REFERENCES)
 SCOPE = Check("choice", choices=SCOPES)
 GATE = Check("custom", convert=check_mixes)
 GATE_MEMORY = Check("custom", convert=check_memory)
+GATE_TIES_CHECK = Check("choice", choices=GATE_TIES)
 
 
 def _module_names(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -105,6 +106,8 @@ class _FedBipOptions:
         gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
         gate_memory: weight of the gate's earlier rounds of evidence, per round of age (0:
             this round only; :func:`fedbip_ray.core.gate.pool_rounds`).
+        gate_ties: ``"aggregate"`` (exact accuracy ties keep the largest λ) or ``"loss"``
+            (the lowest validation loss breaks them; :func:`fedbip_ray.core.gate.choose_mix`).
         lora_exact: aggregate each LoRA module in ``ΔW = B A`` space, truncated back to rank
             ``r`` by an SVD (:mod:`fedbip_ray.core.lora`), instead of averaging the factors.
     """
@@ -122,6 +125,7 @@ class _FedBipOptions:
     self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
     gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
     gate_memory: float = param(0.0, GATE_MEMORY)
+    gate_ties: str = param("aggregate", GATE_TIES_CHECK)
     lora_exact: bool = param(False, BOOL)
 
     @property
@@ -132,6 +136,7 @@ class _FedBipOptions:
     @property
     def client_options(self) -> ClientOptions:
         return ClientOptions(gate_mixes=self.gate, gate_memory=self.gate_memory,
+                             gate_ties=self.gate_ties,
                              send_gradient=self.reference == "gradient")
 
     def _weights(self, s: np.ndarray) -> np.ndarray:

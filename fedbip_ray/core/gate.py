@@ -23,7 +23,10 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["check_memory", "check_mixes", "choose_mix", "mix_candidates", "pool_rounds"]
+__all__ = ["GATE_TIES", "check_memory", "check_mixes", "choose_mix", "mix_candidates",
+           "pool_rounds"]
+
+GATE_TIES = ("aggregate", "loss")
 
 
 def check_mixes(mixes: Sequence[float] | None) -> tuple[float, ...]:
@@ -62,18 +65,26 @@ def mix_candidates(local: np.ndarray, aggregate: np.ndarray, mixes: Sequence[flo
     return lo[None, :] + lam * (ag - lo)[None, :]
 
 
-def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float]) -> float:
+def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
+               ties: str = "aggregate") -> float:
     """The largest ``λ`` whose validation accuracy is within one standard error of the best.
 
     ``scores[m]`` holds ``accuracy`` and ``n`` (validation examples) of the candidate for
-    ``mixes[m]``. The standard error ``sqrt(a (1 − a) / n)`` of the best accuracy ``a`` is the
-    noise of a small validation split: a client leaves the aggregate (``λ = 1``) only when its
-    own data says clearly that a smaller ``λ`` is better (the one-standard-error rule, biased
-    towards federation). Without ``n`` the best accuracy wins, ties to the larger ``λ``. NaN
-    scores never win; with none usable (empty validation split) the aggregate is kept.
+    ``mixes[m]`` (and ``loss``, its mean validation loss, for ``ties="loss"``). The standard
+    error ``sqrt(a (1 − a) / n)`` of the best accuracy ``a`` is the noise of a small validation
+    split: a client leaves the aggregate (``λ = 1``) only when its own data says clearly that a
+    smaller ``λ`` is better (the one-standard-error rule, biased towards federation). Without
+    ``n`` the best accuracy wins, ties to the larger ``λ``. NaN scores never win; with none
+    usable (empty validation split) the aggregate is kept.
+
+    ``ties="loss"``: when every candidate within the standard error scores exactly the best
+    accuracy (accuracy says nothing between them, e.g. all predict the majority class), the
+    one with the lowest validation loss wins instead of the largest ``λ``.
     """
     if len(scores) != len(mixes) or not mixes:
         raise ValueError(f"{len(scores)} scores for {len(mixes)} gate mixes")
+    if ties not in GATE_TIES:
+        raise ValueError(f"gate_ties must be one of {GATE_TIES}, got {ties!r}")
     acc = [float(s.get("accuracy", math.nan)) for s in scores]
     usable = [m for m, a in enumerate(acc) if a == a]
     if not usable:
@@ -82,7 +93,14 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float]) ->
     n = float(scores[best].get("n", 0) or 0)
     a = acc[best]
     se = math.sqrt(max(a * (1 - a), 0.0) / n) if n > 0 else 0.0
-    return float(max(mixes[m] for m in usable if acc[m] >= a - se - 1e-12))
+    eligible = [m for m in usable if acc[m] >= a - se - 1e-12]
+    if ties == "loss" and len(eligible) > 1 and all(acc[m] == a for m in eligible):
+        losses = {m: float(scores[m].get("loss", math.nan)) for m in eligible}
+        finite = [m for m in eligible if losses[m] == losses[m]]
+        if finite:
+            low = min(losses[m] for m in finite)
+            return float(max(mixes[m] for m in finite if losses[m] == low))
+    return float(max(mixes[m] for m in eligible))
 
 
 def check_memory(memory: object) -> float:
@@ -101,8 +119,8 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
     round (every round scores the same ``M`` mixes). Round ``t`` of ``T`` weighs
     ``w_t = memory^(T-1-t)``: the pooled accuracy is ``Σ w_t n_t a_t / Σ w_t n_t`` and the
     pooled ``n`` is ``Σ w_t n_t`` (the count that sets the standard error in
-    :func:`choose_mix`). ``memory`` 0 returns the last round's scores; NaN accuracies are left
-    out of their round.
+    :func:`choose_mix`); ``loss`` (when scored) is pooled like the accuracy. ``memory`` 0
+    returns the last round's scores; NaN accuracies are left out of their round.
     """
     if not rounds:
         raise ValueError("pool_rounds needs at least one round")
@@ -113,12 +131,19 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
         return [dict(s) for s in rounds[-1]]
     out = []
     for m in range(width):
-        total = correct = 0.0
+        total = correct = lossed = loss = 0.0
         for age, scores in enumerate(reversed(rounds)):
             a, n = float(scores[m].get("accuracy", math.nan)), float(scores[m].get("n", 0) or 0)
             if a == a and n > 0:
                 w = memory ** age
                 total += w * n
                 correct += w * n * a
-        out.append({"accuracy": correct / total if total > 0 else math.nan, "n": total})
+                x = float(scores[m].get("loss", math.nan))
+                if x == x:
+                    lossed += w * n
+                    loss += w * n * x
+        pooled = {"accuracy": correct / total if total > 0 else math.nan, "n": total}
+        if lossed > 0:
+            pooled["loss"] = loss / lossed
+        out.append(pooled)
     return out

@@ -219,6 +219,7 @@ class ClientOptions:
             client keeps the best of ``local + λ (aggregate − local)`` over these ``λ`` on its
             validation split (empty = off: the aggregate is kept as is).
         gate_memory: weight per round of age of the gate's earlier evidence (0 = this round).
+        gate_ties: how the gate breaks exact accuracy ties (``"aggregate"`` or ``"loss"``).
         send_gradient: clients also send the negated sum of their loss gradients over the
             round (``AggregationInput.signals``).
         ala: FedALA's adaptive local aggregation after each aggregation (None = off).
@@ -229,6 +230,7 @@ class ClientOptions:
     finetune_epochs_before_eval: int = 0
     gate_mixes: tuple[float, ...] = ()
     gate_memory: float = 0.0
+    gate_ties: str = "aggregate"
     send_gradient: bool = False
     ala: ALAOptions | None = None
     dual_adapter: DPAOptions | None = None

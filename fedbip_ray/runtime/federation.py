@@ -265,7 +265,7 @@ def run_round(ctx: RunContext, rnd: int, dim: int) -> tuple[Row, AggregationRepo
         gated = gate_phase(ctx, rnd, report.accepted, opts.gate_mixes, fed.round_deadline_s,
                            report.modified, ran_on, opts.gate_memory,
                            past_gate_scores(ctx.history, opts.gate_mixes) if opts.gate_memory
-                           else None)
+                           else None, opts.gate_ties)
         report.gate, report.gate_locals_sent = gated.chosen, gated.locals_sent
         report.gate_scores = gated.scores
         report.bytes_out += 4 * dim * (len(report.accepted) + report.gate_locals_sent)

@@ -156,13 +156,14 @@ class NewcomerPool:
         return {c: np.asarray(ray.get(r).vector, dtype=np.float32) for c, r in refs.items()}
 
     def gate(self, aggregates: dict[int, np.ndarray], locals_: dict[int, np.ndarray],
-             mixes: tuple[float, ...]) -> dict[int, float]:
-        """The gate's ``λ`` per newcomer on its validation split (1.0 when the gate is off)."""
+             mixes: tuple[float, ...], ties: str = "aggregate") -> dict[int, float]:
+        """The gate's ``λ`` per newcomer on its validation split (1.0 when the gate is off;
+        exact accuracy ties broken as ``ties`` says)."""
         if not mixes:
             return {c: 1.0 for c in aggregates}
         refs = {c: self._of[c].score_mixes.remote(c, aggregates[c], mixes, self.round,
                                                   self.refs[c], locals_[c]) for c in aggregates}
-        return {c: choose_mix(ray.get(r), mixes) for c, r in refs.items()}
+        return {c: choose_mix(ray.get(r), mixes, ties) for c, r in refs.items()}
 
     def evaluate(self, states: dict[int, np.ndarray],
                  finetune_epochs: int = 0) -> dict[int, dict[str, dict[str, float]]]:
@@ -207,7 +208,7 @@ def personalize(snap: RunSnapshot, pool: NewcomerPool,
                           np.asarray([s.train for s in shards]))
     locals_ = {c: snap.init + taus[c] for c in ids}
     mixes = pool.gate({c: a.state for c, a in zip(ids, aggs, strict=True)}, locals_,
-                      opts.gate_mixes)
+                      opts.gate_mixes, opts.gate_ties)
     return [Joined(s, a, locals_[c], mix_candidates(locals_[c], a.state, [mixes[c]])[0],
                    mixes[c]) for s, a, c in zip(shards, aggs, ids, strict=True)]
 

@@ -80,11 +80,13 @@ class GateOutcome:
 def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[float, ...],
                deadline_s: float, send_local: Sequence[int] = (),
                ran_on: Mapping[int, int] | None = None, memory: float = 0.0,
-               past: Mapping[int, list[list[dict[str, float]]]] | None = None) -> GateOutcome:
+               past: Mapping[int, list[list[dict[str, float]]]] | None = None,
+               ties: str = "aggregate") -> GateOutcome:
     """Validation gate (:mod:`fedbip_ray.core.gate`): every aggregated client scores
     ``local + λ (aggregate − local)`` for each ``λ`` on its validation split; the server keeps
     the best, read from this round's scores pooled with the client's ``past`` rounds' (oldest
-    first) by ``memory``. The actor that ran the client's ``fit`` (``ran_on``) kept ``local``;
+    first) by ``memory``, exact accuracy ties broken as ``ties`` says. The actor that ran the
+    client's ``fit`` (``ran_on``) kept ``local``;
     the server sends it only to the clients in ``send_local`` (their task vector was clipped)
     and to those whose call landed on an actor without it (restarted, or another actor took the
     call). A client whose scoring fails or misses the deadline keeps its aggregate."""
@@ -118,7 +120,7 @@ def gate_phase(ctx: RunContext, rnd: int, clients: Sequence[int], mixes: tuple[f
     _log_gate_errors(rnd, errors)
     scored = {cid: [dict(x) for x in s] for cid, s in scores.items() if s is not None}
     past = past or {}
-    chosen = {cid: choose_mix(pool_rounds([*past.get(cid, []), s], memory), mixes)
+    chosen = {cid: choose_mix(pool_rounds([*past.get(cid, []), s], memory), mixes, ties)
               for cid, s in scored.items()}
     ray.get(server.apply_gate.remote(chosen))
     return GateOutcome(chosen, scored, len(sent))

@@ -132,9 +132,9 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: Aggrega
     }
     if report.gate:
         row["gate_mix"] = {str(c): m for c, m in sorted(report.gate.items())}
-    if report.gate_scores:  # [accuracy, n] per mix, read back by a gate with memory
-        row["gate_scores"] = {str(c): [[_finite(x.get("accuracy")), float(x.get("n", 0) or 0)]
-                                       for x in s]
+    if report.gate_scores:  # [accuracy, n, loss] per mix, read back by a gate with memory
+        row["gate_scores"] = {str(c): [[_finite(x.get("accuracy")), float(x.get("n", 0) or 0),
+                                        _finite(x.get("loss"))] for x in s]
                               for c, s in sorted(report.gate_scores.items())}
     if privacy is not None:
         row["privacy"] = privacy
@@ -228,9 +228,17 @@ def past_gate_scores(history: Sequence[Row],
     for row in history:
         for cid, scores in (row.get("gate_scores") or {}).items():
             if len(scores) == len(mixes):
-                out.setdefault(int(cid), []).append(
-                    [{"accuracy": math.nan if a is None else float(a), "n": float(n)}
-                     for a, n in scores])
+                out.setdefault(int(cid), []).append([_score(x) for x in scores])
+    return out
+
+
+def _score(entry: Sequence[float | None]) -> dict[str, float]:
+    """A metrics.jsonl gate score ``[accuracy, n(, loss)]`` as choose_mix reads it."""
+    def num(x: float | None) -> float:
+        return math.nan if x is None else float(x)
+    out = {"accuracy": num(entry[0]), "n": float(entry[1])}
+    if len(entry) > 2:
+        out["loss"] = num(entry[2])
     return out
 
 

@@ -61,7 +61,7 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
         assert set(r["gate_mix"].values()) <= {1.0, 0.5, 0.0}
         assert r["extra"]["gate_mean_mix"] == pytest.approx(np.mean(list(r["gate_mix"].values())))
         for c, scores in r["gate_scores"].items():  # this round's evidence decided (no memory)
-            pooled = [{"accuracy": a, "n": n} for a, n in scores]
+            pooled = [{"accuracy": a, "n": n, "loss": loss} for a, n, loss in scores]
             assert r["gate_mix"][c] == choose_mix(pooled, (1.0, 0.5, 0.0))
         # each participant is sent its state to train and its aggregate to gate (the actor that
         # ran its fit kept its own; a call taken by another actor is sent it too)
@@ -76,10 +76,12 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
 
 
 def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
-    """Also: a gate with memory decides on the evidence of every round so far."""
+    """Also: a gate with memory decides on the evidence of every round so far (exact accuracy
+    ties broken by the validation loss)."""
     _, out = _run(tmp_path, "grp", federation={"rounds": 3},
                   strategy={"name": "fedbip", "params": {"reference": "pretrained",
-                                                         "gate_memory": 1.0}})
+                                                         "gate_memory": 1.0,
+                                                         "gate_ties": "loss"}})
     lines = [json.loads(x) for x in (out / "similarity.jsonl").read_text().splitlines()]
     last = lines[-1]
     w = np.asarray(last["weights"])
@@ -98,11 +100,11 @@ def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for t, r in enumerate(rows):
         for c in ("0", "1", "2", "3"):
-            rounds = [[{"accuracy": a, "n": n} for a, n in x["gate_scores"][c]]
+            rounds = [[{"accuracy": a, "n": n, "loss": loss} for a, n, loss in x["gate_scores"][c]]
                       for x in rows[: t + 1]]
-            assert r["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes)
-    assert past_gate_scores(rows, mixes)[0][2] == [{"accuracy": a, "n": n}
-                                                   for a, n in rows[2]["gate_scores"]["0"]]
+            assert r["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes, "loss")
+    assert past_gate_scores(rows, mixes)[0][2] == [{"accuracy": a, "n": n, "loss": loss}
+                                                   for a, n, loss in rows[2]["gate_scores"]["0"]]
     assert past_gate_scores(rows, (1.0, 0.0)) == {}  # other mixes: not the same evidence
 
 

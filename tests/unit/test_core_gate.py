@@ -89,6 +89,27 @@ def test_pooled_evidence_leaves_an_aggregate_one_round_could_not_reject():
     assert choose_mix(pool_rounds([one] * 4, 0.0), mixes) == 1.0
 
 
+def test_loss_breaks_exact_accuracy_ties_only():
+    mixes = (1.0, 0.5, 0.0)
+    stuck = [{"accuracy": 0.5, "n": 30, "loss": x} for x in (0.80, 0.72, 0.65)]
+    assert choose_mix(stuck, mixes) == 1.0  # ties keep the aggregate
+    assert choose_mix(stuck, mixes, ties="loss") == 0.0  # its own model fits its data better
+    # within one standard error but not tied: accuracy still decides, towards the aggregate
+    close = [{"accuracy": 0.8, "n": 30, "loss": 0.9}, {"accuracy": 0.83, "n": 30, "loss": 0.2}]
+    assert choose_mix(close, (1.0, 0.0), ties="loss") == 1.0
+    # NaN losses never win; none finite: the usual rule
+    nan = [{"accuracy": 0.5, "n": 30, "loss": math.nan}, {"accuracy": 0.5, "n": 30, "loss": 0.7}]
+    assert choose_mix(nan, (1.0, 0.0), ties="loss") == 0.0
+    assert choose_mix([{"accuracy": 0.5, "n": 30}] * 2, (1.0, 0.0), ties="loss") == 1.0
+    with pytest.raises(ValueError, match="gate_ties"):
+        choose_mix(stuck, mixes, ties="random")
+    with pytest.raises(ValueError, match="gate_ties"):
+        make_strategy("fedbip", {"gate_ties": "random"})
+    assert make_strategy("fedbip", {"gate_ties": "loss"}).client_options.gate_ties == "loss"
+    pooled = pool_rounds([stuck, stuck[::-1]], 1.0)
+    assert [p["loss"] for p in pooled] == pytest.approx([0.725, 0.72, 0.725])
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, True, "1"])
 def test_check_memory_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="gate_memory"):
