@@ -244,7 +244,8 @@ def write_report(results: list[dict], settings: list[str], out: Path, command: s
              "Worst-10% = mean of the lowest 10% of clients (at least one). Rounds to 95% = first "
              "round reaching 95% of the final round's mean accuracy.", ""]
     variants = dict.fromkeys(r["strategy"] for r in results
-                             if r["strategy"].startswith("fedbip[gate_memory"))
+                             if r["strategy"].startswith(("fedbip[gate_memory",
+                                                          "fedbip[gate_ties")))
     for method in ["fedbip", *variants]:
         lines += goal_lines(results, settings, method)
     for s in settings:
