@@ -125,7 +125,7 @@ class _FedBipOptions:
     self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
     gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
     gate_memory: float = param(0.0, GATE_MEMORY)
-    gate_ties: str = param("aggregate", GATE_TIES_CHECK)
+    gate_ties: str = param("loss", GATE_TIES_CHECK)
     lora_exact: bool = param(False, BOOL)
 
     @property
@@ -184,9 +184,10 @@ class FedBipStrategy(_FedBipOptions):
     the peers more similar than the client's average peer (``threshold=0``,
     ``relative_threshold``), drop negatives, and weigh self like the most similar kept peer
     (``self_similarity="max-peer"``); gate every client on its validation split
-    (``gate=(1, 0.5, 0)``). Per-round, flat task vectors of different clients are nearly
-    orthogonal under Adam, so the paper rule stays close to local training; under strong label
-    skew cumulative vectors all look alike, and the gate keeps clients near their own models.
+    (``gate=(1, 0.5, 0)``, exact accuracy ties broken by the validation loss). Per-round, flat
+    task vectors of different clients are nearly orthogonal under Adam, so the paper rule stays
+    close to local training; under strong label skew cumulative vectors all look alike, and the
+    gate keeps clients near their own models.
     """
 
     name: ClassVar[str] = "fedbip"

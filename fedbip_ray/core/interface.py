@@ -230,7 +230,7 @@ class ClientOptions:
     finetune_epochs_before_eval: int = 0
     gate_mixes: tuple[float, ...] = ()
     gate_memory: float = 0.0
-    gate_ties: str = "aggregate"
+    gate_ties: str = "loss"
     send_gradient: bool = False
     ala: ALAOptions | None = None
     dual_adapter: DPAOptions | None = None

@@ -62,7 +62,7 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
         assert r["extra"]["gate_mean_mix"] == pytest.approx(np.mean(list(r["gate_mix"].values())))
         for c, scores in r["gate_scores"].items():  # this round's evidence decided (no memory)
             pooled = [{"accuracy": a, "n": n, "loss": loss} for a, n, loss in scores]
-            assert r["gate_mix"][c] == choose_mix(pooled, (1.0, 0.5, 0.0))
+            assert r["gate_mix"][c] == choose_mix(pooled, (1.0, 0.5, 0.0), "loss")
         # each participant is sent its state to train and its aggregate to gate (the actor that
         # ran its fit kept its own; a call taken by another actor is sent it too)
         sent = r["extra"]["gate_locals_sent"]
@@ -77,11 +77,10 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
 
 def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
     """Also: a gate with memory decides on the evidence of every round so far (exact accuracy
-    ties broken by the validation loss)."""
+    ties broken by the validation loss, the default)."""
     _, out = _run(tmp_path, "grp", federation={"rounds": 3},
                   strategy={"name": "fedbip", "params": {"reference": "pretrained",
-                                                         "gate_memory": 1.0,
-                                                         "gate_ties": "loss"}})
+                                                         "gate_memory": 1.0}})
     lines = [json.loads(x) for x in (out / "similarity.jsonl").read_text().splitlines()]
     last = lines[-1]
     w = np.asarray(last["weights"])

@@ -121,6 +121,9 @@ def test_check_memory_rejects_bad_values(bad):
 def test_fedbip_strategies_expose_the_gate_to_clients():
     assert make_strategy("fedbip", {"gate_memory": 1}).client_options.gate_memory == 1.0
     assert make_strategy("fedbip").client_options.gate_memory == 0.0
+    assert make_strategy("fedbip").client_options.gate_ties == "loss"
+    assert make_strategy("fedbip", {"gate_ties": "aggregate"}).client_options.gate_ties == \
+        "aggregate"
     assert make_strategy("fedbip").client_options.gate_mixes == (1.0, 0.5, 0.0)
     assert make_strategy("fedbip-layer",
                          {"gate": [0.0, 1.0]}).client_options.gate_mixes == (1.0, 0.0)
