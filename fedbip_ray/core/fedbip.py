@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .aggregate import aggregate_layerwise, aggregate_task_vectors
-from .gate import GATE_TIES, check_memory, check_mixes
+from .gate import GATE_TIES, check_mixes
 from .interface import (
     AggregationInput,
     AggregationResult,
@@ -56,7 +56,7 @@ SMOOTHING = Check("number", ge=0.0, lt=1.0)
 REFERENCE = Check("choice", choices=REFERENCES)
 SCOPE = Check("choice", choices=SCOPES)
 GATE = Check("custom", convert=check_mixes)
-GATE_MEMORY = Check("custom", convert=check_memory)
+GATE_MEMORY = Check("number", ge=0.0, le=1.0)
 GATE_TIES_CHECK = Check("choice", choices=GATE_TIES)
 
 

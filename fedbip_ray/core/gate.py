@@ -23,8 +23,7 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["GATE_TIES", "check_memory", "check_mixes", "choose_mix", "mix_candidates",
-           "pool_rounds"]
+__all__ = ["GATE_TIES", "check_mixes", "choose_mix", "mix_candidates", "pool_rounds"]
 
 GATE_TIES = ("aggregate", "loss")
 
@@ -101,14 +100,6 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
             low = min(losses[m] for m in finite)
             return float(max(mixes[m] for m in finite if losses[m] == low))
     return float(max(mixes[m] for m in eligible))
-
-
-def check_memory(memory: object) -> float:
-    """A validated ``gate_memory`` in ``[0, 1]`` (0: this round only; 1: every round alike)."""
-    if (isinstance(memory, bool) or not isinstance(memory, Real) or not math.isfinite(memory)
-            or not 0 <= memory <= 1):
-        raise ValueError(f"gate_memory must be a number in [0, 1], got {memory!r}")
-    return float(memory)
 
 
 def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],

@@ -153,9 +153,10 @@ def record_examples(n: int, rng: np.random.Generator) -> list[dict[str, str]]:
     return out
 
 
-def _real_pools(corpus: pd.DataFrame, per_task: int,
-                rng: np.random.Generator) -> dict[str, pd.DataFrame]:
-    """Disjoint, shuffled snippet pools for the three real-text tasks (each at most per_task)."""
+def shuffled_snippets(corpus: pd.DataFrame,
+                      rng: np.random.Generator) -> tuple[pd.DataFrame, pd.Series]:
+    """The corpus's rated snippets (category, text; clipped to ``MAX_WORDS``) and plot-summary
+    openings (text; first sentence), each non-empty and shuffled by ``rng`` (rated first)."""
     rated = corpus[corpus["category"].isin(["fresh", "rotten"])].copy()
     rated["text"] = rated["text"].map(clip_words)
     rated = rated[rated["text"].str.len() > 0]
@@ -163,6 +164,13 @@ def _real_pools(corpus: pd.DataFrame, per_task: int,
     plots = corpus[corpus["category"] == "plot"]["text"].map(first_sentence)
     plots = plots[plots.str.len() > 0]
     plots = plots.iloc[rng.permutation(len(plots))].reset_index(drop=True)
+    return rated, plots
+
+
+def _real_pools(corpus: pd.DataFrame, per_task: int,
+                rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """Disjoint, shuffled snippet pools for the three real-text tasks (each at most per_task)."""
+    rated, plots = shuffled_snippets(corpus, rng)
     half = min(per_task // 2, len(plots))
     thirds = np.array_split(np.arange(len(rated)), 3)
     return {

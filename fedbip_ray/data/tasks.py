@@ -24,7 +24,7 @@ import pandas as pd
 
 from fedbip_ray.config import DataConfig
 from fedbip_ray.data.base import LoadedDataset
-from fedbip_ray.data.instruct import clip_words, first_sentence, read_rotten_tomatoes_corpus
+from fedbip_ray.data.instruct import read_rotten_tomatoes_corpus, shuffled_snippets
 
 TASKS: tuple[str, ...] = ("sentiment", "review-or-plot")
 LABEL_NAMES: tuple[str, ...] = ("no", "yes")  # rotten / review vs fresh / plot
@@ -40,13 +40,7 @@ def task_frame(corpus: pd.DataFrame, per_task: int, seed: int) -> pd.DataFrame:
         seed: shuffles the pools.
     """
     rng = np.random.default_rng([seed, 7])
-    rated = corpus[corpus["category"].isin(["fresh", "rotten"])].copy()
-    rated["text"] = rated["text"].map(clip_words)
-    rated = rated[rated["text"].str.len() > 0]
-    rated = rated.iloc[rng.permutation(len(rated))].reset_index(drop=True)
-    plots = corpus[corpus["category"] == "plot"]["text"].map(first_sentence)
-    plots = plots[plots.str.len() > 0]
-    plots = plots.iloc[rng.permutation(len(plots))].reset_index(drop=True)
+    rated, plots = shuffled_snippets(corpus, rng)
     half = min(per_task // 2, len(plots))
     sentiment = rated.iloc[:per_task]
     reviews = rated.iloc[per_task: per_task + half]

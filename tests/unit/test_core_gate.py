@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedbip_ray.core import make_strategy
-from fedbip_ray.core.gate import check_memory, check_mixes, choose_mix, mix_candidates, pool_rounds
+from fedbip_ray.core.gate import check_mixes, choose_mix, mix_candidates, pool_rounds
 
 
 def test_mix_candidates_interpolates_between_local_and_aggregate():
@@ -111,9 +111,7 @@ def test_loss_breaks_exact_accuracy_ties_only():
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, True, "1"])
-def test_check_memory_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="gate_memory"):
-        check_memory(bad)
+def test_gate_memory_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="gate_memory"):
         make_strategy("fedbip", {"gate_memory": bad})
 
