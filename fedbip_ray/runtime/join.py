@@ -156,7 +156,7 @@ class NewcomerPool:
         return {c: np.asarray(ray.get(r).vector, dtype=np.float32) for c, r in refs.items()}
 
     def gate(self, aggregates: dict[int, np.ndarray], locals_: dict[int, np.ndarray],
-             mixes: tuple[float, ...], ties: str = "aggregate") -> dict[int, float]:
+             mixes: tuple[float, ...], ties: str) -> dict[int, float]:
         """The gate's ``λ`` per newcomer on its validation split (1.0 when the gate is off;
         exact accuracy ties broken as ``ties`` says)."""
         if not mixes:
