@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     machine_line,
     mean_std,
     merge,
+    paired,
     parse_seeds,
     parse_strategy,
     plot_curves,
@@ -233,6 +235,29 @@ def goal_lines(results: list[dict], settings: list[str], method: str = "fedbip")
     return lines
 
 
+def paired_table(results: list[dict], setting: str, reference: str = "fedbip") -> list[str]:
+    """``reference`` minus every other strategy of ``setting``, paired by seed: mean ± std of
+    the differences in val-selected test accuracy, worst-10% and selected validation accuracy."""
+    def col(strategy: str, key: str) -> dict[int, float]:
+        return {r["seed"]: (math.nan if r.get(key) is None else float(r[key])) for r in results
+                if r["setting"] == setting and r["strategy"] == strategy}
+
+    rows = []
+    for strategy in dict.fromkeys(r["strategy"] for r in results if r["setting"] == setting):
+        if strategy == reference or paired(col(reference, "mean"), col(strategy, "mean")) is None:
+            continue
+        cells = [paired(col(reference, k), col(strategy, k)) for k in ("mean", "worst10", "val")]
+        n, wins = cells[0][2], cells[0][3]
+        diffs = ["n/a" if c is None else f"{c[0]:+.3f} ± {c[1]:.3f}" for c in cells]
+        rows.append(f"| {strategy} | {n} | " + " | ".join(diffs) + f" | {wins}/{n} |")
+    if not rows:
+        return []
+    return [f"{setting}: {reference} minus each strategy, paired by seed (mean ± std of the "
+            "differences):", "",
+            "| strategy | seeds | mean acc | worst-10% | val acc | seeds where "
+            f"{reference} is higher |", "|---|---|---|---|---|---|", *rows, ""]
+
+
 def write_report(results: list[dict], settings: list[str], out: Path, command: str,
                  seeds: list[int], preamble: str = "") -> str:
     """Write ``out`` (markdown), one PNG per setting next to it and the results as JSON."""
@@ -245,11 +270,13 @@ def write_report(results: list[dict], settings: list[str], out: Path, command: s
              "round reaching 95% of the final round's mean accuracy.", ""]
     variants = dict.fromkeys(r["strategy"] for r in results
                              if r["strategy"].startswith(("fedbip[gate_memory",
-                                                          "fedbip[gate_ties")))
+                                                          "fedbip[gate_ties",
+                                                          "fedbip[lora_exact")))
     for method in ["fedbip", *variants]:
         lines += goal_lines(results, settings, method)
     for s in settings:
         lines += table(results, s)
+        lines += paired_table(results, s)
         png = out.with_name(f"{out.stem}_{s}.png")
         plot_curves([r for r in results if r["setting"] == s], png,
                     f"{s}: mean client test accuracy per round", "accuracy")

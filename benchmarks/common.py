@@ -65,6 +65,17 @@ def mean_std(values: Sequence[float | None]) -> str:
     return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
+def paired(ref: dict[int, float], other: dict[int, float]) -> tuple[float, float, int, int] | None:
+    """``ref − other`` over the seeds both ran (finite values only): (mean, std, seeds, seeds
+    where ``ref`` is higher); None when no seed is shared."""
+    seeds = sorted(s for s in ref.keys() & other.keys()
+                   if not (math.isnan(ref[s]) or math.isnan(other[s])))
+    if not seeds:
+        return None
+    d = np.asarray([ref[s] - other[s] for s in seeds])
+    return float(d.mean()), float(d.std()), len(seeds), int((d > 0).sum())
+
+
 def machine_line(seeds: Sequence[int]) -> str:
     """The report's ``Machine:`` line."""
     return (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "

@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     machine_line,
     mean_std,
     merge,
+    paired,
     parse_seeds,
     plot_curves,
     preamble_lines,
@@ -147,16 +148,15 @@ def table(results: list[dict]) -> list[str]:
 def paired_lines(results: list[dict], reference: str = "fedbip") -> list[str]:
     """``reference`` minus every other strategy in average score, paired by seed (mean ± std over
     the seeds both ran)."""
-    avg = {(r["strategy"], r["seed"]): r["scores"].get("average", math.nan) for r in results}
-    ref_seeds = {s for (st, s) in avg if st == reference}
+    def scores(strategy: str) -> dict[int, float]:
+        return {r["seed"]: r["scores"].get("average", math.nan) for r in results
+                if r["strategy"] == strategy}
+
     out = []
     for strategy in dict.fromkeys(r["strategy"] for r in results):
-        seeds = sorted(ref_seeds & {s for (st, s) in avg if st == strategy})
-        if strategy == reference or not seeds:
-            continue
-        diff = [avg[(reference, s)] - avg[(strategy, s)] for s in seeds]
-        out.append(f"| {strategy} | {np.mean(diff):+.3f} ± {np.std(diff):.3f} | "
-                   f"{sum(d > 0 for d in diff)}/{len(diff)} |")
+        d = None if strategy == reference else paired(scores(reference), scores(strategy))
+        if d is not None:
+            out.append(f"| {strategy} | {d[0]:+.3f} ± {d[1]:.3f} | {d[3]}/{d[2]} |")
     if not out:
         return []
     return [f"{reference} minus each strategy, average score, paired by seed:", "",

@@ -79,3 +79,20 @@ def test_goals_compare_with_the_best_2023_2025_peer(acc):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:7] == ["s", "2", "0.750", "local 0.700", "+0.050", "fedawa 0.780", "-0.030"]
     assert cells[7] == "+0.010"  # vs oracle
+
+
+def test_paired_table_differences_only_over_shared_seeds(acc):
+    def res(strategy, seed, mean, val=None):
+        return {"setting": "s", "strategy": strategy, "seed": seed, "mean": mean,
+                "worst10": mean - 0.2, "val": val}
+    results = [res("fedbip", 0, 0.80, 0.7), res("fedbip", 1, 0.60, 0.6), res("fedbip", 2, 0.9),
+               res("local", 0, 0.70, 0.5), res("local", 1, 0.65, 0.5),
+               res("fedawa", 2, 0.95), res("other-setting", 0, 0.1) | {"setting": "t"}]
+    lines = acc.paired_table(results, "s")
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+            for r in lines if r.startswith("| ") and not r.startswith("| strategy")}
+    assert set(rows) == {"local", "fedawa"}
+    # local: seeds 0, 1 -> +0.10 and -0.05; val +0.2 and +0.1
+    assert rows["local"][1:] == ["2", "+0.025 ± 0.075", "+0.025 ± 0.075", "+0.150 ± 0.050", "1/2"]
+    # fedawa: only seed 2, whose val is missing on both sides
+    assert rows["fedawa"][1:] == ["1", "-0.050 ± 0.000", "-0.050 ± 0.000", "n/a", "0/1"]
