@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
+from fedbip_ray.models.adapter import wrap_adapter
 from fedbip_ray.models.names import minilm_path, resolve_model_path, tiny_dims
 from fedbip_ray.models.smollm2 import quiet_transformers
 
@@ -62,8 +63,6 @@ def load_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int,
 
 def wrap_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """Wrap ``model`` with the configured adapter (LoRA or IA3); the classifier head is trained."""
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
-
     torch.manual_seed(seed + 1)
     pc = cfg.peft
     targets = list(pc.target_modules) if pc.target_modules else None
@@ -71,22 +70,8 @@ def wrap_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.M
     if save is None and cfg.name == "tiny-bert":
         # a random-init model only learns if its embeddings train too
         save = ["classifier", "word_embeddings"]
-    if pc.method == "lora":
-        pcfg = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=pc.r,
-            lora_alpha=pc.alpha,
-            lora_dropout=pc.dropout,
-            target_modules=targets,
-            modules_to_save=save,
-        )
-    else:
-        pcfg = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=targets, modules_to_save=save,
-                         feedforward_modules=[] if targets else None)
-    try:
-        return get_peft_model(model, pcfg)
-    except ValueError as exc:
-        raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
+    return wrap_adapter(model, pc, targets=targets, save=save, task_type="SEQ_CLS",
+                        feedforward=[] if targets else None)
 
 
 def add_adapter_copy(model: torch.nn.Module, name: str) -> None:

@@ -15,12 +15,12 @@ Any other ``model.name`` (a local directory or a model id in the local HF cache)
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
 
 from fedbip_ray.config import ConfigError, ModelConfig
+from fedbip_ray.models.adapter import wrap_adapter
 from fedbip_ray.models.names import resolve_model_path, tiny_dims
 from fedbip_ray.models.smollm2 import quiet_transformers, smollm2_available, smollm2_tokenizer_dir
 
@@ -104,34 +104,14 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int, seed: int, device: torch.d
 
 def wrap_lm_peft(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """Wrap with LoRA (default targets ``q_proj``/``v_proj``) or IA3 for causal LM."""
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
-
     torch.manual_seed(seed + 1)
     pc = cfg.peft
     targets = list(pc.target_modules or DEFAULT_TARGETS)
     save = list(pc.modules_to_save) if pc.modules_to_save else None
     if save is None and cfg.name == "tiny-llama":
         save = list(TINY_MODULES_TO_SAVE)
-    if pc.method == "lora":
-        pcfg: Any = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=pc.r,
-            lora_alpha=pc.alpha,
-            lora_dropout=pc.dropout,
-            target_modules=targets,
-            modules_to_save=save,
-        )
-    else:
-        pcfg = IA3Config(
-            task_type=TaskType.CAUSAL_LM, target_modules=targets, modules_to_save=save,
-            feedforward_modules=[]
-        )
-    try:
-        with warnings.catch_warnings():  # peft probes a deprecated transformers attribute
-            warnings.simplefilter("ignore", FutureWarning)
-            return get_peft_model(model, pcfg)
-    except ValueError as exc:
-        raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
+    return wrap_adapter(model, pc, targets=targets, save=save, task_type="CAUSAL_LM",
+                        feedforward=[])
 
 
 def build_causal_lm(cfg: ModelConfig, seed: int, device: torch.device,

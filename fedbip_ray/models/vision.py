@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fedbip_ray.config import ConfigError, ModelConfig
+from fedbip_ray.models.adapter import wrap_adapter
 
 # Input side length per model. EfficientNet-Lite0 was trained at 224 px; 64 px keeps a round on
 # 2 CPU cores in seconds (measured: ~20 s for 10 clients x 300 examples) and, being a multiple
@@ -171,8 +172,6 @@ def default_targets(name: str) -> tuple[list[str], list[str]]:
 
 def wrap_image_peft(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
     """Wrap ``model`` with the configured adapter; the new head is trained in full."""
-    from peft import IA3Config, LoraConfig, get_peft_model
-
     torch.manual_seed(seed + 1)
     pc = cfg.peft
     targets, save = default_targets(cfg.name)
@@ -180,15 +179,7 @@ def wrap_image_peft(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
         targets = list(pc.target_modules)
     if pc.modules_to_save:
         save = list(pc.modules_to_save)
-    if pc.method == "lora":
-        pcfg = LoraConfig(r=pc.r, lora_alpha=pc.alpha, lora_dropout=pc.dropout,
-                          target_modules=targets, modules_to_save=save)
-    else:
-        pcfg = IA3Config(target_modules=targets, feedforward_modules=[], modules_to_save=save)
-    try:
-        return get_peft_model(model, pcfg)
-    except ValueError as exc:
-        raise ConfigError(f"model.peft: {str(exc).splitlines()[0]}") from None
+    return wrap_adapter(model, pc, targets=targets, save=save, feedforward=[])
 
 
 def build_image_model(cfg: ModelConfig, num_labels: int, seed: int,
