@@ -106,8 +106,9 @@ class _FedBipOptions:
         gate: validation-gate mixes ``λ`` (:mod:`fedbip_ray.core.gate`); ``[]`` turns it off.
         gate_memory: weight of the gate's earlier rounds of evidence, per round of age (0:
             this round only; :func:`fedbip_ray.core.gate.pool_rounds`).
-        gate_ties: ``"aggregate"`` (exact accuracy ties keep the largest λ) or ``"loss"``
-            (the lowest validation loss breaks them; :func:`fedbip_ray.core.gate.choose_mix`).
+        gate_ties: ``"aggregate"`` (exact accuracy ties keep the largest λ), ``"loss"`` (the
+            lowest validation loss breaks them) or ``"loss-se"`` (the largest λ whose loss is
+            within one standard error of the lowest; :func:`fedbip_ray.core.gate.choose_mix`).
         lora_exact: aggregate each LoRA module in ``ΔW = B A`` space, truncated back to rank
             ``r`` by an SVD (:mod:`fedbip_ray.core.lora`), instead of averaging the factors.
     """

@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["GATE_TIES", "check_mixes", "choose_mix", "mix_candidates", "pool_rounds"]
 
-GATE_TIES = ("aggregate", "loss")
+GATE_TIES = ("aggregate", "loss", "loss-se")
 
 
 def check_mixes(mixes: Sequence[float] | None) -> tuple[float, ...]:
@@ -79,6 +79,11 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
     ``ties="loss"``: when every candidate within the standard error scores exactly the best
     accuracy (accuracy says nothing between them, e.g. all predict the majority class), the
     one with the lowest validation loss wins instead of the largest ``λ``.
+
+    ``ties="loss-se"``: in that case the one-standard-error rule is applied to the loss
+    instead: the largest ``λ`` whose loss is at most the lowest loss plus that candidate's
+    standard error ``loss_sd / sqrt(n)`` (``loss_sd`` the per-example standard deviation;
+    without it the error is 0 and the rule is ``"loss"``'s).
     """
     if len(scores) != len(mixes) or not mixes:
         raise ValueError(f"{len(scores)} scores for {len(mixes)} gate mixes")
@@ -93,13 +98,20 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
     a = acc[best]
     se = math.sqrt(max(a * (1 - a), 0.0) / n) if n > 0 else 0.0
     eligible = [m for m in usable if acc[m] >= a - se - 1e-12]
-    if ties == "loss" and len(eligible) > 1 and all(acc[m] == a for m in eligible):
+    if ties != "aggregate" and len(eligible) > 1 and all(acc[m] == a for m in eligible):
         losses = {m: float(scores[m].get("loss", math.nan)) for m in eligible}
         finite = [m for m in eligible if losses[m] == losses[m]]
         if finite:
-            low = min(losses[m] for m in finite)
-            return float(max(mixes[m] for m in finite if losses[m] == low))
+            low = min(finite, key=lambda m: (losses[m], -mixes[m]))
+            margin = _loss_se(scores[low]) if ties == "loss-se" else 0.0
+            return float(max(mixes[m] for m in finite if losses[m] <= losses[low] + margin))
     return float(max(mixes[m] for m in eligible))
+
+
+def _loss_se(score: Mapping[str, float]) -> float:
+    """Standard error ``loss_sd / sqrt(n)`` of a candidate's mean loss (0 when unknown)."""
+    sd, n = float(score.get("loss_sd", math.nan)), float(score.get("n", 0) or 0)
+    return sd / math.sqrt(n) if sd == sd and n > 0 else 0.0
 
 
 def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
@@ -110,7 +122,8 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
     round (every round scores the same ``M`` mixes). Round ``t`` of ``T`` weighs
     ``w_t = memory^(T-1-t)``: the pooled accuracy is ``Σ w_t n_t a_t / Σ w_t n_t`` and the
     pooled ``n`` is ``Σ w_t n_t`` (the count that sets the standard error in
-    :func:`choose_mix`); ``loss`` (when scored) is pooled like the accuracy. ``memory`` 0
+    :func:`choose_mix`); ``loss`` (when scored) is pooled like the accuracy and ``loss_sd``
+    from the pooled second moment. ``memory`` 0
     returns the last round's scores; NaN accuracies are left out of their round.
     """
     if not rounds:
@@ -122,7 +135,7 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
         return [dict(s) for s in rounds[-1]]
     out = []
     for m in range(width):
-        total = correct = lossed = loss = 0.0
+        total = correct = lossed = loss = sdn = second = 0.0
         for age, scores in enumerate(reversed(rounds)):
             a, n = float(scores[m].get("accuracy", math.nan)), float(scores[m].get("n", 0) or 0)
             if a == a and n > 0:
@@ -130,11 +143,17 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
                 total += w * n
                 correct += w * n * a
                 x = float(scores[m].get("loss", math.nan))
+                sd = float(scores[m].get("loss_sd", math.nan))
                 if x == x:
                     lossed += w * n
                     loss += w * n * x
+                    if sd == sd:
+                        sdn += w * n
+                        second += w * n * (sd * sd + x * x)
         pooled = {"accuracy": correct / total if total > 0 else math.nan, "n": total}
         if lossed > 0:
             pooled["loss"] = loss / lossed
+        if sdn > 0 and sdn == lossed:  # every scored round knew its spread
+            pooled["loss_sd"] = math.sqrt(max(second / sdn - pooled["loss"] ** 2, 0.0))
         out.append(pooled)
     return out

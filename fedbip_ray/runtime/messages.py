@@ -165,8 +165,8 @@ class AggregationReport:
     the strategy has no similarity); ``summary`` is their bounded view at any N_t (the server
     writes the full matrices to ``similarity/round_XXXXX.npz`` at the run's output).
     The driver adds ``failed`` (clients whose fit never reached the server), ``bytes_out``,
-    ``gate`` (λ chosen per client), ``gate_scores`` (per client one ``{accuracy, n, loss}`` per
-    gate mix), ``gate_locals_sent`` and ``phase_seconds``.
+    ``gate`` (λ chosen per client), ``gate_scores`` (per client one ``{accuracy, n, loss,
+    loss_sd}`` per gate mix), ``gate_locals_sent`` and ``phase_seconds``.
     """
 
     round: int

@@ -132,9 +132,10 @@ def round_row(round_num: int, evals: dict[int, dict[str, dict]], report: Aggrega
     }
     if report.gate:
         row["gate_mix"] = {str(c): m for c, m in sorted(report.gate.items())}
-    if report.gate_scores:  # [accuracy, n, loss] per mix, read back by a gate with memory
+    if report.gate_scores:  # [accuracy, n, loss, loss_sd] per mix, read back by the gate
         row["gate_scores"] = {str(c): [[_finite(x.get("accuracy")), float(x.get("n", 0) or 0),
-                                        _finite(x.get("loss"))] for x in s]
+                                        _finite(x.get("loss")), _finite(x.get("loss_sd"))]
+                                       for x in s]
                               for c, s in sorted(report.gate_scores.items())}
     if privacy is not None:
         row["privacy"] = privacy
@@ -233,12 +234,12 @@ def past_gate_scores(history: Sequence[Row],
 
 
 def _score(entry: Sequence[float | None]) -> dict[str, float]:
-    """A metrics.jsonl gate score ``[accuracy, n(, loss)]`` as choose_mix reads it."""
+    """A metrics.jsonl gate score ``[accuracy, n(, loss(, loss_sd))]`` as choose_mix reads it."""
     def num(x: float | None) -> float:
         return math.nan if x is None else float(x)
     out = {"accuracy": num(entry[0]), "n": float(entry[1])}
-    if len(entry) > 2:
-        out["loss"] = num(entry[2])
+    for key, x in zip(("loss", "loss_sd"), entry[2:4], strict=False):
+        out[key] = num(x)
     return out
 
 

@@ -115,7 +115,8 @@ def empty_metrics() -> EvalMetrics:
 
 def classification_eval(model: torch.nn.Module, batches: Iterable[tuple[Any, torch.Tensor]],
                         logits_of: Callable[[Any], torch.Tensor], n: int) -> EvalMetrics:
-    """Accuracy and mean cross-entropy over ``n`` examples in eval mode.
+    """Accuracy, mean cross-entropy and its per-example standard deviation (``loss_sd``) over
+    ``n`` examples in eval mode.
 
     ``batches`` yields (inputs, labels (b,) int64); ``logits_of(inputs)`` gives (b, K) logits.
     """
@@ -126,8 +127,11 @@ def classification_eval(model: torch.nn.Module, batches: Iterable[tuple[Any, tor
     def step(batch: tuple[Any, torch.Tensor]) -> dict[str, float]:
         inputs, y = batch
         logits = logits_of(inputs).float()
-        loss = float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        return {"loss": loss, "correct": int((logits.argmax(-1) == y).sum())}
+        per = torch.nn.functional.cross_entropy(logits, y, reduction="none").double()
+        return {"loss": float(per.sum()), "loss_sq": float((per * per).sum()),
+                "correct": int((logits.argmax(-1) == y).sum())}
 
     totals = evaluation_loop(batches, step)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n, "n": n}
+    mean = totals["loss"] / n
+    sd = math.sqrt(max(totals["loss_sq"] / n - mean * mean, 0.0))
+    return {"accuracy": totals["correct"] / n, "loss": mean, "loss_sd": sd, "n": n}

@@ -28,8 +28,10 @@ class _EvalRequired(TypedDict):
 
 
 class EvalMetrics(_EvalRequired, total=False):
-    """Scores of one split; causal LMs add ``exact_match`` and ``rouge_l``."""
+    """Scores of one split; classifiers add ``loss_sd`` (the standard deviation of the
+    per-example loss), causal LMs ``exact_match`` and ``rouge_l``."""
 
+    loss_sd: float
     exact_match: float
     rouge_l: float
 

@@ -11,10 +11,21 @@ from safetensors.numpy import load_file
 
 from fedbip_ray.config import ConfigError, config_from_dict
 from fedbip_ray.core.gate import choose_mix, pool_rounds
+from fedbip_ray.core.strategies import make_strategy
 from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.runtime.rows import past_gate_scores, sample_clients
 
 from ..conftest import tiny_config
+
+TIES = make_strategy("fedbip", {}).client_options.gate_ties  # the default tie rule
+
+
+def _gate_scores(entries: list[list[float]]) -> list[dict[str, float]]:
+    """metrics.jsonl gate scores ``[accuracy, n, loss, loss_sd]`` per mix as the gate reads them
+    (every classifier score carries its loss spread)."""
+    assert all(len(e) == 4 and e[3] is not None and e[3] >= 0 for e in entries)
+    return [{"accuracy": a, "n": n, "loss": loss, "loss_sd": sd} for a, n, loss, sd in entries]
+
 
 pytestmark = pytest.mark.ray
 
@@ -61,8 +72,7 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
         assert set(r["gate_mix"].values()) <= {1.0, 0.5, 0.0}
         assert r["extra"]["gate_mean_mix"] == pytest.approx(np.mean(list(r["gate_mix"].values())))
         for c, scores in r["gate_scores"].items():  # this round's evidence decided (no memory)
-            pooled = [{"accuracy": a, "n": n, "loss": loss} for a, n, loss in scores]
-            assert r["gate_mix"][c] == choose_mix(pooled, (1.0, 0.5, 0.0), "loss")
+            assert r["gate_mix"][c] == choose_mix(_gate_scores(scores), (1.0, 0.5, 0.0), TIES)
         # each participant is sent its state to train and its aggregate to gate (the actor that
         # ran its fit kept its own; a call taken by another actor is sent it too)
         sent = r["extra"]["gate_locals_sent"]
@@ -99,11 +109,9 @@ def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for t, r in enumerate(rows):
         for c in ("0", "1", "2", "3"):
-            rounds = [[{"accuracy": a, "n": n, "loss": loss} for a, n, loss in x["gate_scores"][c]]
-                      for x in rows[: t + 1]]
-            assert r["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes, "loss")
-    assert past_gate_scores(rows, mixes)[0][2] == [{"accuracy": a, "n": n, "loss": loss}
-                                                   for a, n, loss in rows[2]["gate_scores"]["0"]]
+            rounds = [_gate_scores(x["gate_scores"][c]) for x in rows[: t + 1]]
+            assert r["gate_mix"][c] == choose_mix(pool_rounds(rounds, 1.0), mixes, TIES)
+    assert past_gate_scores(rows, mixes)[0][2] == _gate_scores(rows[2]["gate_scores"]["0"])
     assert past_gate_scores(rows, (1.0, 0.0)) == {}  # other mixes: not the same evidence
 
 

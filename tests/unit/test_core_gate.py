@@ -110,6 +110,39 @@ def test_loss_breaks_exact_accuracy_ties_only():
     assert [p["loss"] for p in pooled] == pytest.approx([0.725, 0.72, 0.725])
 
 
+def test_loss_se_leaves_the_aggregate_only_when_the_loss_is_clearly_lower():
+    """Exact accuracy ties: the largest λ whose loss is within one standard error
+    (loss_sd / sqrt(n)) of the lowest loss wins."""
+    mixes = (1.0, 0.5, 0.0)
+
+    def tied(losses, sd):
+        return [{"accuracy": 0.5, "n": 25, "loss": x, "loss_sd": sd} for x in losses]
+    # se = 0.5 / 5 = 0.1: a gap of 0.3 is clear, the 0.5 mix (0.05 above the lowest) is not
+    assert choose_mix(tied((0.95, 0.70, 0.65), 0.5), mixes, ties="loss-se") == 0.5
+    assert choose_mix(tied((0.95, 0.80, 0.65), 0.5), mixes, ties="loss-se") == 0.0
+    # a gap of 0.02 against se 0.1 is noise: the aggregate stays ("loss" would leave it)
+    small = tied((0.67, 0.66, 0.65), 0.5)
+    assert choose_mix(small, mixes, ties="loss-se") == 1.0
+    assert choose_mix(small, mixes, ties="loss") == 0.0
+    # without a spread the margin is 0: the same choice as "loss"
+    bare = [{"accuracy": 0.5, "n": 25, "loss": x} for x in (0.67, 0.66, 0.65)]
+    assert choose_mix(bare, mixes, ties="loss-se") == 0.0
+    # not tied on accuracy: the accuracy rule decides, whatever the losses
+    close = [{"accuracy": 0.8, "n": 30, "loss": 0.9, "loss_sd": 0.01},
+             {"accuracy": 0.83, "n": 30, "loss": 0.2, "loss_sd": 0.01}]
+    assert choose_mix(close, (1.0, 0.0), ties="loss-se") == 1.0
+    assert make_strategy("fedbip", {"gate_ties": "loss-se"}).client_options.gate_ties == "loss-se"
+
+
+def test_pool_rounds_pools_the_loss_spread_from_second_moments():
+    a = [{"accuracy": 0.5, "n": 10, "loss": 1.0, "loss_sd": 0.0}]
+    b = [{"accuracy": 0.5, "n": 10, "loss": 3.0, "loss_sd": 0.0}]
+    pooled = pool_rounds([a, b], 1.0)[0]  # 10 losses of 1 and 10 of 3: mean 2, sd 1
+    assert pooled["loss"] == pytest.approx(2.0) and pooled["loss_sd"] == pytest.approx(1.0)
+    # a round without a spread leaves the pooled spread unknown
+    assert "loss_sd" not in pool_rounds([a, [{"accuracy": 0.5, "n": 10, "loss": 3.0}]], 1.0)[0]
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, True, "1"])
 def test_gate_memory_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="gate_memory"):
