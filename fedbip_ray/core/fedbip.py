@@ -126,7 +126,7 @@ class _FedBipOptions:
     self_similarity: str = param("max-peer", SELF_SIMILARITY_CHECK)
     gate: tuple[float, ...] = param((1.0, 0.5, 0.0), GATE)
     gate_memory: float = param(0.0, GATE_MEMORY)
-    gate_ties: str = param("loss", GATE_TIES_CHECK)
+    gate_ties: str = param("loss-se", GATE_TIES_CHECK)
     lora_exact: bool = param(False, BOOL)
 
     @property

@@ -82,8 +82,8 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
 
     ``ties="loss-se"``: in that case the one-standard-error rule is applied to the loss
     instead: the largest ``λ`` whose loss is at most the lowest loss plus that candidate's
-    standard error ``loss_sd / sqrt(n)`` (``loss_sd`` the per-example standard deviation;
-    without it the error is 0 and the rule is ``"loss"``'s).
+    standard error ``loss_sd / sqrt(n)`` (``loss_sd`` the per-example standard deviation).
+    Without ``loss_sd`` the noise is unknown and the largest ``λ`` is kept, as ``"aggregate"``.
     """
     if len(scores) != len(mixes) or not mixes:
         raise ValueError(f"{len(scores)} scores for {len(mixes)} gate mixes")
@@ -101,17 +101,17 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
     if ties != "aggregate" and len(eligible) > 1 and all(acc[m] == a for m in eligible):
         losses = {m: float(scores[m].get("loss", math.nan)) for m in eligible}
         finite = [m for m in eligible if losses[m] == losses[m]]
-        if finite:
-            low = min(finite, key=lambda m: (losses[m], -mixes[m]))
-            margin = _loss_se(scores[low]) if ties == "loss-se" else 0.0
+        low = min(finite, key=lambda m: (losses[m], -mixes[m])) if finite else None
+        margin = 0.0 if ties == "loss" or low is None else _loss_se(scores[low])
+        if low is not None and margin == margin:
             return float(max(mixes[m] for m in finite if losses[m] <= losses[low] + margin))
     return float(max(mixes[m] for m in eligible))
 
 
 def _loss_se(score: Mapping[str, float]) -> float:
-    """Standard error ``loss_sd / sqrt(n)`` of a candidate's mean loss (0 when unknown)."""
+    """Standard error ``loss_sd / sqrt(n)`` of a candidate's mean loss (NaN when unknown)."""
     sd, n = float(score.get("loss_sd", math.nan)), float(score.get("n", 0) or 0)
-    return sd / math.sqrt(n) if sd == sd and n > 0 else 0.0
+    return sd / math.sqrt(n) if sd == sd and n > 0 else math.nan
 
 
 def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],

@@ -219,7 +219,8 @@ class ClientOptions:
             client keeps the best of ``local + λ (aggregate − local)`` over these ``λ`` on its
             validation split (empty = off: the aggregate is kept as is).
         gate_memory: weight per round of age of the gate's earlier evidence (0 = this round).
-        gate_ties: how the gate breaks exact accuracy ties (``"aggregate"`` or ``"loss"``).
+        gate_ties: how the gate breaks exact accuracy ties (``"aggregate"``, ``"loss"`` or
+            ``"loss-se"``).
         send_gradient: clients also send the negated sum of their loss gradients over the
             round (``AggregationInput.signals``).
         ala: FedALA's adaptive local aggregation after each aggregation (None = off).
@@ -230,7 +231,7 @@ class ClientOptions:
     finetune_epochs_before_eval: int = 0
     gate_mixes: tuple[float, ...] = ()
     gate_memory: float = 0.0
-    gate_ties: str = "loss"
+    gate_ties: str = "loss-se"
     send_gradient: bool = False
     ala: ALAOptions | None = None
     dual_adapter: DPAOptions | None = None

@@ -87,7 +87,7 @@ def test_fedbip_personalizes_and_fedavg_does_not(ray_local, tmp_path):
 
 def test_conflicting_groups_get_weight_inside_their_group(ray_local, tmp_path):
     """Also: a gate with memory decides on the evidence of every round so far (exact accuracy
-    ties broken by the validation loss, the default)."""
+    ties broken by the default rule, pooled losses and spreads included)."""
     _, out = _run(tmp_path, "grp", federation={"rounds": 3},
                   strategy={"name": "fedbip", "params": {"reference": "pretrained",
                                                          "gate_memory": 1.0}})

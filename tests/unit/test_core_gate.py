@@ -124,9 +124,10 @@ def test_loss_se_leaves_the_aggregate_only_when_the_loss_is_clearly_lower():
     small = tied((0.67, 0.66, 0.65), 0.5)
     assert choose_mix(small, mixes, ties="loss-se") == 1.0
     assert choose_mix(small, mixes, ties="loss") == 0.0
-    # without a spread the margin is 0: the same choice as "loss"
-    bare = [{"accuracy": 0.5, "n": 25, "loss": x} for x in (0.67, 0.66, 0.65)]
-    assert choose_mix(bare, mixes, ties="loss-se") == 0.0
+    # without a spread the noise is unknown: the aggregate stays
+    bare = [{"accuracy": 0.5, "n": 25, "loss": x} for x in (0.95, 0.80, 0.65)]
+    assert choose_mix(bare, mixes, ties="loss-se") == 1.0
+    assert choose_mix(bare, mixes, ties="loss") == 0.0
     # not tied on accuracy: the accuracy rule decides, whatever the losses
     close = [{"accuracy": 0.8, "n": 30, "loss": 0.9, "loss_sd": 0.01},
              {"accuracy": 0.83, "n": 30, "loss": 0.2, "loss_sd": 0.01}]
@@ -152,7 +153,7 @@ def test_gate_memory_rejects_bad_values(bad):
 def test_fedbip_strategies_expose_the_gate_to_clients():
     assert make_strategy("fedbip", {"gate_memory": 1}).client_options.gate_memory == 1.0
     assert make_strategy("fedbip").client_options.gate_memory == 0.0
-    assert make_strategy("fedbip").client_options.gate_ties == "loss"
+    assert make_strategy("fedbip").client_options.gate_ties == "loss-se"
     assert make_strategy("fedbip", {"gate_ties": "aggregate"}).client_options.gate_ties == \
         "aggregate"
     assert make_strategy("fedbip").client_options.gate_mixes == (1.0, 0.5, 0.0)
