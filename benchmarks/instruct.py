@@ -51,7 +51,8 @@ from benchmarks.common import (  # noqa: E402
 from fedbip_ray.config import config_from_dict  # noqa: E402
 from fedbip_ray.data.instruct import TASKS  # noqa: E402
 
-STRATEGIES = ["local", "fedavg", "fedamp", "fedbip", "fedbip-layer", "oracle", "fedsa-lora", "fedawa"]
+STRATEGIES = ["local", "fedavg", "fedamp", "fedbip", "fedbip-layer", "oracle", "fedsa-lora",
+              "fedawa"]
 _DATA = {"dataset": "instruct-tasks", "num_clients": 12, "val_fraction": 0.1,
          "test_fraction": 0.25, "partition": {"kind": "column"}}
 SETTINGS: dict[str, dict[str, Any]] = {

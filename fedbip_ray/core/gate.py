@@ -101,10 +101,11 @@ def choose_mix(scores: Sequence[Mapping[str, float]], mixes: Sequence[float],
     if ties != "aggregate" and len(eligible) > 1 and all(acc[m] == a for m in eligible):
         losses = {m: float(scores[m].get("loss", math.nan)) for m in eligible}
         finite = [m for m in eligible if losses[m] == losses[m]]
-        low = min(finite, key=lambda m: (losses[m], -mixes[m])) if finite else None
-        margin = 0.0 if ties == "loss" or low is None else _loss_se(scores[low])
-        if low is not None and margin == margin:
-            return float(max(mixes[m] for m in finite if losses[m] <= losses[low] + margin))
+        if finite:
+            low = min(finite, key=lambda m: (losses[m], -mixes[m]))
+            margin = 0.0 if ties == "loss" else _loss_se(scores[low])
+            if margin == margin:  # NaN: the loss's noise is unknown, keep the largest λ
+                return float(max(mixes[m] for m in finite if losses[m] <= losses[low] + margin))
     return float(max(mixes[m] for m in eligible))
 
 
@@ -135,7 +136,8 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
         return [dict(s) for s in rounds[-1]]
     out = []
     for m in range(width):
-        total = correct = lossed = loss = sdn = second = 0.0
+        total = correct = lossed = loss = second = 0.0
+        spread = True  # every round with a loss also knew its spread
         for age, scores in enumerate(reversed(rounds)):
             a, n = float(scores[m].get("accuracy", math.nan)), float(scores[m].get("n", 0) or 0)
             if a == a and n > 0:
@@ -147,13 +149,12 @@ def pool_rounds(rounds: Sequence[Sequence[Mapping[str, float]]],
                 if x == x:
                     lossed += w * n
                     loss += w * n * x
-                    if sd == sd:
-                        sdn += w * n
-                        second += w * n * (sd * sd + x * x)
+                    spread = spread and sd == sd
+                    second += w * n * (sd * sd + x * x)
         pooled = {"accuracy": correct / total if total > 0 else math.nan, "n": total}
         if lossed > 0:
             pooled["loss"] = loss / lossed
-        if sdn > 0 and sdn == lossed:  # every scored round knew its spread
-            pooled["loss_sd"] = math.sqrt(max(second / sdn - pooled["loss"] ** 2, 0.0))
+        if lossed > 0 and spread:
+            pooled["loss_sd"] = math.sqrt(max(second / lossed - pooled["loss"] ** 2, 0.0))
         out.append(pooled)
     return out
