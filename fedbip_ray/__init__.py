@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["join", "load_client_model", "run"]
+__all__ = ["join", "load_client_model", "reuse_actors", "run"]
 
 
 def __getattr__(name: str) -> Any:

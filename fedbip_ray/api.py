@@ -10,11 +10,14 @@ Example::
     print(joined[0].weights, joined[0].test["accuracy"])
     model = fedbip_ray.load_client_model("runs/qs", 3)                # a stored client
     model = fedbip_ray.load_client_model("runs/qs", joined[0].name)   # a joined one
+    with fedbip_ray.reuse_actors():  # later runs start on the first run's warm actors
+        ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +26,7 @@ from fedbip_ray.config import Config, ConfigError, config_from_dict, load_config
 if TYPE_CHECKING:
     from fedbip_ray.runtime.join import JoinResult
 
-__all__ = ["join", "load_client_model", "run"]
+__all__ = ["join", "load_client_model", "reuse_actors", "run"]
 
 
 def _overrides(sets: Mapping[str, Any]) -> list[str]:
@@ -73,6 +76,22 @@ def run(config: str | Path | Mapping[str, Any] | Config, output: str | Path | No
         callbacks.append(MlflowCallback(cfg))
     out = str(output) if output is not None else str(Path("runs") / cfg.name)  # path or URI
     return run_federation(cfg, out, callbacks=callbacks, echo=lambda s: None)
+
+
+def reuse_actors() -> AbstractContextManager[None]:
+    """Inside this block, runs on the embedded local Ray keep their client actors warm for the
+    next run of the same shape (actors, CPUs and GPUs per actor) instead of starting new ones:
+    no second import of torch and peft, no second model load. Leaving the block stops them.
+
+    Example::
+
+        with fedbip_ray.reuse_actors():
+            for name in ("fedavg", "fedbip"):
+                fedbip_ray.run("jobs/configs/quickstart.yaml", strategy__name=name)
+    """
+    from fedbip_ray.runtime.actor_pool import reuse_actors as pool
+
+    return pool()
 
 
 def join(run_dir: str | Path, data: str | Path, client_column: str | None = None,

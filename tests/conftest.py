@@ -68,11 +68,15 @@ def tiny_config(**sections) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray runtime with 2 CPUs, shared by the integration tests."""
+    """A real local Ray runtime with 2 CPUs, shared by the integration tests, whose runs reuse
+    warm client actors (:func:`fedbip_ray.reuse_actors`)."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
              logging_level="ERROR", log_to_driver=False)
-    yield ray
+    from fedbip_ray.api import reuse_actors
+
+    with reuse_actors():  # runs of the same shape share warm client actors
+        yield ray
     ray.shutdown()

@@ -13,6 +13,7 @@ Test-only fault injection: with ``FEDBIP_TEST_POISON`` set, ``fit`` results go t
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from typing import Any
@@ -24,6 +25,7 @@ from fedbip_ray.config import Config, ConfigError
 from fedbip_ray.core.gate import mix_candidates
 from fedbip_ray.core.interface import ALAOptions
 from fedbip_ray.data.shards import read_shard
+from fedbip_ray.runtime.actor_pool import recalled_config, remember_config
 from fedbip_ray.runtime.base_store import BaseHandle, fetch_base
 from fedbip_ray.runtime.messages import (
     ALAResult,
@@ -133,6 +135,17 @@ class ClientActor:
     def __init__(self, cfg: Config, num_labels: int, shared_base: bool = False) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         quiet_library_warnings()
+        self._configure(*recalled_config((cfg, num_labels, shared_base)))
+
+    def reset(self, cfg: Config, num_labels: int, shared_base: bool = False) -> None:
+        """Serve a new run (a pooled actor, :mod:`fedbip_ray.runtime.actor_pool`): as if
+        just started with these arguments, which a restart of this actor will also use."""
+        remember_config((cfg, num_labels, shared_base))
+        self.trainer = self._data = None  # the old model's memory goes before the new one's
+        gc.collect()
+        self._configure(cfg, num_labels, shared_base)
+
+    def _configure(self, cfg: Config, num_labels: int, shared_base: bool) -> None:
         self.cfg = cfg  # validated once by the driver, like the server's ServerSettings
         self._data: dict[int, dict[str, Any]] = {}
         # {client: (round, (D,) state after its own training)} for this round's validation gate

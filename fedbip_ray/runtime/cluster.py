@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedbip_ray.config import Config, ConfigError
+from fedbip_ray.runtime import actor_pool
 from fedbip_ray.runtime.acquire import (
     ClusterLimits,
     acquire_bundles,
@@ -279,6 +281,7 @@ def spawn_client(cfg: Config, num_labels: int, placement: Placement | None = Non
                  index: int = 0, base: BaseHandle | None = None) -> Any:
     """One client actor with the run's per-client resources (in bundle ``index`` of the
     placement's group, when there is one), over the shared frozen base ``base`` if given."""
+    actor_pool.release()  # warm actors of an earlier run must not hold what this one needs
     rc = cfg.resources
     opts: dict[str, Any] = {"num_cpus": rc.num_cpus_per_client, "num_gpus": rc.num_gpus_per_client}
     env = forwarded_test_env()
@@ -290,6 +293,35 @@ def spawn_client(cfg: Config, num_labels: int, placement: Placement | None = Non
     if base is not None:
         actor.use_base.remote(base)  # runs before any later call of this driver
     return actor
+
+
+def reset_warm(actors: Sequence[Any], cfg: Config, num_labels: int,
+               base: BaseHandle | None) -> list[Any] | None:
+    """Pooled client actors set up for this run, like :func:`spawn_client`'s new ones; None
+    (after stopping them all, one warning line) when one of them does not answer."""
+    try:
+        ray.get([a.reset.remote(cfg, num_labels, base is not None) for a in actors],
+                timeout=PING_TIMEOUT_S)
+    except ray.exceptions.RayError as exc:
+        log.warning("warm client actors unusable (%s): starting new ones",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        actor_pool.stop(actors)
+        return None
+    if base is not None:
+        for actor in actors:
+            actor.use_base.remote(base)
+    return list(actors)
+
+
+def pool_key(cfg: Config, placement: Placement) -> actor_pool.PoolKey | None:
+    """The shape a pooled actor must have to serve this run; None when its actors cannot be
+    pooled (they live in a placement group: a joined cluster or a Tune trial)."""
+    if placement.group is not None or get_current_placement_group() is not None:
+        return None
+    rc = cfg.resources
+    return actor_pool.PoolKey(ray.get_runtime_context().get_session_name(), placement.num_actors,
+                              rc.num_cpus_per_client, rc.num_gpus_per_client,
+                              tuple(sorted(forwarded_test_env().items())))
 
 
 def driver_node() -> NodeAffinitySchedulingStrategy:
@@ -349,9 +381,17 @@ def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
     if ctx.placement is None:
         ctx.placement = Placement(num_actors)
     placement = ctx.placement
-    ctx.base = put_base(ctx.cfg, ctx.shards.num_labels, placement.group)
-    ctx.actors = [spawn_client(ctx.cfg, ctx.shards.num_labels, placement, i, ctx.base)
-                  for i in range(num_actors)]
+    key = pool_key(ctx.cfg, placement)
+    num_labels = ctx.shards.num_labels
+    if key is None:
+        ctx.base = put_base(ctx.cfg, num_labels, placement.group)
+    else:
+        built_from = pickle.dumps((ctx.cfg.model.model_dump(mode="json"), ctx.cfg.seed, num_labels))
+        ctx.base = actor_pool.shared_base(built_from,
+                                          lambda: put_base(ctx.cfg, num_labels, None))
+    warm = actor_pool.take(key)
+    ctx.actors = (reset_warm(warm, ctx.cfg, num_labels, ctx.base) if warm else None) or [
+        spawn_client(ctx.cfg, num_labels, placement, i, ctx.base) for i in range(num_actors)]
     ctx.server = spawn_server(ctx)
     infos = ray.get([a.info.remote() for a in ctx.actors])
     for info in infos:
@@ -362,12 +402,16 @@ def start_actors(ctx: RunContext, num_actors: int) -> dict[str, Any]:
     return infos[0]
 
 
-def stop_actors(ctx: RunContext) -> None:
-    """Kill the run's actors (those already gone are skipped) and release their bundles."""
+def stop_actors(ctx: RunContext, keep_warm: bool = False) -> None:
+    """Kill the run's actors (those already gone are skipped) and release their bundles. With
+    ``keep_warm`` (a run that ended normally) the client actors go to this process's pool
+    instead when reuse is on and they can be pooled (:mod:`fedbip_ray.runtime.actor_pool`)."""
     kill = getattr(ctx.server, "kill", None)  # a sharded server stops its own actors
     if callable(kill):
         kill()
-    for actor in [*ctx.actors, *([] if callable(kill) else [ctx.server])]:
+    clients = [] if keep_warm and ctx.placement is not None and actor_pool.keep(
+        pool_key(ctx.cfg, ctx.placement), ctx.actors) else ctx.actors
+    for actor in [*clients, *([] if callable(kill) else [ctx.server])]:
         if actor is not None:
             try:
                 ray.kill(actor)

@@ -157,6 +157,7 @@ def run_federation(cfg: Config, output: str | os.PathLike[str], resume: bool = F
         num_actors = placement.num_actors
         ctx = RunContext(cfg, out.local, shards, strategy, progress=progress, outputs=out,
                          placement=placement)
+        summary = None
         try:
             summary = _run(ctx, ck, num_actors, callbacks, echo, start_wall)
         except BaseException as exc:
@@ -165,7 +166,7 @@ def run_federation(cfg: Config, output: str | os.PathLike[str], resume: bool = F
         finally:
             if ctx.checkpoints is not None:
                 ctx.checkpoints.close()
-            stop_actors(ctx)
+            stop_actors(ctx, keep_warm=summary is not None)
     return summary
 
 

@@ -94,11 +94,13 @@ class ReplayEvaluator:
         import ray
 
         from fedbip_ray.data.shards import ShardSet
+        from fedbip_ray.runtime import actor_pool
         from fedbip_ray.runtime.client import ClientActor
         from fedbip_ray.runtime.cluster import ensure_ray, plan_actors
         from fedbip_ray.runtime.messages import ShardRef
 
         ensure_ray()
+        actor_pool.release()
         cfg = rec.cfg
         shards = ShardSet.load(rec.run_dir / "shards")
         num_actors = plan_actors(cfg, ray.cluster_resources())

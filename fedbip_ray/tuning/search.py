@@ -34,6 +34,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from fedbip_ray import storage
 from fedbip_ray.config import Config, config_from_dict
 from fedbip_ray.config_io import dump_config
+from fedbip_ray.runtime import actor_pool
 from fedbip_ray.runtime.cluster import ensure_ray, joined_limits
 from fedbip_ray.runtime.federation import run_federation
 from fedbip_ray.runtime.outputs import is_uri, local_side
@@ -200,6 +201,7 @@ def run_tune(config_path: str | Path, overrides: Sequence[str] = (),
     out.mkdir(parents=True, exist_ok=True)
     root = target if remote is not None else str(out)
     ensure_ray()
+    actor_pool.release()  # the trials' bundles need what warm actors would hold
     actors, bundles = trial_bundles(cfg, settings, ray.cluster_resources(), joined_limits(cfg))
     parent = ParentRun(cfg, uri) if cfg.tracking.mlflow else None
     parent_id = parent.start(settings, out) if parent else None

@@ -10,6 +10,7 @@ import pytest
 from fedbip_ray.config import config_from_dict
 from fedbip_ray.core.taskvector import Layout
 from fedbip_ray.data.shards import build_shards
+from fedbip_ray.runtime import actor_pool
 from fedbip_ray.runtime.client import ClientActor
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.messages import ServerSettings, ShardRef
@@ -29,6 +30,7 @@ def fitted(ray_local, tmp_path_factory):
     cfg = config_from_dict(tiny_config(data={"num_clients": 2}))
     shards = build_shards(cfg.data, cfg.seed, tmp_path_factory.mktemp("gate") / "shards")
     refs = {c: ShardRef(c, ray.put(p.read_bytes())) for c, p in enumerate(shards.paths)}
+    actor_pool.release()  # warm actors of earlier tests' runs would hold the CPUs
     actor = ClientActor.options(num_cpus=1).remote(cfg, shards.num_labels)
     init = ray.get(actor.initial_state.remote())
     updates = [actor.fit.remote(c, init, 1, 0.0, refs[c], False, True) for c in (0, 1)]
