@@ -204,6 +204,9 @@ def aggregation_rows(cases: Sequence[tuple[int, int]], strategies: Sequence[str]
 
     _ship_by_value()
     tmp = None if ray.is_initialized() else _start_ray(cases)
+    from fedbip_ray.runtime import actor_pool
+
+    actor_pool.release()  # warm client actors of earlier runs would hold the tasks' CPUs
     make = ray.remote(num_cpus=1)(make_update)
     rows: list[AggRow] = []
     ratios = dict.fromkeys(strategies, 7.0)  # need / (N x D x 4), updated per measured case
