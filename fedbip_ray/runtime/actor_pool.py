@@ -119,8 +119,7 @@ def stop(actors: Sequence[Any]) -> None:
     """Kill ``actors`` (those already gone are skipped) and forget their kept configs."""
     for actor in actors:
         try:
-            internal_kv._internal_kv_del(
-                actor._actor_id.hex(), namespace=_NAMESPACE)
+            internal_kv._internal_kv_del(actor._actor_id.hex(), namespace=_NAMESPACE)
         except Exception:  # noqa: BLE001 - Ray already shut down: nothing left to clean
             pass
         try:
@@ -134,7 +133,7 @@ def remember_config(args: tuple[Any, ...]) -> None:
     this actor finds them."""
     actor_id = ray.get_runtime_context().get_actor_id()
     internal_kv._internal_kv_put(actor_id, pickle.dumps(args), overwrite=True,
-                                                  namespace=_NAMESPACE)
+                                 namespace=_NAMESPACE)
 
 
 def recalled_config(default: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -40,7 +40,7 @@ from fedbip_ray.runtime.base_store import BaseHandle, put_base
 from fedbip_ray.runtime.client import ClientActor
 from fedbip_ray.runtime.context import RunContext
 from fedbip_ray.runtime.messages import ServerSettings
-from fedbip_ray.runtime.server import ServerActor
+from fedbip_ray.runtime.server import ServerActor, failure_reason
 from fedbip_ray.storage import Location, provider_env
 
 log = logging.getLogger("fedbip.cluster")
@@ -303,8 +303,7 @@ def reset_warm(actors: Sequence[Any], cfg: Config, num_labels: int,
         ray.get([a.reset.remote(cfg, num_labels, base is not None) for a in actors],
                 timeout=PING_TIMEOUT_S)
     except ray.exceptions.RayError as exc:
-        log.warning("warm client actors unusable (%s): starting new ones",
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        log.warning("warm client actors unusable (%s): starting new ones", failure_reason(exc))
         actor_pool.stop(actors)
         return None
     if base is not None:
