@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ def select(history: list[dict]) -> dict[str, Any]:
         "worst10": best["worst10_accuracy"], "val": best["mean_val_accuracy"],
         "final_mean": final["mean_accuracy"], "final_worst10": final["worst10_accuracy"],
         "rounds_to_95": to95, "curve": [(r["round"], r["mean_accuracy"]) for r in rows],
+        "per_client": best.get("per_client_accuracy"),
     }
 
 
@@ -141,12 +143,21 @@ def group_stats(out: Path) -> dict[str, float]:
     return {"group_share": rec["in_group_weight_share"], "ari": rec["adjusted_rand_index"]}
 
 
+def client_test_sizes(out: Path) -> dict[str, int]:
+    """Each client's number of test examples (``{client: n}``), from the run's shard index."""
+    path = out / "shards" / "clients.json"
+    if not path.is_file():
+        return {}
+    return {str(c["client"]): int(c["test"]) for c in json.loads(path.read_text())["clients"]}
+
+
 def val_stats(out: Path) -> dict[str, float]:
     """Mean validation accuracy at the selected (best-validation) round, from metrics.jsonl."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return {}
-    return {"val": select([json.loads(x) for x in path.read_text().splitlines()])["val"]}
+    sel = select([json.loads(x) for x in path.read_text().splitlines()])
+    return {"val": sel["val"], "per_client": sel["per_client"]}
 
 
 def run_one(setting: str, strategy: str, seed: int, overrides: list[str],
@@ -161,7 +172,7 @@ def run_one(setting: str, strategy: str, seed: int, overrides: list[str],
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     res = select(history)
     res.update(setting=setting, strategy=strategy, seed=seed, wall=time.perf_counter() - t0)
-    res.update(group_stats(out))
+    res.update(group_stats(out), test_n=client_test_sizes(out))
     return res
 
 
@@ -258,6 +269,70 @@ def paired_table(results: list[dict], setting: str, reference: str = "fedbip") -
             f"{reference} is higher |", "|---|---|---|---|---|---|", *rows, ""]
 
 
+@dataclass(frozen=True)
+class ClientGap:
+    """One client of one seed: its test accuracy under a method and under a reference."""
+
+    seed: int
+    client: str
+    n: int
+    acc: float
+    ref: float
+
+    @property
+    def diff(self) -> float:
+        return self.acc - self.ref
+
+    @property
+    def se(self) -> float:
+        """Two-proportion standard error ``sqrt((a(1-a) + r(1-r)) / n)`` of the difference
+        (it ignores that both models are scored on the same examples)."""
+        return math.sqrt((self.acc * (1 - self.acc) + self.ref * (1 - self.ref)) / self.n)
+
+
+def client_gaps(results: list[dict], setting: str, method: str,
+                reference: str = "local") -> list[ClientGap]:
+    """Per-client accuracies of ``method`` and ``reference`` at their own selected rounds,
+    paired by seed and client (only seeds where both recorded per-client scores and sizes)."""
+    def runs(strategy: str) -> dict[int, dict]:
+        return {r["seed"]: r for r in results if r["setting"] == setting
+                and r["strategy"] == strategy and r.get("per_client") and r.get("test_n")}
+
+    mine, ref = runs(method), runs(reference)
+    gaps = []
+    for seed in sorted(set(mine) & set(ref)):
+        a, b, n = mine[seed]["per_client"], ref[seed]["per_client"], mine[seed]["test_n"]
+        gaps += [ClientGap(seed, c, int(n[c]), float(a[c]), float(b[c]))
+                 for c in sorted(a, key=int)
+                 if c in b and n.get(c) and a[c] == a[c] and b[c] == b[c]]
+    return gaps
+
+
+def client_gap_lines(results: list[dict], settings: list[str], method: str = "fedbip",
+                     reference: str = "local") -> list[str]:
+    """Does any client lose to ``reference`` by more than the noise of its test split?"""
+    rows = []
+    for st in settings:
+        gaps = client_gaps(results, st, method, reference)
+        if not gaps:
+            continue
+        worst = min(gaps, key=lambda g: g.diff)
+        beyond = [sum(g.diff < -k * g.se - 1e-12 for g in gaps) for k in (1, 2)]
+        rows.append(f"| {st} | {len({g.seed for g in gaps})} | {len(gaps)} "
+                    f"| {np.mean([g.diff for g in gaps]):+.3f} "
+                    f"| {worst.diff:+.3f} (client {worst.client}, seed {worst.seed}, "
+                    f"n={worst.n}, SE {worst.se:.3f}) | {beyond[0]} | {beyond[1]} |")
+    if not rows:
+        return []
+    return [f"### Clients: {method} against {reference}, one by one", "",
+            f"Each client's test accuracy under {method} minus under {reference} (each at its "
+            "own validation-selected round), paired by seed. SE is the two-proportion standard "
+            "error of that difference, sqrt((a(1-a) + r(1-r)) / n) with n the client's test "
+            "examples.", "",
+            "| setting | seeds | client-seeds | mean difference | largest loss | below by > 1 SE "
+            "| below by > 2 SE |", "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def write_report(results: list[dict], settings: list[str], out: Path, command: str,
                  seeds: list[int], preamble: str = "") -> str:
     """Write ``out`` (markdown), one PNG per setting next to it and the results as JSON."""
@@ -274,6 +349,7 @@ def write_report(results: list[dict], settings: list[str], out: Path, command: s
                                                           "fedbip[lora_exact")))
     for method in ["fedbip", *variants]:
         lines += goal_lines(results, settings, method)
+    lines += client_gap_lines(results, settings)
     for s in settings:
         lines += table(results, s)
         lines += paired_table(results, s)
@@ -306,8 +382,11 @@ def _recorded(done: dict, workdir: Path, key: tuple[str, str, int]) -> dict:
     res = done[key]
     if "group_share" not in res:
         res.update(group_stats(run_dir(workdir, *key)))
-    if res.get("val") is None:
-        res.update(val_stats(run_dir(workdir, *key)))
+    if res.get("val") is None or res.get("per_client") is None:
+        res.update({k: v for k, v in val_stats(run_dir(workdir, *key)).items()
+                    if res.get(k) is None})
+    if not res.get("test_n"):
+        res["test_n"] = client_test_sizes(run_dir(workdir, *key))
     return res
 
 

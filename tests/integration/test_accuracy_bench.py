@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -20,6 +21,7 @@ def acc():
                                                   REPO / "benchmarks" / "accuracy.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -59,6 +61,9 @@ def test_miniature_run_writes_tables_plots_and_resumes(acc, ray_local, tmp_path)
     assert 0 <= fedbip["group_share"] <= 1 and "ari" in fedbip  # groups are known here
     assert "### Goals (fedbip" in text and "| tiny-conflict | " in text
     assert text.count("| fedbip | 1 |") == 1 and "| oracle | 1 |" in text
+    local = next(r for r in results if r["strategy"] == "local")
+    assert set(fedbip["per_client"]) == set(local["test_n"]) and min(local["test_n"].values()) > 0
+    assert "### Clients: fedbip against local, one by one" in text
     assert (tmp_path / "acc_tiny-conflict.png").stat().st_size > 1000
     assert not out.with_suffix(".partial.jsonl").exists()  # completed runs leave no partial file
     # an interrupted benchmark resumes from its partial file without rerunning what it holds
@@ -96,3 +101,24 @@ def test_paired_table_differences_only_over_shared_seeds(acc):
     assert rows["local"][1:] == ["2", "+0.025 ± 0.075", "+0.025 ± 0.075", "+0.150 ± 0.050", "1/2"]
     # fedawa: only seed 2, whose val is missing on both sides
     assert rows["fedawa"][1:] == ["1", "-0.050 ± 0.000", "-0.050 ± 0.000", "n/a", "0/1"]
+
+
+def test_client_gaps_count_losses_beyond_each_clients_noise(acc):
+    def res(strategy, seed, per_client, n):
+        return {"setting": "s", "strategy": strategy, "seed": seed, "per_client": per_client,
+                "test_n": n}
+    n = {"0": 100, "1": 100, "2": 25}
+    results = [res("fedbip", 0, {"0": 0.5, "1": 0.9, "2": 1.0}, n),
+               res("local", 0, {"0": 0.6, "1": 0.9, "2": 0.8}, n),
+               res("fedbip", 1, {"0": 0.7}, {"0": 100}),  # no local run of seed 1: left out
+               res("local", 2, {"0": 0.7}, {"0": 100})]
+    gaps = acc.client_gaps(results, "s", "fedbip")
+    assert [(g.seed, g.client) for g in gaps] == [(0, "0"), (0, "1"), (0, "2")]
+    # client 0: -0.1, SE sqrt((0.25 + 0.24) / 100) = 0.07 -> below by > 1 SE, not by > 2 SE
+    assert abs(gaps[0].diff + 0.1) < 1e-12 and abs(gaps[0].se - 0.07) < 1e-12
+    row = next(x for x in acc.client_gap_lines(results, ["s"]) if x.startswith("| s |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["s", "1", "3", "+0.033"]
+    assert cells[4].startswith("-0.100 (client 0, seed 0, n=100, SE 0.070)")
+    assert cells[5:] == ["1", "0"]
+    assert acc.client_gap_lines(results, ["s"], reference="fedavg") == []
