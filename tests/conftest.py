@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,27 @@ def tiny_config(**sections) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+MAX_NORM = 50.0  # clean tiny task vectors have norm ~3.5
+
+
+def clean_config(**sections) -> dict:
+    """The tiny 3-round run with ``max_norm`` set that fault and kill-and-resume tests compare
+    against."""
+    return tiny_config(federation={"rounds": 3, "updates": {"max_norm": MAX_NORM}}, **sections)
+
+
+def clean_run(tmp_path_factory) -> tuple[dict, Path]:
+    """:func:`clean_config` run once per session without interruption, on the session's Ray
+    (``ray_local``; the same results as ``fedbip run``): (summary, output dir)."""
+    from fedbip_ray.config import config_from_dict
+    from fedbip_ray.runtime.federation import run_federation
+
+    out = tmp_path_factory.getbasetemp() / "clean_tiny_run"
+    if not (out / "summary.json").is_file():
+        run_federation(config_from_dict(clean_config()), out, echo=lambda s: None)
+    return json.loads((out / "summary.json").read_text()), out
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from ..conftest import REPO, kill_tree, tiny_config
+from ..conftest import REPO, clean_config, clean_run, kill_tree
 
 pytestmark = pytest.mark.e2e
 FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")
@@ -44,12 +44,13 @@ def states(out: Path) -> np.ndarray:
     return load_file(str(out / "checkpoints" / latest["path"] / "server.safetensors"))["states"]
 
 
-def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(tmp_path):
+def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(ray_local, tmp_path,
+                                                                    tmp_path_factory):
+    rounds = clean_config()["federation"]["rounds"]
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(federation={"rounds": 4})))
+    config.write_text(yaml.safe_dump(clean_config()))
     log = tmp_path / "log.txt"
-    clean = tmp_path / "clean"
-    assert fedbip(str(config), "--output", str(clean), log=log).wait(timeout=600) == 0
+    clean = clean_run(tmp_path_factory)[1]
 
     out = tmp_path / "killed"
     rng = random.Random(7)
@@ -70,12 +71,13 @@ def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(tmp_path):
     want = json.loads((clean / "summary.json").read_text())
     got = json.loads((out / "summary.json").read_text())
     assert got["per_client_accuracy"] == want["per_client_accuracy"], kills
-    assert [r["round"] for r in rows(out)] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows(out)] == list(range(1, rounds + 1))
     assert np.array_equal(states(out), states(clean))
 
     # a finished run resumed with more rounds continues where it ended
-    proc = fedbip(str(config), "--resume", str(out), "--set", "federation.rounds=5", log=log)
+    more = f"federation.rounds={rounds + 1}"
+    proc = fedbip(str(config), "--resume", str(out), "--set", more, log=log)
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    assert [r["round"] for r in rows(out)] == [1, 2, 3, 4, 5]
-    assert [r["per_client_accuracy"] for r in rows(out)][:4] == \
+    assert [r["round"] for r in rows(out)] == list(range(1, rounds + 2))
+    assert [r["per_client_accuracy"] for r in rows(out)][:rounds] == \
         [r["per_client_accuracy"] for r in rows(clean)]

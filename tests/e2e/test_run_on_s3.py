@@ -23,7 +23,7 @@ from fedbip_ray.runtime import checkpoint as ckpt
 from tests.e2e.servers import env as server_env
 from tests.e2e.servers import free_port, wait_http
 
-from ..conftest import REPO, tiny_config
+from ..conftest import REPO, clean_config, clean_run, tiny_config
 
 pytestmark = pytest.mark.e2e
 BIN = REPO / ".venv" / "bin"
@@ -39,15 +39,13 @@ def _summary(text: str) -> dict:
     return json.loads(text)["per_client_accuracy"]
 
 
-def test_killed_run_resumes_from_the_uri_on_a_fresh_driver(s3env, moto_s3, tmp_path):
+def test_killed_run_resumes_from_the_uri_on_a_fresh_driver(s3env, moto_s3, ray_local, tmp_path,
+                                                          tmp_path_factory):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(federation={"rounds": 3})))
+    cfg.write_text(yaml.safe_dump(clean_config()))
+    rounds = clean_config()["federation"]["rounds"]
     aws = moto_s3.env("admin")
-    clean = tmp_path / "clean"
-    ref = subprocess.run([str(BIN / "fedbip"), "run", str(cfg), "--output", str(clean), "--quiet"],
-                         cwd=tmp_path, env=_cli_env({}, tmp_path / "c0"), capture_output=True,
-                         text=True, timeout=900)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    clean = clean_run(tmp_path_factory)[1]
     out = storage.open_location(s3env)
     first = tmp_path / "driver1"
     first.mkdir()
@@ -74,11 +72,11 @@ def test_killed_run_resumes_from_the_uri_on_a_fresh_driver(s3env, moto_s3, tmp_p
     assert _summary((out / "summary.json").read_text()) == _summary(
         (clean / "summary.json").read_text())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]  # no round lost or duplicated
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))  # none lost or twice
     assert set(out.listdir()) >= {"checkpoints", "config.yaml", "metrics", "metrics.jsonl",
                                   "shards", "similarity", "similarity.jsonl", "summary.json"}
     latest = ckpt.read_latest(out / "checkpoints")
-    assert latest is not None and latest.round == 3
+    assert latest is not None and latest.round == rounds
 
 
 def _tensors(n: int, d: int, seed: int) -> dict[str, np.ndarray]:

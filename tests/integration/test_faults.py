@@ -19,10 +19,9 @@ from fedbip_ray.config import config_from_dict
 from fedbip_ray.runtime.faults import POISON_ENV
 from fedbip_ray.runtime.federation import run_federation
 
-from ..conftest import tiny_config
+from ..conftest import MAX_NORM, clean_config, clean_run, tiny_config
 
 pytestmark = pytest.mark.ray
-MAX_NORM = 50.0  # clean tiny task vectors have norm ~3.5
 
 
 def _rows(out) -> list[dict]:
@@ -137,19 +136,6 @@ def test_stragglers_past_the_deadline_are_dropped(ray_local, tmp_path):
     st = _states(tmp_path / "slow")
     assert np.array_equal(st["states"], np.tile(st["init"], (4, 1)))
     assert time.perf_counter() - t0 < 90
-
-
-def clean_run(tmp_path_factory) -> tuple[dict, Path]:
-    """The uninterrupted, unpoisoned tiny run (3 rounds, max_norm set), computed once per
-    session and shared with test_resume: (summary, output dir)."""
-    out = tmp_path_factory.getbasetemp() / "clean_tiny_run"
-    if not (out / "summary.json").is_file():
-        run_federation(config_from_dict(clean_config()), out, echo=lambda s: None)
-    return json.loads((out / "summary.json").read_text()), out
-
-
-def clean_config(**sections) -> dict:
-    return tiny_config(federation={"rounds": 3, "updates": {"max_norm": MAX_NORM}}, **sections)
 
 
 def test_poisoned_client_does_not_move_the_others(ray_local, tmp_path, tmp_path_factory,

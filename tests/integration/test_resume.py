@@ -18,8 +18,7 @@ from safetensors.numpy import load_file
 
 from fedbip_ray.cli import main
 
-from ..conftest import REPO, kill_tree
-from .test_faults import clean_config, clean_run
+from ..conftest import REPO, clean_config, clean_run, kill_tree
 
 pytestmark = pytest.mark.ray
 FEDBIP = str(REPO / ".venv" / "bin" / "fedbip")

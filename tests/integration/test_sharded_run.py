@@ -16,7 +16,7 @@ from fedbip_ray.config_io import RunFailed
 from fedbip_ray.runtime import checkpoint as ckpt_io
 from fedbip_ray.runtime.federation import run_federation
 
-from .test_faults import clean_config, clean_run
+from ..conftest import clean_config, clean_run
 
 pytestmark = pytest.mark.ray
 
