@@ -37,15 +37,22 @@ def cluster_env(cluster: LocalCluster) -> dict[str, str]:
 
 def submit(cluster: LocalCluster, cwd: Path, *entrypoint: str,
            timeout: float = 300) -> subprocess.CompletedProcess:
-    """``ray job submit --working-dir .`` of ``entrypoint`` on ``cluster`` (retried while the
-    head's job agent answers "No available agent", which it does for a while after start)."""
+    """``ray job submit`` of ``entrypoint`` on ``cluster`` (retried while the head's job agent
+    answers "No available agent", which it does for a while after start).
+
+    No ``--working-dir``: the job runs the project installed on every node, as on a cluster
+    whose nodes ran ``scripts/install.sh`` (cluster.yaml), so ``entrypoint`` must name its
+    files by absolute path. On this one-machine cluster every node shares one session
+    directory, and each node's runtime-env agent unpacks a working dir again the first time it
+    needs it (deleting the copy the others are running from); the single-node job test covers
+    ``--working-dir``."""
     env = cluster_env(cluster)
     env.pop("RAY_ADDRESS")
     start = time.monotonic()
     while True:
         proc = subprocess.run(
-            [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
-             "--", *entrypoint], cwd=cwd, env=env, capture_output=True, text=True,
+            [RAY, "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint],
+            cwd=cwd, env=env, capture_output=True, text=True,
             timeout=max(30.0, start + timeout - time.monotonic()))
         if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() - start > 90:
             return proc

@@ -53,7 +53,8 @@ def job(multinode_cluster, tmp_path_factory) -> dict[str, Any]:  # noqa: F811
     before = alive_nodes(multinode_cluster)
     out = tmp_path_factory.mktemp("job") / "run"
     t0 = time.monotonic()
-    proc = submit(multinode_cluster, REPO, "python", "jobs/train.py", "--config", CONFIG,
+    proc = submit(multinode_cluster, REPO, "python", str(REPO / "jobs" / "train.py"),
+                  "--config", str(REPO / CONFIG),
                   *sets(*SMALL, *ON_GPU_NODES, *SHARDED), "--output", str(out))
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
