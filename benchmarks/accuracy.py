@@ -152,7 +152,8 @@ def client_test_sizes(out: Path) -> dict[str, int]:
 
 
 def val_stats(out: Path) -> dict[str, float]:
-    """Mean validation accuracy at the selected (best-validation) round, from metrics.jsonl."""
+    """Mean validation accuracy and per-client test accuracies at the selected
+    (best-validation) round, from metrics.jsonl."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return {}

@@ -94,21 +94,14 @@ class ReplayEvaluator:
         import ray
 
         from fedbip_ray.data.shards import ShardSet
-        from fedbip_ray.runtime import actor_pool
-        from fedbip_ray.runtime.client import ClientActor
-        from fedbip_ray.runtime.cluster import ensure_ray, plan_actors
+        from fedbip_ray.runtime.cluster import ensure_ray, plan_actors, spawn_client
         from fedbip_ray.runtime.messages import ShardRef
 
         ensure_ray()
-        actor_pool.release()
         cfg = rec.cfg
         shards = ShardSet.load(rec.run_dir / "shards")
         num_actors = plan_actors(cfg, ray.cluster_resources())
-        rc = cfg.resources
-        self.actors = [ClientActor.options(num_cpus=rc.num_cpus_per_client,
-                                           num_gpus=rc.num_gpus_per_client)
-                       .remote(cfg, shards.num_labels)
-                       for _ in range(num_actors)]
+        self.actors = [spawn_client(cfg, shards.num_labels) for _ in range(num_actors)]
         self.shards = {c: ShardRef(c, ray.put(path.read_bytes()))
                        for c, path in enumerate(shards.paths)}
         infos = ray.get([a.info.remote() for a in self.actors])
